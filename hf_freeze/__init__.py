@@ -1,0 +1,42 @@
+"""hf_freeze: freeze model layers by policy in the Hugging Face Trainer.
+
+The flow is model → blocks (`discovery`) → decision (`policies`) → application (`applier`) → report (`report`);
+`FreezeCallback` glues it to the Trainer, `LayerFreezer` to any other training loop.
+"""
+
+from .applier import AppliedChange, FreezeApplier, trainable_parameter_count
+from .callback import FreezeCallback
+from .config import FreezeArguments, FreezeTrainingArguments
+from .discovery import discover_layout
+from .errors import FreezeConfigError, LayerDiscoveryError
+from .freezer import LayerFreezer
+from .layout import Block, ModelLayout
+from .peft_guard import peft_adapter_reason
+from .policies import STRATEGIES, FreezeDecision, Strategy, TrainingProgress, decide, register_strategy
+from .report import format_block_table, freeze_metrics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppliedChange",
+    "Block",
+    "FreezeApplier",
+    "FreezeArguments",
+    "FreezeCallback",
+    "FreezeConfigError",
+    "FreezeDecision",
+    "FreezeTrainingArguments",
+    "LayerDiscoveryError",
+    "LayerFreezer",
+    "ModelLayout",
+    "STRATEGIES",
+    "Strategy",
+    "TrainingProgress",
+    "decide",
+    "discover_layout",
+    "format_block_table",
+    "freeze_metrics",
+    "peft_adapter_reason",
+    "register_strategy",
+    "trainable_parameter_count",
+]

@@ -1,0 +1,114 @@
+"""The applier: the one place that changes a model and an optimizer to match a `FreezeDecision`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .discovery import unwrap_model
+from .policies import FreezeDecision
+
+__all__ = ["AppliedChange", "FreezeApplier", "trainable_parameter_count"]
+
+# transformers' Trainer puts these in its no-weight-decay group (`Trainer.get_decay_parameter_names`).
+_NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+@dataclass(frozen=True)
+class AppliedChange:
+    """What one application changed: parameter names whose `requires_grad` flipped."""
+
+    frozen: List[str]
+    unfrozen: List[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.frozen or self.unfrozen)
+
+
+class FreezeApplier:
+    """Makes a model (and optionally its optimizer) match a decision.
+
+    Freezing a parameter sets ``requires_grad=False``, drops its ``.grad`` (AdamW skips a parameter whose grad
+    is ``None``, but moves one whose grad is a zero tensor) and releases its optimizer state. Unfreezing sets
+    ``requires_grad=True`` and, when the optimizer never saw the parameter, adds it to the matching existing
+    param group so the learning-rate scheduler keeps driving it.
+
+    Example:
+
+    ```python
+    >>> from torch import nn
+    >>> from hf_freeze import FreezeApplier, FreezeDecision
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    >>> change = FreezeApplier(net).apply(FreezeDecision(frozenset({"0.weight", "0.bias"})))
+    >>> change.frozen, net[0].weight.requires_grad, net[1].weight.requires_grad
+    (['0.weight', '0.bias'], False, True)
+    ```
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = unwrap_model(model)
+        self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
+
+    def frozen_names(self) -> List[str]:
+        return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
+
+    def apply(self, decision: FreezeDecision, optimizer: Optional[torch.optim.Optimizer] = None) -> AppliedChange:
+        frozen, unfrozen = [], []
+        for name, parameter in self.parameters.items():
+            trainable = not decision.is_frozen(name)
+            if parameter.requires_grad != trainable:
+                parameter.requires_grad_(trainable)
+                (unfrozen if trainable else frozen).append(name)
+            if not trainable:
+                parameter.grad = None
+        if optimizer is not None:
+            self.sync_optimizer(optimizer, frozen, unfrozen)
+        return AppliedChange(frozen, unfrozen)
+
+    def sync_optimizer(self, optimizer: torch.optim.Optimizer, frozen: List[str], unfrozen: List[str]) -> None:
+        """Release the state of newly frozen parameters; give newly trainable ones a place in a param group."""
+        inner = _innermost_optimizer(optimizer)
+        for name in frozen:
+            inner.state.pop(self.parameters[name], None)
+        known = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
+        for name in unfrozen:
+            parameter = self.parameters[name]
+            if id(parameter) not in known:
+                _group_for(inner, name)["params"].append(parameter)
+                known.add(id(parameter))
+
+
+def _innermost_optimizer(optimizer):
+    # accelerate's AcceleratedOptimizer (and DeepSpeed wrappers) keep the real optimizer in `.optimizer`.
+    while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _group_for(optimizer: torch.optim.Optimizer, name: str) -> dict:
+    """The existing group a parameter joins: the no-decay group for biases and norms, else the decay group.
+
+    Adding a new group instead would break LambdaLR-style schedulers, which keep one entry per group.
+    """
+    import re
+
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return groups[0]
+    no_decay = any(re.search(pattern, name) for pattern in _NO_DECAY_NAME_PATTERNS)
+    by_decay = sorted(groups, key=lambda group: group.get("weight_decay", 0.0))
+    return by_decay[0] if no_decay else by_decay[-1]
+
+
+def trainable_parameter_count(model: nn.Module) -> Dict[str, int]:
+    """Trainable and total parameter counts, tied weights counted once."""
+    total = trainable = 0
+    for parameter in unwrap_model(model).parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return {"trainable": trainable, "total": total}

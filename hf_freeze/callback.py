@@ -1,0 +1,156 @@
+"""`FreezeCallback`: thin glue from Trainer events to `LayerFreezer`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Optional
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, ExportableState
+
+from .config import FreezeArguments, freeze_arguments_from
+from .errors import FreezeConfigError
+from .freezer import LayerFreezer, arguments_from
+from .logging import follow_training_log_level, get_logger
+from .policies import TrainingProgress
+
+logger = get_logger(__name__)
+
+__all__ = ["FreezeCallback"]
+
+
+class FreezeCallback(TrainerCallback, ExportableState):
+    """Freeze model layers by policy inside a `transformers.Trainer`.
+
+    The policy comes from the constructor (a `FreezeArguments` or `freeze_*` keywords) or, when the constructor
+    gets none, from the `TrainingArguments` when they carry `freeze_*` fields (`FreezeTrainingArguments`).
+
+    A static policy is applied in `on_init_end`, inside `Trainer.__init__`: before the Trainer builds its
+    optimizer (which then holds trainable parameters only, so frozen ones get no optimizer state) and before
+    DDP wraps the model (which then all-reduces trainable parameters only).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments
+    >>> from hf_freeze import FreezeCallback
+    >>> config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    ...                               intermediate_size=64, vocab_size=100)
+    >>> model = AutoModelForSequenceClassification.from_config(config)
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out", report_to="none"),
+    ...                   callbacks=[FreezeCallback(freeze_strategy="bottom", freeze_layers=0.5)])
+    >>> model.bert.encoder.layer[0].attention.self.query.weight.requires_grad
+    False
+    ```
+    """
+
+    def __init__(self, arguments: Optional[FreezeArguments] = None, **options: Any):
+        self._given = arguments_from(arguments, options)
+        self.freezer: Optional[LayerFreezer] = None
+
+    # -- Trainer events -------------------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._move_before_reporters()
+        self._set_up(args, state, model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._move_before_reporters()
+        if self.freezer is None:  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
+            self._set_up(args, state, model, late=True)
+        change = self.freezer.apply(self._progress(args, state), optimizer)
+        if change.changed and state.is_world_process_zero:
+            logger.warning(
+                f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy when "
+                "training began (something changed requires_grad after the Trainer was built); re-applied."
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.freezer is None or logs is None:
+            return
+        metrics = self.freezer.metrics()
+        logs.update(metrics)
+        # The Trainer stored its copy of `logs` before calling us: keep `log_history` in step.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    # -- state for checkpoints (ExportableState) -----------------------------------------------------------------
+
+    def state(self) -> Dict[str, Any]:
+        arguments = self.freezer.arguments if self.freezer is not None else (self._given or FreezeArguments())
+        return {"args": arguments.freeze_options(), "attributes": {}}
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _resolve_arguments(self, training_args) -> FreezeArguments:
+        from_training_args = freeze_arguments_from(training_args)
+        if self._given is None:
+            return from_training_args or FreezeArguments()
+        if from_training_args is not None and from_training_args.is_active():
+            theirs, ours = from_training_args.freeze_options(), self._given.freeze_options()
+            differing = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+            if differing:
+                detail = ", ".join(f"`{k}`: {a!r} vs {b!r}" for k, (a, b) in differing.items())
+                raise FreezeConfigError(
+                    "The freezing policy is given twice, by FreezeCallback(...) and by the TrainingArguments, and "
+                    f"they differ ({detail}). Give it in one place."
+                )
+        return self._given
+
+    def _set_up(self, args, state, model, late: bool = False) -> None:
+        follow_training_log_level(args)
+        if model is None:
+            raise FreezeConfigError("FreezeCallback needs the model: the Trainer passes it to its callbacks.")
+        self.freezer = LayerFreezer(model, self._resolve_arguments(args))
+        main = state is None or state.is_world_process_zero
+        if self.freezer.skipped:
+            if main:
+                logger.warning(
+                    f"FreezeCallback: freezing is skipped and nothing is changed, because {self.freezer.peft_reason}: "
+                    "the adapter already decides what trains. To train extra modules, list them in the PEFT "
+                    "config's `modules_to_save`."
+                )
+            return
+        if late and _is_distributed(args) and self.freezer.decide(self._progress(args, state)).frozen:
+            raise FreezeConfigError(
+                "FreezeCallback was added after the Trainer was built, under distributed training: DDP has already "
+                "registered every parameter, and freezing now would break gradient synchronisation. Pass it to "
+                "the Trainer: Trainer(..., callbacks=[FreezeCallback(...)])."
+            )
+        self.freezer.apply(self._progress(args, state))
+        if main:
+            for note in self.freezer.layout.notes + (self.freezer.decision.notes if self.freezer.decision else ()):
+                logger.info(note)
+            logger.info(f"strategy {self.freezer.arguments.freeze_strategy!r}: {self.freezer.summary()}")
+            logger.info("\n" + self.freezer.table())
+
+    @staticmethod
+    def _progress(args, state) -> TrainingProgress:
+        return TrainingProgress(
+            step=getattr(state, "global_step", 0) or 0,
+            max_steps=getattr(state, "max_steps", 0) or 0,
+            epoch=getattr(state, "epoch", 0.0) or 0.0,
+            num_epochs=float(getattr(args, "num_train_epochs", 0) or 0),
+            seed=int(getattr(args, "seed", 0) or 0),
+        )
+
+    def _move_before_reporters(self) -> None:
+        """Run first among the Trainer's callbacks.
+
+        Reporting integrations (TensorBoard, W&B, ...) are added before user callbacks and write `logs` as soon
+        as `on_log` reaches them: `freeze/...` metrics must be in `logs` before that. The Trainer does not hand
+        its CallbackHandler to callbacks, so find the handler that is calling us.
+        """
+        frame = inspect.currentframe()
+        while frame is not None:
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler):
+                if self in handler.callbacks and handler.callbacks[0] is not self:
+                    handler.callbacks.remove(self)
+                    handler.callbacks.insert(0, self)
+                return
+            frame = frame.f_back
+
+
+def _is_distributed(args) -> bool:
+    return getattr(args, "world_size", 1) > 1

@@ -1,0 +1,248 @@
+"""Typed configuration: `FreezeArguments` (the `freeze_*` fields) and `FreezeTrainingArguments`.
+
+Every field's `help` text is the one documentation of the option: `--help`, the YAML and the README read it.
+Values are checked in `__post_init__`, so a bad YAML file fails when it is parsed, long before training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from transformers import TrainingArguments
+
+from .errors import FreezeConfigError, invalid
+
+__all__ = ["FreezeArguments", "FreezeTrainingArguments", "freeze_fields"]
+
+
+def _help(text: str) -> Dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class FreezeArguments:
+    """The freezing policy, as `freeze_*` fields usable with `HfArgumentParser` (CLI and YAML).
+
+    Example:
+
+    ```python
+    >>> from transformers import HfArgumentParser
+    >>> from hf_freeze import FreezeArguments
+    >>> (args,) = HfArgumentParser(FreezeArguments).parse_args_into_dataclasses(
+    ...     ["--freeze_strategy", "bottom", "--freeze_layers", "0.5"])
+    >>> args.freeze_strategy, args.freeze_layers
+    ('bottom', 0.5)
+    ```
+    """
+
+    freeze_strategy: str = field(
+        default="none",
+        metadata=_help(
+            "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
+            "'head_only', 'trlx', 'llama_factory'. See the README for each strategy's options."
+        ),
+    )
+    freeze_layers: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "How many layers the strategy freezes ('bottom', 'top'): a whole number is a count of layers, a "
+            "number in (0, 1) a fraction of them (rounded to the nearest count)."
+        ),
+    )
+    freeze_interval: Optional[int] = field(
+        default=None,
+        metadata=_help("'interval': freeze every n-th layer (n >= 1; default 2)."),
+    )
+    freeze_interval_offset: Optional[int] = field(
+        default=None,
+        metadata=_help("'interval': index of the first frozen layer (0 <= offset < freeze_interval; default 0)."),
+    )
+    freeze_layer_indices: Optional[List[int]] = field(
+        default=None,
+        metadata=_help("'layers': indices of the layers to freeze; negative indices count from the last layer."),
+    )
+    freeze_patterns: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "'pattern': regular expressions over parameter names to freeze. Matched from the start of the name; "
+            "a '.' between name parts is a literal dot, '.*' and '.+' keep their regex meaning."
+        ),
+    )
+    freeze_trainable_patterns: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "'pattern': regular expressions over parameter names that stay trainable (axolotl's "
+            "`unfrozen_parameters`). Alone, everything else is frozen; with `freeze_patterns`, they win."
+        ),
+    )
+    freeze_num_layers_unfrozen: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'trlx': trlx's `num_layers_unfrozen`. N > 0 trains the top N layers (the rest and the token "
+            "embeddings are frozen), 0 freezes every layer and both embeddings, -1 freezes nothing."
+        ),
+    )
+    freeze_trainable_layers: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'llama_factory': LLaMA-Factory's `freeze_trainable_layers`. N > 0 trains the last N layers, N < 0 "
+            "the first |N|; everything else (embeddings, norms, head included) is frozen."
+        ),
+    )
+    freeze_embeddings: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Freeze the input embeddings (token, position, token-type). Default: the strategy's choice (frozen "
+            "for 'bottom', 'head_only', 'bitfit', 'llama_factory'; the token embedding for 'trlx'; else trained)."
+        ),
+    )
+    freeze_norm: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Freeze the non-layer modules after the layers that are not the head (final norm, pooler). "
+            "Default: the strategy's choice (frozen for 'head_only', 'bitfit', 'llama_factory'; else trained)."
+        ),
+    )
+    freeze_head: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Freeze the task head (LM head, classifier). Default: the strategy's choice (frozen for "
+            "'llama_factory' and for 'trlx' with 0; else trained). A head tied to the input embeddings follows them."
+        ),
+    )
+    freeze_layer_paths: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "Dotted paths of the layer containers, in forward order, when they are not found automatically "
+            "(e.g. 'model.layers' or 'encoder.block decoder.block')."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        self._normalise_and_check()
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+
+    def _normalise_and_check(self) -> None:
+        from .policies import validate_arguments
+
+        _check_types(self)
+        if self.freeze_layers is not None and float(self.freeze_layers).is_integer():
+            self.freeze_layers = int(self.freeze_layers)
+        validate_arguments(self)
+
+    def freeze_options(self) -> Dict[str, Any]:
+        """The `freeze_*` fields as a JSON-safe dict (constructor arguments of an equivalent policy)."""
+        return {name: getattr(self, name) for name in freeze_fields()}
+
+    def is_active(self) -> bool:
+        return self.freeze_strategy != "none" or any(
+            getattr(self, name) is not None for name in freeze_fields() if name != "freeze_strategy"
+        )
+
+
+def freeze_fields() -> List[str]:
+    """Names of every `freeze_*` field, in declaration order."""
+    return [f.name for f in fields(FreezeArguments)]
+
+
+_EXPECTED_TYPES = {
+    "freeze_strategy": (str, "a strategy name (a string)"),
+    "freeze_layers": ((int, float), "a number: a count of layers or a fraction in (0, 1)"),
+    "freeze_interval": (int, "an integer"),
+    "freeze_interval_offset": (int, "an integer"),
+    "freeze_num_layers_unfrozen": (int, "an integer"),
+    "freeze_trainable_layers": (int, "an integer"),
+    "freeze_embeddings": (bool, "true, false or unset"),
+    "freeze_norm": (bool, "true, false or unset"),
+    "freeze_head": (bool, "true, false or unset"),
+}
+_LIST_TYPES = {
+    "freeze_layer_indices": (int, "a list of integers"),
+    "freeze_patterns": (str, "a list of regular expressions"),
+    "freeze_trainable_patterns": (str, "a list of regular expressions"),
+    "freeze_layer_paths": (str, "a list of dotted module paths"),
+}
+
+
+def _check_types(args: FreezeArguments) -> None:
+    # YAML hands values over untyped: "bottom" for a bool, 3 for a list. Refuse them here with the field name.
+    for name, (types, expected) in _EXPECTED_TYPES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise invalid(name, value, expected)
+        if not isinstance(value, types):
+            raise invalid(name, value, expected)
+    if isinstance(args.freeze_layers, float) and not math.isfinite(args.freeze_layers):
+        raise invalid("freeze_layers", args.freeze_layers, "a finite number")
+    for name, (item_type, expected) in _LIST_TYPES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+            setattr(args, name, value)
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(item, item_type) and not isinstance(item, bool) for item in value
+        ):
+            raise invalid(name, value, expected)
+        if len(value) == 0:
+            raise invalid(name, value, "a non-empty list, or unset")
+        setattr(args, name, list(value))
+
+
+def compile_name_pattern(pattern: str, field_name: str) -> "re.Pattern[str]":
+    """Compile a parameter-name pattern: anchored at the start, a '.' between name parts is literal.
+
+    ``model.layers.1[0-5].mlp`` matches the dots literally; ``.*``, ``.+`` and ``.?`` keep their regex meaning.
+    """
+    literal_dots = re.sub(r"\.(?![*+?{])", r"\\.", pattern.replace("\\.", "."))
+    try:
+        return re.compile(literal_dots)
+    except re.error as error:
+        raise invalid(field_name, pattern, f"a valid regular expression ({error})") from None
+
+
+@dataclass
+class FreezeTrainingArguments(FreezeArguments, TrainingArguments):
+    """`TrainingArguments` that also carry the `freeze_*` fields, so one YAML file holds both.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeTrainingArguments
+    >>> args = FreezeTrainingArguments(output_dir="out", freeze_strategy="top", freeze_layers=2)
+    >>> args.freeze_strategy, args.learning_rate
+    ('top', 5e-05)
+    ```
+    """
+
+
+def freeze_arguments_from(source: Any) -> Optional[FreezeArguments]:
+    """The `FreezeArguments` carried by ``source`` (e.g. a `FreezeTrainingArguments`), or ``None``."""
+    if isinstance(source, FreezeArguments):
+        return FreezeArguments(**source.freeze_options())
+    if source is not None and all(hasattr(source, name) for name in freeze_fields()):
+        return FreezeArguments(**{name: getattr(source, name) for name in freeze_fields()})
+    return None
+
+
+def raise_if_unknown(options: Dict[str, Any]) -> None:
+    known = set(freeze_fields())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        import difflib
+
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise FreezeConfigError(
+            f"Unknown freeze option(s): {', '.join(hints)}. Valid options: {', '.join(sorted(known))}."
+        )

@@ -1,0 +1,109 @@
+"""`LayerFreezer`: the whole flow (model → blocks → decision → application → report) without a Trainer."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .applier import AppliedChange, FreezeApplier
+from .config import FreezeArguments, raise_if_unknown
+from .discovery import discover_layout, unwrap_model
+from .errors import FreezeConfigError
+from .peft_guard import peft_adapter_reason
+from .policies import FreezeDecision, TrainingProgress, decide
+from .report import format_block_table, freeze_metrics, summary_line
+
+__all__ = ["LayerFreezer", "arguments_from"]
+
+
+def arguments_from(arguments: Optional[FreezeArguments] = None, options: Optional[Mapping[str, Any]] = None):
+    """One `FreezeArguments` from either a ready object or `freeze_*` keyword options (not both)."""
+    options = dict(options or {})
+    if arguments is not None and options:
+        raise FreezeConfigError(
+            f"Give the policy either as a FreezeArguments or as freeze_* keywords, not both (got keywords "
+            f"{sorted(options)})."
+        )
+    if arguments is not None:
+        if not isinstance(arguments, FreezeArguments):
+            raise FreezeConfigError(f"`arguments` must be a FreezeArguments (got {type(arguments).__name__}).")
+        return FreezeArguments(**arguments.freeze_options())
+    if options:
+        raise_if_unknown(options)
+        return FreezeArguments(**options)
+    return None
+
+
+class LayerFreezer:
+    """Discover a model's blocks, decide what to freeze, apply it, report it: usable from any training loop.
+
+    Args:
+        model: The model to freeze (wrappers such as DDP are looked through).
+        arguments: A `FreezeArguments`; or pass the `freeze_*` options as keywords.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoConfig, AutoModelForCausalLM
+    >>> from hf_freeze import LayerFreezer
+    >>> config = AutoConfig.for_model("gpt2", n_layer=4, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    >>> model = AutoModelForCausalLM.from_config(config)
+    >>> freezer = LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2)
+    >>> change = freezer.apply()
+    >>> freezer.metrics()["freeze/frozen_layers"]
+    2
+    ```
+    """
+
+    def __init__(self, model: nn.Module, arguments: Optional[FreezeArguments] = None, **options: Any):
+        self.arguments = arguments_from(arguments, options) or FreezeArguments()
+        self.model = unwrap_model(model)
+        self.peft_reason = peft_adapter_reason(self.model)
+        self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
+        self.applier = FreezeApplier(self.model)
+        self.decision: Optional[FreezeDecision] = None
+
+    @property
+    def skipped(self) -> bool:
+        """True when the model carries a PEFT adapter: nothing is changed then."""
+        return self.peft_reason is not None
+
+    def decide(self, progress: Optional[TrainingProgress] = None) -> FreezeDecision:
+        if self.skipped:
+            return FreezeDecision(frozenset(self.applier.frozen_names()))
+        return decide(self.layout, self.arguments, progress)
+
+    def apply(
+        self,
+        progress: Optional[TrainingProgress] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        decision: Optional[FreezeDecision] = None,
+    ) -> AppliedChange:
+        """Decide (unless a decision is given) and make the model and the optimizer match."""
+        if self.skipped:
+            return AppliedChange([], [])
+        self.decision = decision or self.decide(progress)
+        return self.applier.apply(self.decision, optimizer)
+
+    def metrics(self) -> Dict[str, float]:
+        """`freeze/...` metrics measured on the model itself (its `requires_grad` flags)."""
+        if self.layout is None:
+            total = sum(p.numel() for p in self.applier.parameters.values())
+            trainable = sum(p.numel() for p in self.applier.parameters.values() if p.requires_grad)
+            return {
+                "freeze/trainable_params": trainable,
+                "freeze/total_params": total,
+                "freeze/trainable_fraction": round(trainable / total, 6) if total else 0.0,
+            }
+        return freeze_metrics(self.layout, self.applier.frozen_names())
+
+    def summary(self) -> str:
+        if self.layout is None:
+            metrics = self.metrics()
+            return f"trainable params: {metrics['freeze/trainable_params']:,} || all params: {metrics['freeze/total_params']:,}"
+        return summary_line(self.layout, self.applier.frozen_names())
+
+    def table(self) -> str:
+        return "" if self.layout is None else format_block_table(self.layout, self.applier.frozen_names())

@@ -1,0 +1,235 @@
+"""Static strategies: decided once, from the layout and the options alone."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from ..config import compile_name_pattern
+from ..errors import FreezeConfigError, invalid
+from ..layout import HEAD, LAYER, NORM, OTHER, ModelLayout
+from .base import Strategy, layer_parameters, register_strategy, require_layers, resolve_count
+
+Selection = Tuple[List[str], List[str]]
+
+
+def _check_count(args) -> None:
+    if args.freeze_layers is None:
+        raise invalid("freeze_layers", None, "set for this strategy: a count of layers or a fraction in (0, 1)")
+    value = args.freeze_layers
+    if value < 0 or (isinstance(value, float) and not value < 1):
+        raise invalid("freeze_layers", value, "a whole count of layers >= 0 or a fraction in (0, 1)")
+
+
+def _none(layout: ModelLayout, args, progress) -> Selection:
+    return [], []
+
+
+def _bottom(layout: ModelLayout, args, progress) -> Selection:
+    count = resolve_count(args.freeze_layers, require_layers(layout, "bottom"))
+    frozen = layer_parameters(layout, range(count))
+    if args.freeze_norm is None:
+        # A norm between two frozen stacks (T5's encoder.final_layer_norm when the whole encoder is frozen) is
+        # part of the frozen prefix: training it would not save the backward pass through the encoder anyway.
+        for block in layout.blocks:
+            if block.kind == LAYER and block.layer_index >= count:
+                break
+            if block.kind in (NORM, OTHER):
+                frozen += block.parameters
+    return frozen, []
+
+
+def _top(layout: ModelLayout, args, progress) -> Selection:
+    total = require_layers(layout, "top")
+    count = resolve_count(args.freeze_layers, total)
+    return layer_parameters(layout, range(total - count, total)), []
+
+
+def _check_interval(args) -> None:
+    interval = 2 if args.freeze_interval is None else args.freeze_interval
+    offset = 0 if args.freeze_interval_offset is None else args.freeze_interval_offset
+    if interval < 1:
+        raise invalid("freeze_interval", interval, "an integer >= 1")
+    if not 0 <= offset < interval:
+        raise invalid("freeze_interval_offset", offset, f"between 0 and freeze_interval - 1 = {interval - 1}")
+
+
+def _interval(layout: ModelLayout, args, progress) -> Selection:
+    total = require_layers(layout, "interval")
+    interval = 2 if args.freeze_interval is None else args.freeze_interval
+    offset = 0 if args.freeze_interval_offset is None else args.freeze_interval_offset
+    if offset >= total:
+        raise invalid("freeze_interval_offset", offset, f"smaller than the model's {total} layers")
+    return layer_parameters(layout, range(offset, total, interval)), []
+
+
+def _check_indices(args) -> None:
+    if not args.freeze_layer_indices:
+        raise invalid("freeze_layer_indices", args.freeze_layer_indices, "a non-empty list of layer indices")
+
+
+def _layers(layout: ModelLayout, args, progress) -> Selection:
+    total = require_layers(layout, "layers")
+    resolved = []
+    for index in args.freeze_layer_indices:
+        if not -total <= index < total:
+            raise invalid(
+                "freeze_layer_indices", args.freeze_layer_indices,
+                f"indices between {-total} and {total - 1} for this model's {total} layers ({index} is out of range)",
+            )
+        resolved.append(index % total)
+    if len(set(resolved)) != len(resolved):
+        raise invalid("freeze_layer_indices", args.freeze_layer_indices, "indices that name each layer at most once")
+    return layer_parameters(layout, resolved), []
+
+
+def _check_patterns(args) -> None:
+    if not args.freeze_patterns and not args.freeze_trainable_patterns:
+        raise FreezeConfigError(
+            "`freeze_strategy` 'pattern' needs `freeze_patterns` (what to freeze), `freeze_trainable_patterns` "
+            "(what stays trainable), or both (got neither)."
+        )
+    for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
+        for pattern in getattr(args, field_name) or []:
+            compile_name_pattern(pattern, field_name)
+
+
+def _pattern(layout: ModelLayout, args, progress) -> Selection:
+    names = layout.parameter_names
+    matched = {}
+    for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
+        hits = set()
+        for pattern in getattr(args, field_name) or []:
+            regex = compile_name_pattern(pattern, field_name)
+            found = {name for name in names if regex.match(name)}
+            if not found:
+                raise invalid(
+                    field_name, pattern,
+                    f"a pattern that matches at least one parameter name, e.g. {names[:3] + names[-2:]}",
+                )
+            hits |= found
+        matched[field_name] = hits
+    frozen = matched["freeze_patterns"] if args.freeze_patterns else set(names)
+    return sorted(frozen - matched["freeze_trainable_patterns"]), []
+
+
+def _bitfit(layout: ModelLayout, args, progress) -> Selection:
+    names = layout.parameter_names
+    biases = [name for name in names if name.rsplit(".", 1)[-1] == "bias" or name.endswith("_bias")]
+    head = set(layout.parameters_of(layout.blocks_of_kind(HEAD)))
+    if not [name for name in biases if name not in head]:
+        raise FreezeConfigError(
+            "`freeze_strategy` 'bitfit' trains only bias terms, and this model has no bias parameters outside its "
+            "head (Llama- and T5-style models use none). Choose another strategy, e.g. 'bottom' or 'head_only'."
+        )
+    # The head trains by default (BitFit trains biases and the new classifier); `freeze_head` can freeze it.
+    return [name for name in names if name not in biases and name not in head], []
+
+
+def _head_only(layout: ModelLayout, args, progress) -> Selection:
+    head = set(layout.parameters_of(layout.blocks_of_kind(HEAD)))
+    if not head:
+        tied = [alias for alias, name in layout.tied_parameters.items() if name in layout.input_embedding_parameters]
+        reason = (
+            f"its head ({', '.join(tied)}) is tied to the input embeddings"
+            if tied
+            else "no task head (classifier, LM head) was found outside the base model"
+        )
+        raise FreezeConfigError(
+            f"`freeze_strategy` 'head_only' would train nothing: {reason}. Use 'pattern' with "
+            "`freeze_trainable_patterns`, or 'trlx' with `freeze_num_layers_unfrozen`."
+        )
+    return [name for name in layout.parameter_names if name not in head], []
+
+
+def _check_trlx(args) -> None:
+    value = args.freeze_num_layers_unfrozen
+    if value is None or value < -1:
+        raise invalid("freeze_num_layers_unfrozen", value, "-1 (freeze nothing), 0 (freeze all layers) or a count > 0")
+
+
+def _trlx(layout: ModelLayout, args, progress) -> Selection:
+    total = require_layers(layout, "trlx")
+    unfrozen = args.freeze_num_layers_unfrozen
+    if unfrozen == -1:
+        return [], []
+    if unfrozen > total:
+        raise invalid("freeze_num_layers_unfrozen", unfrozen, f"at most the model's {total} layers")
+    frozen = layer_parameters(layout, range(total - unfrozen))
+    if args.freeze_embeddings is None:
+        # trlx freezes `get_input_embeddings()` only: position embeddings keep training.
+        frozen += list(layout.input_embedding_parameters)
+        if unfrozen == 0 and args.freeze_head is None:
+            frozen += list(layout.output_embedding_parameters)
+    return frozen, []
+
+
+def _check_llama_factory(args) -> None:
+    value = args.freeze_trainable_layers
+    if value is None or value == 0:
+        raise invalid("freeze_trainable_layers", value, "a non-zero integer: N > 0 trains the last N, N < 0 the first |N|")
+
+
+def _llama_factory(layout: ModelLayout, args, progress) -> Selection:
+    total = require_layers(layout, "llama_factory")
+    count = args.freeze_trainable_layers
+    if abs(count) > total:
+        raise invalid("freeze_trainable_layers", count, f"between -{total} and {total} for this model's {total} layers")
+    trainable = range(total - count, total) if count > 0 else range(-count)
+    return layer_parameters(layout, set(range(total)) - set(trainable)), []
+
+
+_ALL_FROZEN = {"freeze_embeddings": True, "freeze_norm": True, "freeze_head": True}
+
+register_strategy(Strategy("none", _none, description="Freeze nothing (log the counts only)."))
+register_strategy(
+    Strategy(
+        "bottom", _bottom, ("freeze_layers",), {"freeze_embeddings": True}, _check_count,
+        description="Freeze the first `freeze_layers` layers and the input embeddings.",
+    )
+)
+register_strategy(
+    Strategy("top", _top, ("freeze_layers",), {}, _check_count, description="Freeze the last `freeze_layers` layers.")
+)
+register_strategy(
+    Strategy(
+        "interval", _interval, ("freeze_interval", "freeze_interval_offset"), {}, _check_interval,
+        description="Freeze every `freeze_interval`-th layer, starting at `freeze_interval_offset`.",
+    )
+)
+register_strategy(
+    Strategy(
+        "layers", _layers, ("freeze_layer_indices",), {}, _check_indices,
+        description="Freeze the layers listed in `freeze_layer_indices` (negative = from the end).",
+    )
+)
+register_strategy(
+    Strategy(
+        "pattern", _pattern, ("freeze_patterns", "freeze_trainable_patterns"), {}, _check_patterns,
+        fixed_overrides=("freeze_embeddings", "freeze_norm", "freeze_head"),
+        description="Freeze parameters by name: `freeze_patterns` and/or `freeze_trainable_patterns`.",
+    )
+)
+register_strategy(
+    Strategy(
+        "bitfit", _bitfit, (), {},
+        description="Train only bias terms (and the head, unless `freeze_head`).",
+    )
+)
+register_strategy(
+    Strategy(
+        "head_only", _head_only, (), {"freeze_embeddings": True, "freeze_norm": True},
+        fixed_overrides=("freeze_head",), description="Train only the task head.",
+    )
+)
+register_strategy(
+    Strategy(
+        "trlx", _trlx, ("freeze_num_layers_unfrozen",), {}, _check_trlx,
+        description="trlx's `num_layers_unfrozen` semantics, via `freeze_num_layers_unfrozen`.",
+    )
+)
+register_strategy(
+    Strategy(
+        "llama_factory", _llama_factory, ("freeze_trainable_layers",), dict(_ALL_FROZEN), _check_llama_factory,
+        description="LLaMA-Factory's `freeze_trainable_layers` semantics: only the chosen layers train.",
+    )
+)

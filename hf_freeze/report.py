@@ -1,0 +1,77 @@
+"""Reporting: turn the model's state into counts, `freeze/...` log metrics and a per-block table."""
+
+from __future__ import annotations
+
+from typing import Collection, Dict, List
+
+from .layout import ModelLayout
+
+__all__ = ["block_rows", "format_block_table", "freeze_metrics", "summary_line"]
+
+
+def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, object]]:
+    """One row per block: position, name, kind, layer index, parameter count, state."""
+    frozen = set(frozen)
+    rows = []
+    for position, block in enumerate(layout.blocks):
+        frozen_count = sum(size for name, size in zip(block.parameters, block.sizes) if name in frozen)
+        if frozen_count == 0:
+            state = "trainable"
+        elif frozen_count == block.num_parameters:
+            state = "frozen"
+        else:
+            state = f"partial ({100 * (block.num_parameters - frozen_count) / block.num_parameters:.1f}% trainable)"
+        rows.append(
+            {
+                "position": position,
+                "name": block.name,
+                "kind": block.kind,
+                "layer": "" if block.layer_index is None else block.layer_index,
+                "parameters": block.num_parameters,
+                "trainable_parameters": block.num_parameters - frozen_count,
+                "state": state,
+            }
+        )
+    return rows
+
+
+def freeze_metrics(layout: ModelLayout, frozen: Collection[str]) -> Dict[str, float]:
+    """The `freeze/...` metrics the callback adds to the Trainer's logs."""
+    sizes = layout.parameter_sizes
+    total = sum(sizes.values())
+    frozen = set(frozen)
+    trainable = total - sum(size for name, size in sizes.items() if name in frozen)
+    frozen_layers = sum(1 for block in layout.layers if block.parameters and set(block.parameters) <= frozen)
+    return {
+        "freeze/trainable_params": trainable,
+        "freeze/total_params": total,
+        "freeze/trainable_fraction": round(trainable / total, 6) if total else 0.0,
+        "freeze/frozen_layers": frozen_layers,
+    }
+
+
+def summary_line(layout: ModelLayout, frozen: Collection[str]) -> str:
+    metrics = freeze_metrics(layout, frozen)
+    return (
+        f"trainable params: {metrics['freeze/trainable_params']:,} || all params: {metrics['freeze/total_params']:,} "
+        f"|| trainable%: {100 * metrics['freeze/trainable_fraction']:.4f} "
+        f"|| frozen layers: {metrics['freeze/frozen_layers']}/{layout.num_layers}"
+    )
+
+
+def format_block_table(layout: ModelLayout, frozen: Collection[str]) -> str:
+    """A fixed-width table a person can read in a log."""
+    rows = block_rows(layout, frozen)
+    headers = ["#", "block", "kind", "layer", "params", "state"]
+    cells = [
+        [str(row["position"]), str(row["name"]), str(row["kind"]), str(row["layer"]), f"{row['parameters']:,}", str(row["state"])]
+        for row in rows
+    ]
+    widths = [max(len(header), *(len(line[i]) for line in cells)) if cells else len(header) for i, header in enumerate(headers)]
+    right = {0, 3, 4}
+
+    def render(values: List[str]) -> str:
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    lines = [render(headers), render(["-" * w for w in widths])] + [render(line) for line in cells]
+    return "\n".join(lines)
