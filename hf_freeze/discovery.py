@@ -276,7 +276,7 @@ def _layout_from_stacks(
     if output_params and set(output_params) & set(input_params):
         aliases = [alias for alias, name in tied.items() if name in input_params]
         notes.append(
-            f"Input and output embeddings are tied ({', '.join(aliases) or output_params[0]} is "
+            f"Input and output embeddings are tied ({', '.join(aliases) or output_params[0]} shares its weight with "
             f"{input_params[0]}): freezing one freezes the other."
         )
     return ModelLayout(
