@@ -132,12 +132,6 @@ def _find_stacks(model: nn.Module) -> Tuple[List[_Stack], List[str]]:
                 + (f" ({repeats} positions)" if repeats else "")
                 + ": it is one block, frozen or trained as a whole."
             )
-    for stack in stacks:
-        if stack.positions > len(stack.entries):
-            notes.append(
-                f"{stack.path} repeats {len(stack.entries)} distinct modules over {stack.positions} positions "
-                "(shared weights): each distinct module is one block."
-            )
     return stacks, notes
 
 
@@ -231,6 +225,12 @@ def _layout_from_stacks(
     parameters = dict(model.named_parameters())
     tied = {alias: name for alias, name in canonical.items() if alias != name}
     input_params, output_params = _embedding_facts(model, canonical)
+    for stack in stacks:
+        if stack.positions > len(stack.entries):
+            notes.append(
+                f"{stack.path} repeats {len(stack.entries)} distinct module(s) over {stack.positions} positions "
+                "(shared weights): each distinct module is one block."
+            )
     stack_paths = [stack.path for stack in stacks]
 
     layer_blocks: Dict[str, List[Block]] = {stack.path: [] for stack in stacks}
