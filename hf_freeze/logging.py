@@ -7,16 +7,29 @@ It prints at INFO by default so that the frozen/trainable table is seen; when th
 from __future__ import annotations
 
 import logging as _logging
+import sys
 
 from transformers.utils import logging as transformers_logging
 
 _ROOT = "hf_freeze"
 
 
+class _CurrentStderrHandler(_logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (notebooks and test runners replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def get_logger(name: str) -> _logging.Logger:
     root = transformers_logging.get_logger(_ROOT)
     if not root.handlers:
-        handler = _logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(_logging.Formatter("[hf_freeze] %(levelname)s %(message)s"))
         root.addHandler(handler)
         root.setLevel(_logging.INFO)

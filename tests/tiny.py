@@ -81,7 +81,10 @@ class TokenClassificationData(torch.utils.data.Dataset):
 
 
 def trainer_for(model: nn.Module, args, callbacks=None, data: Optional[torch.utils.data.Dataset] = None) -> Trainer:
-    causal = getattr(model.config, "is_decoder", False) or model.__class__.__name__.endswith("CausalLM")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     data = data or TokenClassificationData(causal_lm=causal)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
