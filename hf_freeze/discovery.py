@@ -25,6 +25,8 @@ from .layout import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, Block, ModelLayout
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _UNWRAP = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Task heads by their usual attribute names, for models whose base model is not a separate attribute.
+_HEAD_NAME = re.compile(r"^(lm_head|classifier|score|qa_outputs|head|heads|cls|pre_classifier|embed_out|proj_out)$")
 _EMBEDDING_NAME = re.compile(r"embed|^wte$|^wpe$|^shared$|patch|^cls_token$|^mask_token$", re.IGNORECASE)
 
 __all__ = ["discover_layout", "unwrap_model"]
@@ -216,6 +218,7 @@ def _embedding_facts(model: nn.Module, canonical: Dict[str, str]):
     return (
         _module_parameter_names(input_embeddings, prefix_of, canonical),
         _module_parameter_names(output_embeddings, prefix_of, canonical),
+        prefix_of.get(id(input_embeddings)) if input_embeddings is not None else None,
     )
 
 
@@ -224,7 +227,7 @@ def _layout_from_stacks(
 ) -> ModelLayout:
     parameters = dict(model.named_parameters())
     tied = {alias: name for alias, name in canonical.items() if alias != name}
-    input_params, output_params = _embedding_facts(model, canonical)
+    input_params, output_params, input_module_path = _embedding_facts(model, canonical)
     for stack in stacks:
         if stack.positions > len(stack.entries):
             notes.append(
@@ -250,8 +253,13 @@ def _layout_from_stacks(
     # Group the remaining parameters by the largest module around them that holds no layer container.
     groups: Dict[str, List[str]] = {}
     for name in parameters:
-        if name not in in_layer:
-            groups.setdefault(_owning_block(name, stack_paths), []).append(name)
+        if name in in_layer:
+            continue
+        # A tied embedding may be reported under the head's name (lm_head.decoder.weight when the head is
+        # registered first): it still belongs with the input embeddings.
+        owner_path = f"{input_module_path}.weight" if name in input_params and input_module_path else name
+        groups.setdefault(_owning_block(owner_path, stack_paths), []).append(name)
+    module_order = {path: index for index, (path, _) in enumerate(model.named_modules())}
 
     base_prefix = _base_model_prefix(model)
     before: Dict[str, List[Block]] = {path: [] for path in stack_paths}
@@ -260,6 +268,10 @@ def _layout_from_stacks(
     for block_name, names in groups.items():
         kind = _classify(model, block_name, names, base_prefix, input_params, output_params)
         anchor = _anchor_stack(block_name, stacks, kind)
+        if kind in (NORM, OTHER) and _registered_before(block_name, anchor, module_order):
+            # A stem registered before the layers beside it (Whisper's convolutions, CLIP's pre-layernorm) feeds
+            # them: it is on the input side, like the embeddings.
+            kind = EMBEDDINGS
         block = Block(block_name, kind, tuple(names), tuple(parameters[n].numel() for n in names), None, anchor)
         if kind == HEAD:
             heads.append(block)
@@ -297,6 +309,14 @@ def _owning_block(parameter_name: str, stack_paths: Sequence[str]) -> str:
     return parameter_name
 
 
+def _registered_before(block_name: str, stack_path: str, module_order: Dict[str, int]) -> bool:
+    # named_modules() is a pre-order walk: a module registered before the branch holding the layers comes first.
+    block_module = block_name if block_name in module_order else block_name.rpartition(".")[0]
+    if _inside(stack_path, block_module):  # a bare parameter on a module that holds the layers
+        return False
+    return module_order.get(block_module, -1) < module_order.get(stack_path, -1)
+
+
 def _base_model_prefix(model: nn.Module) -> Optional[str]:
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
@@ -310,6 +330,8 @@ def _classify(model, block_name, names, base_prefix, input_params, output_params
     if set(names) & set(output_params):
         return HEAD
     if base_prefix is not None and not _inside(block_name, base_prefix):
+        return HEAD
+    if _HEAD_NAME.match(block_name.split(".")[0]) and "." not in block_name:
         return HEAD
     if any(_EMBEDDING_NAME.search(part) for part in block_name.split(".")):
         return EMBEDDINGS

@@ -158,3 +158,23 @@ def test_transformers_model_without_layers_says_how_to_name_them():
 
     with pytest.raises(LayerDiscoveryError, match="freeze_layer_paths"):
         discover_layout(Flat(PretrainedConfig()))
+
+
+def test_architectures_beyond_the_list():
+    """Stems registered before the layers are input side; a head registered first keeps its tied weight apart."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, XLMRobertaConfig, XLMRobertaForCausalLM
+
+    whisper = discover_layout(WhisperForConditionalGeneration(WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)))
+    kinds = {block.name: block.kind for block in whisper.blocks}
+    assert kinds["model.encoder.conv1"] == kinds["model.encoder.conv2"] == "embeddings"
+    assert kinds["model.encoder.layer_norm"] == "norm"
+    assert whisper.num_layers == 4
+
+    xlmr = discover_layout(XLMRobertaForCausalLM(XLMRobertaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+        is_decoder=True)))
+    kinds = {block.name: block.kind for block in xlmr.blocks}
+    assert kinds["lm_head"] == "head" and kinds["roberta.embeddings"] == "embeddings"
