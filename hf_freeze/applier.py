@@ -19,7 +19,16 @@ _NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$
 
 @dataclass(frozen=True)
 class AppliedChange:
-    """What one application changed: parameter names whose `requires_grad` flipped."""
+    """What one application changed: parameter names whose `requires_grad` flipped.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import AppliedChange
+    >>> AppliedChange(frozen=["h.0.w"], unfrozen=[]).changed
+    True
+    ```
+    """
 
     frozen: List[str]
     unfrozen: List[str]

@@ -84,6 +84,19 @@ class Strategy:
         check: Configuration-time validation that needs no model.
         dynamic: True when the decision depends on the training progress.
         description: One line for docs and `--help`.
+        fixed_overrides: Non-layer options (`freeze_head`, ...) the strategy decides itself and refuses.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import ModelLayout, Strategy
+    >>> def odd_layers(layout, args, progress):
+    ...     return [n for b in layout.layers if b.layer_index % 2 for n in b.parameters], []
+    >>> strategy = Strategy("odd_layers", odd_layers, description="Freeze odd layers.")
+    >>> # register_strategy(strategy) makes it available as `freeze_strategy: odd_layers`
+    >>> strategy.select(ModelLayout.from_layer_sizes([1, 1, 1, 1]), None, None)[0]
+    ['layers.1.weight', 'layers.3.weight']
+    ```
     """
 
     name: str
