@@ -1,6 +1,6 @@
 """Policies: pure functions from blocks (and progress) to the set of parameters to freeze."""
 
-from . import static  # noqa: F401  (registers the static strategies)
+from . import schedules, static  # noqa: F401  (register the static strategies and the schedules)
 from .base import (
     STRATEGIES,
     FreezeDecision,
@@ -11,6 +11,7 @@ from .base import (
     resolve_count,
     validate_arguments,
 )
+from .schedules import registration_decision
 
 __all__ = [
     "STRATEGIES",
@@ -19,6 +20,7 @@ __all__ = [
     "TrainingProgress",
     "decide",
     "register_strategy",
+    "registration_decision",
     "resolve_count",
     "validate_arguments",
 ]
