@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
@@ -13,7 +14,7 @@ from .errors import FreezeConfigError
 from .freezer import LayerFreezer, arguments_from
 from .logging import follow_training_log_level, get_logger
 from .policies import TrainingProgress
-from .timeline import describe_change
+from .timeline import TIMELINE_JSON, describe_change
 
 logger = get_logger(__name__)
 
@@ -148,7 +149,13 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 "the Trainer: Trainer(..., callbacks=[FreezeCallback(...)])."
             )
         self.freezer.prepare(self._progress(args, state))
-        if main:
+        if main and dynamic:
+            logger.info(
+                f"strategy {self.freezer.arguments.freeze_strategy!r} is a schedule: every parameter it may train "
+                "stays trainable until the optimizer is built, then each step's frozen set applies; changes are "
+                f"logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
+            )
+        elif main:
             for note in self.freezer.layout.notes + (self.freezer.decision.notes if self.freezer.decision else ()):
                 logger.info(note)
             logger.info(f"strategy {self.freezer.arguments.freeze_strategy!r}: {self.freezer.summary()}")
@@ -165,6 +172,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 )
             self.freezer.timeline.restore(saved.get("attributes", {}).get("timeline_changes", []), progress.step)
         self._report_change(state, self.freezer.update(progress, optimizer), force=True)
+        if state.is_world_process_zero:
+            for note in self.freezer.layout.notes + self.freezer.decision.notes:
+                logger.info(note)
+            logger.info("\n" + self.freezer.table())
 
     def _saved_state(self, state) -> Optional[Dict[str, Any]]:
         """This callback's state in the checkpoint being resumed (the Trainer loads it whatever its flags say)."""

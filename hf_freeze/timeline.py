@@ -225,7 +225,7 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     if released:
         memory = counts.twinx()
         memory.scatter(*zip(*released), color="#c44e52", s=14, zorder=3)
-        memory.set_ylabel("optimizer state\nreleased (MB)", fontsize=8, color="#c44e52")
+        memory.set_ylabel("optimizer state\nreleased (MiB)", fontsize=8, color="#c44e52")
         memory.tick_params(labelsize=8, colors="#c44e52")
         memory.set_ylim(bottom=0)
     figure.savefig(path, dpi=110, bbox_inches="tight")
