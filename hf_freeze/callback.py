@@ -163,6 +163,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def _start_schedule(self, args, state, optimizer) -> None:
         progress = self._progress(args, state)
+        # Apply in full, whatever ran before: a second `train()` call on the same Trainer starts over.
+        self.freezer.decision = None
+        self.freezer.timeline.restore([], before_step=0)
         saved = self._saved_state(state) if progress.step > 0 else None
         if saved is not None:
             if saved.get("args") != self.freezer.arguments.freeze_options() and state.is_world_process_zero:

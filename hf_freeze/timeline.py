@@ -199,7 +199,9 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(2, 1, height_ratios=[height, 1.6], hspace=0.08)
     chart = figure.add_subplot(grid[0])
-    chart.pcolormesh(edges, np.arange(len(blocks) + 1), frozen_share, cmap=colours, vmin=0, vmax=1, edgecolors="white", linewidth=0.3)
+    # Thin white lines mark the changes; past a few dozen columns they would hide the colours.
+    lines = dict(edgecolors="white", linewidth=0.3) if len(changes) <= 60 else {}
+    chart.pcolormesh(edges, np.arange(len(blocks) + 1), frozen_share, cmap=colours, vmin=0, vmax=1, **lines)
     every = max(1, len(blocks) // 40)
     ticks = list(range(0, len(blocks), every))
     chart.set_yticks([tick + 0.5 for tick in ticks])

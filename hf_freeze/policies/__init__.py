@@ -1,6 +1,8 @@
 """Policies: pure functions from blocks (and progress) to the set of parameters to freeze."""
 
-from . import schedules, static  # noqa: F401  (register the static strategies and the schedules)
+# Static strategies register first, so that lists of valid names start with them.
+from . import static  # noqa: F401, I001
+from . import schedules  # noqa: F401
 from .base import (
     STRATEGIES,
     FreezeDecision,
