@@ -42,14 +42,16 @@ class FreezeArguments:
         default="none",
         metadata=_help(
             "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
-            "'head_only', 'trlx', 'llama_factory'. See the README for each strategy's options."
+            "'head_only', 'trlx', 'llama_factory'. Schedules (the frozen set changes during training): "
+            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. See the README for each strategy's options."
         ),
     )
     freeze_layers: Optional[float] = field(
         default=None,
         metadata=_help(
-            "How many layers the strategy freezes ('bottom', 'top'): a whole number is a count of layers, a "
-            "number in (0, 1) a fraction of them (rounded to the nearest count)."
+            "How many layers the strategy freezes ('bottom', 'top'; for 'gradual_unfreezing', the bottom layers "
+            "frozen at the start, default all): a whole number is a count of layers, a number in (0, 1) a fraction "
+            "of them (rounded to the nearest count)."
         ),
     )
     freeze_interval: Optional[int] = field(
@@ -125,9 +127,9 @@ class FreezeArguments:
     freeze_schedule_unit: Optional[str] = field(
         default=None,
         metadata=_help(
-            "Schedules: what `freeze_schedule_every` and `freeze_start` count, 'step' (optimizer steps) or 'epoch' "
-            "(whole epochs; changes happen when an epoch begins). Default: 'epoch' for 'gradual_unfreezing' (as in "
-            "ULMFiT and Lightning), 'step' for the others."
+            "Schedules: progress is counted in 'step' (optimizer steps) or 'epoch' (whole epochs; changes then "
+            "happen as an epoch begins): the unit of `freeze_schedule_every`, and of the fractions of training of "
+            "'progressive'. Default: 'epoch' for 'gradual_unfreezing' (as in ULMFiT and Lightning), else 'step'."
         ),
     )
     freeze_schedule_every: Optional[int] = field(
