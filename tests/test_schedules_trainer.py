@@ -236,7 +236,8 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, strategy):
     weights, timeline = _run(tmp_path / "full", options)
     steps = [entry["step"] for entry in timeline["changes"]]
     assert min(steps[1:]) < 5 < max(steps)  # changes on both sides of the checkpoint
-    for restore_flag in (False, True):
+    # The Trainer's own restore flag rebuilds the callback from its saved state: schedule-independent, so two suffice.
+    for restore_flag in (False, True) if strategy in ("gradual_unfreezing", "lisa") else (False,):
         resumed_weights, resumed_timeline = _run(
             tmp_path / f"resumed-{restore_flag}", options, resume=str(tmp_path / "full" / "checkpoint-5"),
             restore_callback_states_from_checkpoint=restore_flag,
