@@ -148,6 +148,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 "registered every parameter, and freezing now would break gradient synchronisation. Pass it to "
                 "the Trainer: Trainer(..., callbacks=[FreezeCallback(...)])."
             )
+        if dynamic:
+            refuse_schedule_without_unused_detection(args, model, self.freezer.arguments.freeze_strategy)
         self.freezer.prepare(self._progress(args, state))
         if main and dynamic:
             logger.info(
@@ -231,3 +233,25 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
 def _is_distributed(args) -> bool:
     return getattr(args, "world_size", 1) > 1
+
+
+def refuse_schedule_without_unused_detection(args, model, strategy: str) -> None:
+    """A schedule freezes parameters that DDP registered; without unused-parameter detection DDP then waits for their
+    gradients and fails on the next step ("Expected to have finished reduction in the prior iteration")."""
+    if not _is_distributed(args):
+        return
+    find_unused = getattr(args, "ddp_find_unused_parameters", None)
+    if find_unused is None:  # the Trainer's own default (`Trainer._build_accelerator_args`)
+        from transformers import PreTrainedModel
+
+        checkpointing = getattr(model, "is_activation_checkpointing", False) or any(
+            getattr(args, name, False) for name in ("activation_checkpointing", "gradient_checkpointing")
+        )
+        find_unused = not (isinstance(model, PreTrainedModel) and checkpointing)
+    if not find_unused:
+        raise FreezeConfigError(
+            f"`freeze_strategy` {strategy!r} changes the frozen set after DDP has wrapped the model, which needs "
+            f"`ddp_find_unused_parameters` to be true (got {getattr(args, 'ddp_find_unused_parameters', None)!r}; "
+            "the Trainer turns it off by default when activation checkpointing is on). Set "
+            "`ddp_find_unused_parameters: true`."
+        )
