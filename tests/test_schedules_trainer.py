@@ -313,3 +313,17 @@ def test_a_schedule_under_ddp_without_unused_parameter_detection_is_refused_befo
     ):
         with pytest.raises(FreezeConfigError, match="`ddp_find_unused_parameters` to be true"):
             refuse_schedule_without_unused_detection(args, model, "lisa")
+
+
+def test_schedule_demo_runs_a_shipped_config(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "schedule_demo.py"
+    spec = importlib.util.spec_from_file_location("schedule_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config = Path(__file__).resolve().parents[1] / "configs" / "progressive.yaml"
+    demo.main([str(config), "--tiny", "--max_steps", "6", "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "progressive: 3 frozen sets over 6 steps" in printed and (tmp_path / TIMELINE_PNG).exists()
