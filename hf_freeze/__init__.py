@@ -4,7 +4,7 @@ The flow is model → blocks (`discovery`) → decision (`policies`) → applica
 `FreezeCallback` glues it to the Trainer, `LayerFreezer` to any other training loop.
 """
 
-from .applier import AppliedChange, FreezeApplier, trainable_parameter_count
+from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes, trainable_parameter_count
 from .callback import FreezeCallback
 from .config import FreezeArguments, FreezeTrainingArguments
 from .discovery import discover_layout
@@ -12,8 +12,17 @@ from .errors import FreezeConfigError, LayerDiscoveryError
 from .freezer import LayerFreezer
 from .layout import Block, ModelLayout
 from .peft_guard import peft_adapter_reason
-from .policies import STRATEGIES, FreezeDecision, Strategy, TrainingProgress, decide, register_strategy
+from .policies import (
+    STRATEGIES,
+    FreezeDecision,
+    Strategy,
+    TrainingProgress,
+    decide,
+    register_strategy,
+    registration_decision,
+)
 from .report import format_block_table, freeze_metrics
+from .timeline import FreezeTimeline, plot_timeline, simulate_timeline
 
 __version__ = "0.1.0"
 
@@ -25,6 +34,7 @@ __all__ = [
     "FreezeCallback",
     "FreezeConfigError",
     "FreezeDecision",
+    "FreezeTimeline",
     "FreezeTrainingArguments",
     "LayerDiscoveryError",
     "LayerFreezer",
@@ -36,7 +46,11 @@ __all__ = [
     "discover_layout",
     "format_block_table",
     "freeze_metrics",
+    "optimizer_state_bytes",
     "peft_adapter_reason",
+    "plot_timeline",
     "register_strategy",
+    "registration_decision",
+    "simulate_timeline",
     "trainable_parameter_count",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from .discovery import unwrap_model
 from .policies import FreezeDecision
 
-__all__ = ["AppliedChange", "FreezeApplier", "trainable_parameter_count"]
+__all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes", "trainable_parameter_count"]
 
 # transformers' Trainer puts these in its no-weight-decay group (`Trainer.get_decay_parameter_names`).
 _NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -61,6 +61,7 @@ class FreezeApplier:
     def __init__(self, model: nn.Module):
         self.model = unwrap_model(model)
         self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        self._before_step: Dict[str, Tuple[torch.Tensor, float]] = {}
 
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
@@ -89,6 +90,44 @@ class FreezeApplier:
             if id(parameter) not in known:
                 _group_for(inner, name)["params"].append(parameter)
                 known.add(id(parameter))
+
+
+    # -- learning-rate factors without new param groups -----------------------------------------------------------
+    #
+    # A factor on a few parameters' learning rate would need param groups of their own, and groups added after the
+    # scheduler exists break it (LambdaLR keeps one lambda per group); the optimizer's state dict would no longer
+    # match the groups a resumed run builds either. Scaling the update instead is the same thing for every optimizer
+    # whose update is ``-lr * u(state, grad)`` with a state that does not depend on ``lr`` (SGD, Adam, AdamW, Adagrad,
+    # RMSprop, Lion, ...): ``old + f * (new - old)`` is the step taken with ``f * lr``.
+
+    def begin_scaled_step(self, factors: Mapping[str, float]) -> None:
+        """Before ``optimizer.step()``: remember the parameters whose update will be scaled by a factor."""
+        self._before_step = {
+            name: (self.parameters[name].detach().clone(), float(factor))
+            for name, factor in factors.items()
+            if factor != 1.0 and self.parameters[name].requires_grad
+        }
+
+    def end_scaled_step(self) -> None:
+        """After ``optimizer.step()``: shrink each remembered parameter's update by its factor."""
+        with torch.no_grad():
+            for name, (before, factor) in self._before_step.items():
+                parameter = self.parameters[name]
+                parameter.copy_(before.lerp_(parameter.detach(), factor))
+        self._before_step = {}
+
+
+def optimizer_state_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Bytes held by the optimizer's per-parameter state tensors (Adam's moments, momentum buffers, ...)."""
+    if optimizer is None:
+        return 0
+    inner = _innermost_optimizer(optimizer)
+    return sum(
+        value.numel() * value.element_size()
+        for state in inner.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def _innermost_optimizer(optimizer):

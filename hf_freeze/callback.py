@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
@@ -13,6 +14,7 @@ from .errors import FreezeConfigError
 from .freezer import LayerFreezer, arguments_from
 from .logging import follow_training_log_level, get_logger
 from .policies import TrainingProgress
+from .timeline import TIMELINE_JSON, describe_change
 
 logger = get_logger(__name__)
 
@@ -28,6 +30,12 @@ class FreezeCallback(TrainerCallback, ExportableState):
     A static policy is applied in `on_init_end`, inside `Trainer.__init__`: before the Trainer builds its
     optimizer (which then holds trainable parameters only, so frozen ones get no optimizer state) and before
     DDP wraps the model (which then all-reduces trainable parameters only).
+
+    A schedule (``progressive``, ``gradual_unfreezing``, ``lisa``, ``badam``) makes every parameter it may ever
+    train trainable in `on_init_end`, so the optimizer registers them all, then applies each step's frozen set in
+    `on_train_begin` and `on_step_begin`, through the one applier (released optimizer state, ``grad=None``). A
+    resumed run recomputes the frozen set from the step; the timeline so far comes from the checkpoint. The
+    timeline is written to ``args.output_dir`` as ``freeze_timeline.json`` and ``freeze_timeline.png``.
 
     Example:
 
@@ -58,12 +66,33 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._move_before_reporters()
         if self.freezer is None:  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
             self._set_up(args, state, model, late=True)
+        if self.freezer.dynamic:
+            self._start_schedule(args, state, optimizer)
+            return
         change = self.freezer.apply(self._progress(args, state), optimizer)
         if change.changed and state.is_world_process_zero:
             logger.warning(
                 f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy when "
                 "training began (something changed requires_grad after the Trainer was built); re-applied."
             )
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.freezer is not None and self.freezer.dynamic:
+            self._report_change(state, self.freezer.update(self._progress(args, state), optimizer))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.freezer is not None and self.freezer.dynamic:
+            self.freezer.before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.freezer is not None and self.freezer.dynamic:
+            self.freezer.after_optimizer_step()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write_timeline(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write_timeline(args, state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or logs is None:
@@ -78,7 +107,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def state(self) -> Dict[str, Any]:
         arguments = self.freezer.arguments if self.freezer is not None else (self._given or FreezeArguments())
-        return {"args": arguments.freeze_options(), "attributes": {}}
+        changes = self.freezer.timeline.changes if self.freezer is not None and self.freezer.timeline else []
+        return {"args": arguments.freeze_options(), "attributes": {"timeline_changes": changes}}
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
@@ -111,18 +141,67 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     "config's `modules_to_save`."
                 )
             return
-        if late and _is_distributed(args) and self.freezer.decide(self._progress(args, state)).frozen:
+        dynamic = self.freezer.dynamic  # a schedule freezes after the wrap by design (and registers everything)
+        if late and not dynamic and _is_distributed(args) and self.freezer.decide(self._progress(args, state)).frozen:
             raise FreezeConfigError(
                 "FreezeCallback was added after the Trainer was built, under distributed training: DDP has already "
                 "registered every parameter, and freezing now would break gradient synchronisation. Pass it to "
                 "the Trainer: Trainer(..., callbacks=[FreezeCallback(...)])."
             )
-        self.freezer.apply(self._progress(args, state))
-        if main:
+        if dynamic:
+            refuse_schedule_without_unused_detection(args, model, self.freezer.arguments.freeze_strategy)
+        self.freezer.prepare(self._progress(args, state))
+        if main and dynamic:
+            logger.info(
+                f"strategy {self.freezer.arguments.freeze_strategy!r} is a schedule: every parameter it may train "
+                "stays trainable until the optimizer is built, then each step's frozen set applies; changes are "
+                f"logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
+            )
+        elif main:
             for note in self.freezer.layout.notes + (self.freezer.decision.notes if self.freezer.decision else ()):
                 logger.info(note)
             logger.info(f"strategy {self.freezer.arguments.freeze_strategy!r}: {self.freezer.summary()}")
             logger.info("\n" + self.freezer.table())
+
+    def _start_schedule(self, args, state, optimizer) -> None:
+        progress = self._progress(args, state)
+        # Apply in full, whatever ran before: a second `train()` call on the same Trainer starts over.
+        self.freezer.decision = None
+        self.freezer.timeline.restore([], before_step=0)
+        saved = self._saved_state(state) if progress.step > 0 else None
+        if saved is not None:
+            if saved.get("args") != self.freezer.arguments.freeze_options() and state.is_world_process_zero:
+                logger.warning(
+                    "The freezing policy differs from the one in the checkpoint's trainer_state.json; the frozen set "
+                    f"follows the current policy from step {progress.step} on."
+                )
+            self.freezer.timeline.restore(saved.get("attributes", {}).get("timeline_changes", []), progress.step)
+        self._report_change(state, self.freezer.update(progress, optimizer), force=True)
+        if state.is_world_process_zero:
+            for note in self.freezer.layout.notes + self.freezer.decision.notes:
+                logger.info(note)
+            logger.info("\n" + self.freezer.table())
+
+    def _saved_state(self, state) -> Optional[Dict[str, Any]]:
+        """This callback's state in the checkpoint being resumed (the Trainer loads it whatever its flags say)."""
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            ours = self.freezer.arguments.freeze_options()
+            saved = next((entry for entry in saved if entry.get("args") == ours), saved[0] if saved else None)
+        return saved if isinstance(saved, dict) else None
+
+    def _report_change(self, state, change, force: bool = False) -> None:
+        if not (change.changed or force) or not state.is_world_process_zero or not self.freezer.timeline.changes:
+            return
+        changes = self.freezer.timeline.changes
+        logger.info(describe_change(changes[-1], changes[-2] if len(changes) > 1 else None, self.freezer.layout))
+
+    def _write_timeline(self, args, state) -> None:
+        if self.freezer is None or not self.freezer.dynamic or not state.is_world_process_zero:
+            return
+        output_dir = getattr(args, "output_dir", None)
+        if output_dir:
+            self.freezer.timeline.write(output_dir, end_step=state.global_step)
 
     @staticmethod
     def _progress(args, state) -> TrainingProgress:
@@ -130,7 +209,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
             step=getattr(state, "global_step", 0) or 0,
             max_steps=getattr(state, "max_steps", 0) or 0,
             epoch=getattr(state, "epoch", 0.0) or 0.0,
-            num_epochs=float(getattr(args, "num_train_epochs", 0) or 0),
+            num_epochs=float(getattr(state, "num_train_epochs", 0) or getattr(args, "num_train_epochs", 0) or 0),
             seed=int(getattr(args, "seed", 0) or 0),
         )
 
@@ -154,3 +233,25 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
 def _is_distributed(args) -> bool:
     return getattr(args, "world_size", 1) > 1
+
+
+def refuse_schedule_without_unused_detection(args, model, strategy: str) -> None:
+    """A schedule freezes parameters that DDP registered; without unused-parameter detection DDP then waits for their
+    gradients and fails on the next step ("Expected to have finished reduction in the prior iteration")."""
+    if not _is_distributed(args):
+        return
+    find_unused = getattr(args, "ddp_find_unused_parameters", None)
+    if find_unused is None:  # the Trainer's own default (`Trainer._build_accelerator_args`)
+        from transformers import PreTrainedModel
+
+        checkpointing = getattr(model, "is_activation_checkpointing", False) or any(
+            getattr(args, name, False) for name in ("activation_checkpointing", "gradient_checkpointing")
+        )
+        find_unused = not (isinstance(model, PreTrainedModel) and checkpointing)
+    if not find_unused:
+        raise FreezeConfigError(
+            f"`freeze_strategy` {strategy!r} changes the frozen set after DDP has wrapped the model, which needs "
+            f"`ddp_find_unused_parameters` to be true (got {getattr(args, 'ddp_find_unused_parameters', None)!r}; "
+            "the Trainer turns it off by default when activation checkpointing is on). Set "
+            "`ddp_find_unused_parameters: true`."
+        )

@@ -42,14 +42,16 @@ class FreezeArguments:
         default="none",
         metadata=_help(
             "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
-            "'head_only', 'trlx', 'llama_factory'. See the README for each strategy's options."
+            "'head_only', 'trlx', 'llama_factory'. Schedules (the frozen set changes during training): "
+            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. See the README for each strategy's options."
         ),
     )
     freeze_layers: Optional[float] = field(
         default=None,
         metadata=_help(
-            "How many layers the strategy freezes ('bottom', 'top'): a whole number is a count of layers, a "
-            "number in (0, 1) a fraction of them (rounded to the nearest count)."
+            "How many layers the strategy freezes ('bottom', 'top'; for 'gradual_unfreezing', the bottom layers "
+            "frozen at the start, default all): a whole number is a count of layers, a number in (0, 1) a fraction "
+            "of them (rounded to the nearest count)."
         ),
     )
     freeze_interval: Optional[int] = field(
@@ -121,6 +123,76 @@ class FreezeArguments:
         ),
     )
 
+    # -- schedules (hf_freeze/policies/schedules.py): the frozen set changes during training ----------------------
+    freeze_schedule_unit: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Schedules: progress is counted in 'step' (optimizer steps) or 'epoch' (whole epochs; changes then "
+            "happen as an epoch begins): the unit of `freeze_schedule_every`, and of the fractions of training of "
+            "'progressive'. Default: 'epoch' for 'gradual_unfreezing' (as in ULMFiT and Lightning), else 'step'."
+        ),
+    )
+    freeze_schedule_every: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Schedules: units between two changes of the frozen set (>= 1). 'gradual_unfreezing' unfreezes one "
+            "more group every N units (default 1); 'lisa' draws new layers every N (default 20, LMFlow's "
+            "`lisa_interval_steps`); 'badam' moves to the next block every N (default 50, LLaMA-Factory's "
+            "`badam_switch_interval`)."
+        ),
+    )
+    freeze_start: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': fraction of training in [0, 1) before any layer freezes (Composer's `freeze_start`; "
+            "default 0.5)."
+        ),
+    )
+    freeze_level: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': fraction of the layers in (0, 1] frozen by the end of training; layers freeze bottom-up, "
+            "linearly in time from `freeze_start` (Composer's `freeze_level`; default 1.0)."
+        ),
+    )
+    freeze_unfreeze_layers: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'gradual_unfreezing': layers unfrozen at each step of the schedule, top-down (>= 1; default 1). A "
+            "count at least the number of frozen layers unfreezes them all at once, like Lightning's "
+            "`BackboneFinetuning`."
+        ),
+    )
+    freeze_unfreeze_lr_factor: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'gradual_unfreezing': learning-rate factor in (0, 1] for layers when they are unfrozen (Lightning's "
+            "`backbone_initial_ratio_lr`, 0.1 there). Unset: newly unfrozen layers use the scheduler's rate."
+        ),
+    )
+    freeze_unfreeze_lr_growth: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'gradual_unfreezing' with `freeze_unfreeze_lr_factor`: the factor of an unfrozen layer is multiplied "
+            "by this (>= 1) at each later step of the schedule, up to 1 (Lightning's default `lambda_func` with "
+            "`should_align`: 1.5, the default here)."
+        ),
+    )
+    freeze_active_layers: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'lisa': layers trained at a time, drawn at random (LMFlow's `lisa_activated_layers`; default 2). "
+            "'badam': layers per block (default 1)."
+        ),
+    )
+    freeze_block_order: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'badam': order in which blocks take turns: 'ascending' (from the input; default), 'descending' or "
+            "'random' (a new permutation each pass, from the training seed)."
+        ),
+    )
+
     def __post_init__(self) -> None:
         self._normalise_and_check()
         parent_post_init = getattr(super(), "__post_init__", None)
@@ -160,7 +232,17 @@ _EXPECTED_TYPES = {
     "freeze_embeddings": (bool, "true, false or unset"),
     "freeze_norm": (bool, "true, false or unset"),
     "freeze_head": (bool, "true, false or unset"),
+    "freeze_schedule_unit": (str, "'step' or 'epoch'"),
+    "freeze_schedule_every": (int, "an integer"),
+    "freeze_start": ((int, float), "a number"),
+    "freeze_level": ((int, float), "a number"),
+    "freeze_unfreeze_layers": (int, "an integer"),
+    "freeze_unfreeze_lr_factor": ((int, float), "a number"),
+    "freeze_unfreeze_lr_growth": ((int, float), "a number"),
+    "freeze_active_layers": (int, "an integer"),
+    "freeze_block_order": (str, "'ascending', 'descending' or 'random'"),
 }
+_FLOAT_FIELDS = ("freeze_start", "freeze_level", "freeze_unfreeze_lr_factor", "freeze_unfreeze_lr_growth")
 _LIST_TYPES = {
     "freeze_layer_indices": (int, "a list of integers"),
     "freeze_patterns": (str, "a list of regular expressions"),
@@ -181,6 +263,12 @@ def _check_types(args: FreezeArguments) -> None:
             raise invalid(name, value, expected)
     if isinstance(args.freeze_layers, float) and not math.isfinite(args.freeze_layers):
         raise invalid("freeze_layers", args.freeze_layers, "a finite number")
+    for name in _FLOAT_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            if not math.isfinite(value):
+                raise invalid(name, value, "a finite number")
+            setattr(args, name, float(value))
     for name, (item_type, expected) in _LIST_TYPES.items():
         value = getattr(args, name)
         if value is None:

@@ -7,13 +7,14 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .applier import AppliedChange, FreezeApplier
+from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
 from .config import FreezeArguments, raise_if_unknown
 from .discovery import discover_layout, unwrap_model
 from .errors import FreezeConfigError
 from .peft_guard import peft_adapter_reason
-from .policies import FreezeDecision, TrainingProgress, decide
+from .policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from .report import format_block_table, freeze_metrics, summary_line
+from .timeline import FreezeTimeline
 
 __all__ = ["LayerFreezer", "arguments_from"]
 
@@ -64,6 +65,11 @@ class LayerFreezer:
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
         self.applier = FreezeApplier(self.model)
         self.decision: Optional[FreezeDecision] = None
+        self.timeline = (
+            None
+            if self.layout is None
+            else FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
+        )
 
     @property
     def skipped(self) -> bool:
@@ -86,6 +92,53 @@ class LayerFreezer:
             return AppliedChange([], [])
         self.decision = decision or self.decide(progress)
         return self.applier.apply(self.decision, optimizer)
+
+    # -- policies that change during training (schedules) --------------------------------------------------------
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the frozen set changes during training: apply it with `prepare` and then `update`."""
+        return not self.skipped and STRATEGIES.get(self.arguments.freeze_strategy).dynamic
+
+    def prepare(self, progress: Optional[TrainingProgress] = None) -> AppliedChange:
+        """Apply what must hold before the optimizer (and DDP) are built.
+
+        A static policy is applied as it is. A schedule first makes trainable every parameter it may ever train,
+        so that an optimizer built from the trainable parameters holds them all (with their usual param group and
+        learning-rate schedule); `update` then applies each step's frozen set. Configuration errors that depend on
+        the model (too few layers) are raised here, before training starts.
+        """
+        if not self.dynamic:
+            return self.apply(progress)
+        self.decide(progress)
+        return self.applier.apply(registration_decision(self.layout, self.arguments))
+
+    def update(self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None) -> AppliedChange:
+        """Apply the policy at `progress` if it changes the frozen set; record the change in `timeline`.
+
+        Call it before each step's forward pass (with the optimizer): newly frozen parameters lose their ``.grad``
+        and their optimizer state, newly trainable ones join the optimizer if it never saw them.
+        """
+        if self.skipped:
+            return AppliedChange([], [])
+        decision = self.decide(progress)
+        if self.decision is not None and decision.frozen == self.decision.frozen:
+            self.decision = decision  # learning-rate factors may change without the frozen set changing
+            return AppliedChange([], [])
+        held = optimizer_state_bytes(optimizer)
+        change = self.apply(progress, optimizer, decision=decision)
+        after = optimizer_state_bytes(optimizer) if optimizer is not None else None
+        self.timeline.record(progress, self.applier.frozen_names(), after, held - (after or 0))
+        return change
+
+    def before_optimizer_step(self) -> None:
+        """Call just before ``optimizer.step()`` (only needed when the policy sets learning-rate factors)."""
+        if self.decision is not None and self.decision.update_factors:
+            self.applier.begin_scaled_step(self.decision.update_factors)
+
+    def after_optimizer_step(self) -> None:
+        """Call just after ``optimizer.step()``: scales the updates of parameters with a learning-rate factor."""
+        self.applier.end_scaled_step()
 
     def metrics(self) -> Dict[str, float]:
         """`freeze/...` metrics measured on the model itself (its `requires_grad` flags)."""

@@ -1,6 +1,8 @@
 """Policies: pure functions from blocks (and progress) to the set of parameters to freeze."""
 
-from . import static  # noqa: F401  (registers the static strategies)
+# Static strategies register first, so that lists of valid names start with them.
+from . import static  # noqa: F401, I001
+from . import schedules  # noqa: F401
 from .base import (
     STRATEGIES,
     FreezeDecision,
@@ -11,6 +13,7 @@ from .base import (
     resolve_count,
     validate_arguments,
 )
+from .schedules import registration_decision
 
 __all__ = [
     "STRATEGIES",
@@ -19,6 +22,7 @@ __all__ = [
     "TrainingProgress",
     "decide",
     "register_strategy",
+    "registration_decision",
     "resolve_count",
     "validate_arguments",
 ]

@@ -59,6 +59,8 @@ class FreezeDecision:
     frozen: FrozenSet[str]
     notes: Tuple[str, ...] = ()
     scores: Dict[str, float] = field(default_factory=dict, compare=False)
+    # Trainable parameters whose optimizer update is multiplied by a factor (a per-layer learning-rate factor).
+    update_factors: Dict[str, float] = field(default_factory=dict, compare=False)
 
     def is_frozen(self, parameter_name: str) -> bool:
         return parameter_name in self.frozen
@@ -84,6 +86,8 @@ class Strategy:
         check: Configuration-time validation that needs no model.
         dynamic: True when the decision depends on the training progress.
         description: One line for docs and `--help`.
+        update_factors: ``(layout, args, progress) -> {parameter name: factor}`` for strategies that scale the
+            optimizer update of some trainable parameters (a learning-rate factor); factors of 1 can be left out.
         fixed_overrides: Non-layer options (`freeze_head`, ...) the strategy decides itself and refuses.
 
     Example:
@@ -107,6 +111,7 @@ class Strategy:
     dynamic: bool = False
     description: str = ""
     fixed_overrides: Tuple[str, ...] = ()
+    update_factors: Optional[Callable[[ModelLayout, Any, TrainingProgress], Dict[str, float]]] = None
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", field="freeze_strategy")
@@ -171,7 +176,14 @@ def decide(layout: ModelLayout, args: Any, progress: Optional[TrainingProgress] 
         elif getattr(args, option) is not None:
             frozen -= names
     notes += _tied_embedding_notes(layout, frozen, args)
-    return FreezeDecision(frozenset(frozen), tuple(notes))
+    factors = {}
+    if strategy.update_factors is not None:
+        factors = {
+            name: factor
+            for name, factor in strategy.update_factors(layout, args, progress).items()
+            if factor != 1.0 and name not in frozen
+        }
+    return FreezeDecision(frozenset(frozen), tuple(notes), update_factors=factors)
 
 
 def _tied_embedding_notes(layout: ModelLayout, frozen: set, args: Any) -> List[str]:

@@ -1,0 +1,320 @@
+"""Schedules: strategies whose frozen set changes during training.
+
+* ``progressive`` (Composer's LayerFreezing): nothing frozen until `freeze_start`, then layers freeze bottom-up,
+  linearly in time, until `freeze_level` of them are frozen at the end of training.
+* ``gradual_unfreezing`` (ULMFiT, fastai's ``freeze_to``, Lightning's ``BackboneFinetuning``): the bottom layers start
+  frozen and unfreeze top-down, `freeze_unfreeze_layers` at a time, every `freeze_schedule_every` units, optionally
+  with a learning-rate factor for the newly unfrozen layers.
+* ``lisa`` (LMFlow's LISA): `freeze_active_layers` layers drawn at random train for `freeze_schedule_every` steps;
+  embeddings, norms and head always train.
+* ``badam`` (BAdam's layer-wise block order): one block of `freeze_active_layers` layers trains at a time, blocks
+  taking turns every `freeze_schedule_every` steps, ascending, descending or in a random order.
+
+Each is a pure function of the layout, the options and the `TrainingProgress`: the same step (or epoch) and seed
+give the same frozen set, so a resumed run recomputes exactly what the interrupted one had. The random orders come
+from a generator seeded by (training seed, period index), never from global random state.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Dict, List, Tuple
+
+from ..errors import FreezeConfigError, invalid, one_of
+from ..layout import EMBEDDINGS, LAYER, NORM, OTHER, ModelLayout
+from .base import (
+    NON_LAYER_OPTIONS,
+    STRATEGIES,
+    FreezeDecision,
+    Strategy,
+    TrainingProgress,
+    layer_parameters,
+    register_strategy,
+    require_layers,
+    resolve_count,
+)
+
+__all__ = [
+    "BLOCK_ORDERS",
+    "SCHEDULE_UNITS",
+    "active_block",
+    "elapsed_units",
+    "lisa_layers",
+    "progressive_frozen_count",
+    "registration_decision",
+    "schedule_every",
+    "schedule_unit",
+    "unfrozen_count",
+]
+
+Selection = Tuple[List[str], List[str]]
+
+SCHEDULE_UNITS = ("step", "epoch")
+BLOCK_ORDERS = ("ascending", "descending", "random")
+_DEFAULT_UNIT = {"gradual_unfreezing": "epoch"}
+_DEFAULT_EVERY = {"gradual_unfreezing": 1, "lisa": 20, "badam": 50}
+# `state.epoch` is a float sum of per-step fractions: an epoch boundary can land a hair below the integer.
+_EPOCH_TOLERANCE = 1e-6
+
+
+# -- progress ------------------------------------------------------------------------------------------------------
+
+
+def schedule_unit(args) -> str:
+    return args.freeze_schedule_unit or _DEFAULT_UNIT.get(args.freeze_strategy, "step")
+
+
+def schedule_every(args) -> int:
+    return args.freeze_schedule_every or _DEFAULT_EVERY.get(args.freeze_strategy, 1)
+
+
+def elapsed_units(args, progress: TrainingProgress) -> int:
+    """Whole units done: optimizer steps, or completed epochs."""
+    if schedule_unit(args) == "epoch":
+        return int(math.floor(progress.epoch + _EPOCH_TOLERANCE))
+    return progress.step
+
+
+def _period(args, progress: TrainingProgress) -> int:
+    return elapsed_units(args, progress) // schedule_every(args)
+
+
+def _fraction(args, progress: TrainingProgress) -> float:
+    """Fraction of training done, in whole units (0 when the length of training is unknown)."""
+    if schedule_unit(args) == "epoch":
+        return elapsed_units(args, progress) / progress.num_epochs if progress.num_epochs else 0.0
+    return progress.step / progress.max_steps if progress.max_steps else 0.0
+
+
+def _rng(name: str, seed: int, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, identically in every process and Python run.
+    return random.Random(f"hf_freeze.{name}:{seed}:{index}")
+
+
+# -- shared pieces -------------------------------------------------------------------------------------------------
+
+
+def _frozen_prefix(layout: ModelLayout, args, count: int) -> List[str]:
+    """The first `count` layers, with what sits below them: input embeddings, and norms between stacks.
+
+    While anything below a frozen layer trains, backward runs through the frozen layers anyway and freezing them
+    saves nothing; so the embeddings freeze with the first layer (unless `freeze_embeddings` says otherwise).
+    """
+    if count <= 0:
+        return []
+    frozen = layer_parameters(layout, range(count))
+    if args.freeze_embeddings is None:
+        frozen += layout.parameters_of(layout.blocks_of_kind(EMBEDDINGS))
+    if args.freeze_norm is None:
+        for block in layout.blocks:
+            if block.kind == LAYER and block.layer_index >= count:
+                break
+            if block.kind in (NORM, OTHER):
+                frozen += block.parameters
+    return frozen
+
+
+def _check_common(args) -> None:
+    if args.freeze_schedule_unit is not None and args.freeze_schedule_unit not in SCHEDULE_UNITS:
+        raise invalid("freeze_schedule_unit", args.freeze_schedule_unit, one_of(SCHEDULE_UNITS))
+    if args.freeze_schedule_every is not None and args.freeze_schedule_every < 1:
+        raise invalid("freeze_schedule_every", args.freeze_schedule_every, "an integer >= 1")
+
+
+def registration_decision(layout: ModelLayout, args) -> FreezeDecision:
+    """What a dynamic strategy applies before the optimizer and DDP exist: every parameter it may ever train is
+    trainable, so the Trainer's optimizer (built from trainable parameters only) and DDP register them all.
+
+    Only the non-layer blocks that the options (or the strategy's defaults) pin as frozen stay frozen. The step's
+    own frozen set is applied once the optimizer exists; a registered but frozen parameter has ``grad=None``, which
+    every torch optimizer skips, and gets no optimizer state.
+    """
+    strategy = STRATEGIES.get(args.freeze_strategy)
+    frozen = set()
+    for option, kinds in NON_LAYER_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            value = strategy.defaults.get(option, False)
+        if value:
+            frozen |= set(layout.parameters_of(layout.blocks_of_kind(*kinds)))
+    return FreezeDecision(frozenset(frozen))
+
+
+# -- progressive freezing (Composer's LayerFreezing) ---------------------------------------------------------------
+
+
+def progressive_frozen_count(args, progress: TrainingProgress, num_layers: int) -> int:
+    """Layers frozen at `progress`: 0 until `freeze_start`, then linear in time up to `freeze_level` at the end."""
+    start = 0.5 if args.freeze_start is None else args.freeze_start
+    level = 1.0 if args.freeze_level is None else args.freeze_level
+    fraction = _fraction(args, progress)
+    if fraction <= start:
+        return 0
+    elapsed = min(1.0, (fraction - start) / (1.0 - start))
+    return min(num_layers, int(level * elapsed * num_layers + 1e-9))
+
+
+def _check_progressive(args) -> None:
+    _check_common(args)
+    if args.freeze_start is not None and not 0.0 <= args.freeze_start < 1.0:
+        raise invalid("freeze_start", args.freeze_start, "a fraction of training in [0, 1)")
+    if args.freeze_level is not None and not 0.0 < args.freeze_level <= 1.0:
+        raise invalid("freeze_level", args.freeze_level, "a fraction of the layers in (0, 1]")
+
+
+def _progressive(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
+    total = require_layers(layout, "progressive")
+    return _frozen_prefix(layout, args, progressive_frozen_count(args, progress, total)), []
+
+
+# -- gradual unfreezing (ULMFiT, fastai, Lightning's BackboneFinetuning) --------------------------------------------
+
+
+def _initially_frozen(args, num_layers: int) -> int:
+    if args.freeze_layers is None:
+        return num_layers
+    return resolve_count(args.freeze_layers, num_layers)
+
+
+def unfrozen_count(args, events: int, initially_frozen: int) -> int:
+    """Layers still frozen after `events` unfreezing events."""
+    return max(0, initially_frozen - events * (args.freeze_unfreeze_layers or 1))
+
+
+def _check_gradual(args) -> None:
+    _check_common(args)
+    value = args.freeze_layers
+    if value is not None and (value < 0 or (isinstance(value, float) and not value < 1)):
+        raise invalid("freeze_layers", value, "layers frozen at the start: a count >= 0 or a fraction in (0, 1)")
+    if args.freeze_unfreeze_layers is not None and args.freeze_unfreeze_layers < 1:
+        raise invalid("freeze_unfreeze_layers", args.freeze_unfreeze_layers, "an integer >= 1")
+    factor, growth = args.freeze_unfreeze_lr_factor, args.freeze_unfreeze_lr_growth
+    if factor is not None and not 0.0 < factor <= 1.0:
+        raise invalid("freeze_unfreeze_lr_factor", factor, "a learning-rate factor in (0, 1]")
+    if growth is not None:
+        if factor is None:
+            raise FreezeConfigError(
+                f"`freeze_unfreeze_lr_growth` ({growth!r}) needs `freeze_unfreeze_lr_factor`: it grows that factor "
+                "back to 1. Set `freeze_unfreeze_lr_factor` (e.g. 0.1) or remove `freeze_unfreeze_lr_growth`."
+            )
+        if growth < 1.0:
+            raise invalid("freeze_unfreeze_lr_growth", growth, "a growth factor >= 1")
+
+
+def _gradual(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
+    total = require_layers(layout, "gradual_unfreezing")
+    frozen = unfrozen_count(args, _period(args, progress), _initially_frozen(args, total))
+    return _frozen_prefix(layout, args, frozen), []
+
+
+def _gradual_factors(layout: ModelLayout, args, progress: TrainingProgress) -> Dict[str, float]:
+    """Factor of each layer unfrozen so far: `freeze_unfreeze_lr_factor`, times the growth per event since, up to 1."""
+    if args.freeze_unfreeze_lr_factor is None:
+        return {}
+    initial, growth = args.freeze_unfreeze_lr_factor, args.freeze_unfreeze_lr_growth or 1.5
+    total = layout.num_layers
+    first_frozen = _initially_frozen(args, total)
+    events = _period(args, progress)
+    last_useful = math.ceil(first_frozen / (args.freeze_unfreeze_layers or 1))  # later events unfreeze nothing
+    # Events older than this have grown back to factor 1 (with growth 1, factors never grow: look at all of them).
+    horizon = math.ceil(math.log(1.0 / initial, growth)) if growth > 1.0 else events
+    factors: Dict[str, float] = {}
+    for event in range(max(1, events - horizon), min(events, last_useful) + 1):
+        factor = min(1.0, initial * growth ** (events - event))
+        before = set(_frozen_prefix(layout, args, unfrozen_count(args, event - 1, first_frozen)))
+        after = set(_frozen_prefix(layout, args, unfrozen_count(args, event, first_frozen)))
+        factors.update({name: factor for name in before - after})
+    return factors
+
+
+# -- LISA (LMFlow) -------------------------------------------------------------------------------------------------
+
+
+def lisa_layers(args, progress: TrainingProgress, num_layers: int) -> List[int]:
+    """The layers LISA trains during the current period, drawn from (seed, period index)."""
+    count = args.freeze_active_layers or 2
+    if count > num_layers:
+        raise invalid("freeze_active_layers", count, f"at most the model's {num_layers} layers")
+    return sorted(_rng("lisa", progress.seed, _period(args, progress)).sample(range(num_layers), count))
+
+
+def _check_active(args) -> None:
+    _check_common(args)
+    if args.freeze_active_layers is not None and args.freeze_active_layers < 1:
+        raise invalid("freeze_active_layers", args.freeze_active_layers, "an integer >= 1")
+
+
+def _lisa(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
+    total = require_layers(layout, "lisa")
+    active = set(lisa_layers(args, progress, total))
+    return layer_parameters(layout, set(range(total)) - active), []
+
+
+# -- BAdam (block coordinate descent over layers) -------------------------------------------------------------------
+
+
+def active_block(args, progress: TrainingProgress, num_layers: int) -> List[int]:
+    """The layers of the block BAdam trains during the current period.
+
+    Blocks are runs of `freeze_active_layers` consecutive layers. 'random' visits every block once per pass, in a
+    new permutation each pass (drawn from (seed, pass index)), as BAdam's random switch mode does.
+    """
+    size = args.freeze_active_layers or 1
+    if size > num_layers:
+        raise invalid("freeze_active_layers", size, f"at most the model's {num_layers} layers")
+    blocks = [list(range(first, min(first + size, num_layers))) for first in range(0, num_layers, size)]
+    passes, position = divmod(_period(args, progress), len(blocks))
+    order = list(range(len(blocks)))
+    mode = args.freeze_block_order or "ascending"
+    if mode == "descending":
+        order.reverse()
+    elif mode == "random":
+        _rng("badam", progress.seed, passes).shuffle(order)
+    return blocks[order[position]]
+
+
+def _check_badam(args) -> None:
+    _check_active(args)
+    if args.freeze_block_order is not None and args.freeze_block_order not in BLOCK_ORDERS:
+        raise invalid("freeze_block_order", args.freeze_block_order, one_of(BLOCK_ORDERS))
+
+
+def _badam(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
+    total = require_layers(layout, "badam")
+    active = set(active_block(args, progress, total))
+    return layer_parameters(layout, set(range(total)) - active), []
+
+
+_UNIT_OPTIONS = ("freeze_schedule_unit",)
+_PERIODIC_OPTIONS = ("freeze_schedule_unit", "freeze_schedule_every")
+
+register_strategy(
+    Strategy(
+        "progressive", _progressive, _UNIT_OPTIONS + ("freeze_start", "freeze_level"), {}, _check_progressive,
+        dynamic=True,
+        description="Freeze layers bottom-up, linearly in time from `freeze_start` to `freeze_level` (Composer).",
+    )
+)
+register_strategy(
+    Strategy(
+        "gradual_unfreezing", _gradual,
+        _PERIODIC_OPTIONS
+        + ("freeze_layers", "freeze_unfreeze_layers", "freeze_unfreeze_lr_factor", "freeze_unfreeze_lr_growth"),
+        {}, _check_gradual, dynamic=True, update_factors=_gradual_factors,
+        description="Start with the bottom layers frozen; unfreeze them top-down over time (ULMFiT, Lightning).",
+    )
+)
+register_strategy(
+    Strategy(
+        "lisa", _lisa, _PERIODIC_OPTIONS + ("freeze_active_layers",), {}, _check_active, dynamic=True,
+        description="Train `freeze_active_layers` random layers, redrawn every `freeze_schedule_every` steps (LISA).",
+    )
+)
+register_strategy(
+    Strategy(
+        "badam", _badam, _PERIODIC_OPTIONS + ("freeze_active_layers", "freeze_block_order"),
+        {"freeze_embeddings": True, "freeze_norm": True}, _check_badam, dynamic=True,
+        description="Train one block of layers at a time, switching every `freeze_schedule_every` steps (BAdam).",
+    )
+)
