@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .config import FreezeArguments, freeze_arguments_from
+from .distributed import DistributedSetup, plan_for, raise_if_changed_after_wrap, raise_if_ranks_disagree
 from .errors import FreezeConfigError
 from .freezer import LayerFreezer, arguments_from
 from .logging import follow_training_log_level, get_logger
@@ -47,6 +48,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def __init__(self, arguments: Optional[FreezeArguments] = None, **options: Any):
         self._given = arguments_from(arguments, options)
         self.freezer: Optional[LayerFreezer] = None
+        self._setup: Optional[DistributedSetup] = None
+        self._deferred = False
 
     # -- Trainer events -------------------------------------------------------------------------------------------
 
@@ -58,12 +61,20 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._move_before_reporters()
         if self.freezer is None:  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
             self._set_up(args, state, model, late=True)
-        change = self.freezer.apply(self._progress(args, state), optimizer)
-        if change.changed and state.is_world_process_zero:
+        if self.freezer.skipped:
+            return
+        progress = self._progress(args, state)
+        if not self._deferred:
+            raise_if_changed_after_wrap(self._setup, self.freezer.applier.parameters, self.freezer.decide(progress))
+        change = self.freezer.apply(progress, optimizer)
+        if self._deferred:
+            self._log_decision(state.is_world_process_zero)
+        elif change.changed and state.is_world_process_zero:
             logger.warning(
                 f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy when "
                 "training began (something changed requires_grad after the Trainer was built); re-applied."
             )
+        raise_if_ranks_disagree(self.freezer.applier.frozen_names())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or logs is None:
@@ -111,13 +122,23 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     "config's `modules_to_save`."
                 )
             return
-        if late and _is_distributed(args) and self.freezer.decide(self._progress(args, state)).frozen:
-            raise FreezeConfigError(
-                "FreezeCallback was added after the Trainer was built, under distributed training: DDP has already "
-                "registered every parameter, and freezing now would break gradient synchronisation. Pass it to "
-                "the Trainer: Trainer(..., callbacks=[FreezeCallback(...)])."
-            )
-        self.freezer.apply(self._progress(args, state))
+        decision = self.freezer.decide(self._progress(args, state))
+        self._setup, before_wrap = plan_for(args, self.freezer.model, self.freezer.arguments, decision)
+        # A policy that changes the trainable set under DDP is applied after the wrap, in on_train_begin.
+        self._deferred = not before_wrap and not late
+        if self._deferred:
+            if main:
+                logger.info(
+                    f"strategy {self.freezer.arguments.freeze_strategy!r} changes during training: applied when "
+                    f"training begins, after {self._setup.describe()} registered every parameter."
+                )
+            return
+        if late:  # the model may be wrapped already: applying must not flip requires_grad then
+            raise_if_changed_after_wrap(self._setup, self.freezer.applier.parameters, decision)
+        self.freezer.apply(decision=decision)
+        self._log_decision(main)
+
+    def _log_decision(self, main: bool) -> None:
         if main:
             for note in self.freezer.layout.notes + (self.freezer.decision.notes if self.freezer.decision else ()):
                 logger.info(note)
@@ -150,7 +171,3 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     handler.callbacks.insert(0, self)
                 return
             frame = frame.f_back
-
-
-def _is_distributed(args) -> bool:
-    return getattr(args, "world_size", 1) > 1

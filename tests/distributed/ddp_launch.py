@@ -1,0 +1,97 @@
+"""Launch `train_worker.py` on 2 CPU processes (torchrun, gloo) and collect each rank's results.
+
+Run as a script to print the communication figures (bytes all-reduced per step, by policy):
+
+    python tests/distributed/ddp_launch.py
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+HERE = Path(__file__).resolve().parent
+REPOSITORY = HERE.parents[1]
+WORKER = HERE / "train_worker.py"
+NUM_PROCESSES = 2
+
+
+def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300) -> List[Dict[str, dict]]:
+    """Run ``runs`` in one ``torchrun --standalone`` launch; return the results of every rank."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spec = output_dir / "spec.json"
+    spec.write_text(json.dumps({"output_dir": str(output_dir), "runs": list(runs)}, indent=1))
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
+    environment.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # --standalone runs its own rendezvous on a free port, so parallel launches do not collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NUM_PROCESSES}",
+               str(WORKER), str(spec)]
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers, started in their own session
+        output, _ = process.communicate()
+        raise AssertionError(f"the 2-process run timed out after {timeout}s:\n{output[-6000:]}")
+    paths = [output_dir / f"rank{rank}.json" for rank in range(NUM_PROCESSES)]
+    if process.returncode != 0 or not all(path.exists() for path in paths):
+        raise AssertionError(f"the 2-process run failed (exit {process.returncode}):\n{output[-6000:]}")
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300) -> List[Dict[str, dict]]:
+    """`launch`, once per test session even when pytest-xdist spreads the tests that read it over workers."""
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    directory = Path(tempfile.gettempdir()) / f"hf_freeze-distributed-{session}" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here and then reads the results
+        done, failed = directory / "results.json", directory / "failed.txt"
+        if done.exists():
+            return json.loads(done.read_text())
+        if failed.exists():  # do not relaunch a failing run for every test that reads it
+            raise AssertionError(failed.read_text())
+        try:
+            results = launch(runs, directory, timeout)
+        except AssertionError as error:
+            failed.write_text(str(error))
+            raise
+        done.write_text(json.dumps(results))
+        return results
+
+
+def communication_table(policies: Dict[str, dict]) -> str:
+    runs = [{"label": label, "policy": policy} for label, policy in policies.items()]
+    with tempfile.TemporaryDirectory() as directory:
+        ranks = launch(runs, Path(directory))
+    rows = [f"{'policy':<12} {'trainable':>9} {'total':>7} {'bytes/step':>10} {'4 x trainable':>13} {'vs full':>7}"]
+    full = None
+    for label in policies:
+        result = ranks[0][label]
+        if result["status"] != "ok":
+            rows.append(f"{label:<12} {result['error_type']}: {result['error'][:80]}")
+            continue
+        measured = sorted(set(result["bytes_per_step"]))
+        full = full or (measured[0] if label == "none" else None)
+        ratio = f"{measured[0] / full:.1%}" if full else "-"
+        rows.append(f"{label:<12} {result['trainable_params']:>9,} {result['total_params']:>7,} "
+                    f"{'/'.join(map(str, measured)):>10} {4 * result['trainable_params']:>13,} {ratio:>7}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPOSITORY / "tests"))
+    from test_distributed import STATIC_POLICIES
+
+    print("Bytes all-reduced per optimizer step by DDP (tiny BERT, 4 layers, fp32, 2 gloo processes):")
+    print(communication_table(STATIC_POLICIES))
