@@ -150,10 +150,10 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
     if policy.dynamic:
         if setup.backend in (FSDP, DEEPSPEED):
             return (
-                f"{name} changes the trainable parameters during training, and {setup.describe()} fixes them "
-                "when it wraps the model: parameters unfrozen later would never be updated or synchronised. "
-                "Train with DDP (`accelerate launch` without an FSDP/DeepSpeed config, "
-                "`ddp_find_unused_parameters: true`) or use a static strategy."
+                f"{name} changes the trainable parameters during training, which {setup.describe()} does not "
+                f"support: {_FIXED_AT_WRAP[(setup.backend, setup.fsdp_version)]} Train with DDP (`accelerate "
+                "launch` without an FSDP/DeepSpeed config, and `ddp_find_unused_parameters: true`), or use a "
+                "static strategy."
             )
         if setup.backend == DDP and setup.multi_process:
             if setup.static_graph:
@@ -176,6 +176,16 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
                     "non-reentrant gradient checkpointing)."
                 )
     return None
+
+
+_FIXED_AT_WRAP = {
+    (DEEPSPEED, None): "ZeRO builds its optimizer partitions and gradient hooks from the parameters that are "
+    "trainable at `deepspeed.initialize`, so a parameter unfrozen later is never updated.",
+    (FSDP, 1): "FSDP1 fixes at the wrap whether each flat parameter needs a gradient, so a unit that was wholly "
+    "frozen then never trains when it is unfrozen later.",
+    (FSDP, 2): "FSDP2 replaces every parameter object when it shards the model, and hf_freeze does not yet look "
+    "them up again after the wrap, so changes after the wrap would miss the sharded parameters.",
+}
 
 
 def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:
@@ -241,22 +251,25 @@ def raise_if_changed_after_wrap(setup: DistributedSetup, parameters: Mapping[str
 # -- facts about the backend, read from the Trainer's arguments and accelerate's state ---------------------------
 
 
-def detect_setup(args: Any, model: Optional[nn.Module] = None, state: Any = None) -> DistributedSetup:
+_ACCELERATE_STATE = object()
+
+
+def detect_setup(args: Any, model: Optional[nn.Module] = None, state: Any = _ACCELERATE_STATE) -> DistributedSetup:
     """The backend the Trainer will wrap the model with.
 
-    Reads accelerate's `AcceleratorState` (the Trainer builds it in its ``__init__``, before any callback runs;
-    ``state`` overrides it, for tests), else the `TrainingArguments` alone.
+    Reads accelerate's `AcceleratorState` (the Trainer builds it in its ``__init__``, before any callback runs),
+    else (or with ``state=None``) the `TrainingArguments` alone. ``state`` can also be given, for tests.
     """
-    if state is None:
+    if state is _ACCELERATE_STATE:
         from accelerate.state import AcceleratorState, is_initialized
 
         state = AcceleratorState() if is_initialized() else None
     world_size = int(getattr(state, "num_processes", 0) or getattr(args, "world_size", 1) or 1)
+    on_model = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5; before: is_gradient_...
+    if on_model is None:
+        on_model = getattr(model, "is_gradient_checkpointing", False)
     checkpointing = bool(
-        getattr(args, "activation_checkpointing", False)
-        or getattr(args, "gradient_checkpointing", False)
-        or getattr(model, "is_activation_checkpointing", False)
-        or getattr(model, "is_gradient_checkpointing", False)
+        getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False) or on_model
     )
     fsdp_plugin = getattr(state, "fsdp_plugin", None) if state is not None else None
     deepspeed_plugin = getattr(state, "deepspeed_plugin", None) if state is not None else None

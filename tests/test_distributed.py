@@ -67,7 +67,8 @@ def _dynamic_and_order_results():
          "policy": STATIC_POLICIES["bottom"]},
         {"label": "resumed-with-restored-callback", "resume": True, "policy": STATIC_POLICIES["bottom"]},
     ]
-    return ddp_launch.shared_launch("dynamic-and-orders", runs)
+    # This launch goes through `accelerate launch --config_file configs/accelerate/ddp.yaml`, the README's command.
+    return ddp_launch.shared_launch("dynamic-and-orders", runs, launcher="accelerate")
 
 
 def _expected_frozen(options):

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,11 +21,16 @@ from typing import Dict, List, Sequence
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parents[1]
 WORKER = HERE / "train_worker.py"
+ACCELERATE_CONFIG = REPOSITORY / "configs" / "accelerate" / "ddp.yaml"
 NUM_PROCESSES = 2
 
 
-def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300) -> List[Dict[str, dict]]:
-    """Run ``runs`` in one ``torchrun --standalone`` launch; return the results of every rank."""
+def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300, launcher: str = "torchrun") -> List[Dict[str, dict]]:
+    """Run ``runs`` in one launch of 2 processes; return the results of every rank.
+
+    ``launcher`` is "torchrun" (``--standalone``) or "accelerate" (``accelerate launch`` with the shipped
+    `configs/accelerate/ddp.yaml`, the README's command; the TrainingArguments' ``use_cpu`` keeps it on CPU).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     spec = output_dir / "spec.json"
@@ -32,9 +38,13 @@ def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300) -> List
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
     environment.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    # --standalone runs its own rendezvous on a free port, so parallel launches do not collide.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NUM_PROCESSES}",
-               str(WORKER), str(spec)]
+    if launcher == "torchrun":  # --standalone runs its own rendezvous on a free port: parallel launches never collide
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={NUM_PROCESSES}", str(WORKER), str(spec)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+                   "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()), str(WORKER),
+                   str(spec)]
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
@@ -49,7 +59,13 @@ def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300) -> List
     return [json.loads(path.read_text()) for path in paths]
 
 
-def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300) -> List[Dict[str, dict]]:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300, launcher: str = "torchrun") -> List[Dict[str, dict]]:
     """`launch`, once per test session even when pytest-xdist spreads the tests that read it over workers."""
     session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
     directory = Path(tempfile.gettempdir()) / f"hf_freeze-distributed-{session}" / name
@@ -62,7 +78,7 @@ def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300) -> List
         if failed.exists():  # do not relaunch a failing run for every test that reads it
             raise AssertionError(failed.read_text())
         try:
-            results = launch(runs, directory, timeout)
+            results = launch(runs, directory, timeout, launcher)
         except AssertionError as error:
             failed.write_text(str(error))
             raise
@@ -70,28 +86,36 @@ def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300) -> List
         return results
 
 
-def communication_table(policies: Dict[str, dict]) -> str:
-    runs = [{"label": label, "policy": policy} for label, policy in policies.items()]
+def communication_table(policies: Dict[str, dict], pretrained: str = "") -> str:
+    runs = [{"label": label, "policy": policy, "pretrained": pretrained, "reapply_each_step": True}
+            for label, policy in policies.items()]
     with tempfile.TemporaryDirectory() as directory:
         ranks = launch(runs, Path(directory))
-    rows = [f"{'policy':<12} {'trainable':>9} {'total':>7} {'bytes/step':>10} {'4 x trainable':>13} {'vs full':>7}"]
+    rows = [f"{'policy':<22} {'trainable':>11} {'total':>11} {'bytes/step':>12} {'4 x trainable':>13} {'vs none':>7}"]
     full = None
     for label in policies:
         result = ranks[0][label]
         if result["status"] != "ok":
-            rows.append(f"{label:<12} {result['error_type']}: {result['error'][:80]}")
+            rows.append(f"{label:<22} {result['error_type']}: {result['error'][:80]}")
             continue
         measured = sorted(set(result["bytes_per_step"]))
         full = full or (measured[0] if label == "none" else None)
         ratio = f"{measured[0] / full:.1%}" if full else "-"
-        rows.append(f"{label:<12} {result['trainable_params']:>9,} {result['total_params']:>7,} "
-                    f"{'/'.join(map(str, measured)):>10} {4 * result['trainable_params']:>13,} {ratio:>7}")
+        rows.append(f"{label:<22} {result['trainable_params']:>11,} {result['total_params']:>11,} "
+                    f"{'/'.join(f'{value:,}' for value in measured):>12} {4 * result['trainable_params']:>13,} "
+                    f"{ratio:>7}")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPOSITORY / "tests"))
-    from test_distributed import STATIC_POLICIES
+    import argparse
 
-    print("Bytes all-reduced per optimizer step by DDP (tiny BERT, 4 layers, fp32, 2 gloo processes):")
-    print(communication_table(STATIC_POLICIES))
+    sys.path.insert(0, str(REPOSITORY / "tests"))
+    from test_distributed import DYNAMIC_POLICIES, STATIC_POLICIES
+
+    flags = argparse.ArgumentParser(description="Print the bytes DDP all-reduces per step, by freezing policy.")
+    flags.add_argument("--pretrained", default="", help="a local model directory (default: the tiny test BERT)")
+    options = flags.parse_args()
+    model = options.pretrained or "tiny BERT, 4 layers"
+    print(f"Bytes all-reduced per optimizer step by DDP ({model}; fp32; 2 gloo processes; 3 steps):")
+    print(communication_table({**STATIC_POLICIES, **DYNAMIC_POLICIES}, options.pretrained))

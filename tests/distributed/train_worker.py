@@ -100,13 +100,22 @@ def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
     return trainer, meter
 
 
+def new_model(run: dict):
+    if run.get("pretrained"):  # a local model directory (the communication figures for a real model)
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)  # the new classifier head: identical on every rank
+        return AutoModelForSequenceClassification.from_pretrained(run["pretrained"], num_labels=2)
+    return tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
+
+
 def run_one(run: dict, output_dir: Path) -> dict:
-    model = tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
+    model = new_model(run)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     if run.get("resume"):
         half, meter = build_trainer(run, model, output_dir, max_steps=2, save_strategy="steps", save_steps=2)
         half.train()
-        model = tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
+        model = new_model(run)
         trainer, meter = build_trainer(run, model, output_dir, max_steps=4, restore_callback_states_from_checkpoint=True)
         trainer.train(resume_from_checkpoint=True)
     else:
