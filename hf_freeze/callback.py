@@ -28,7 +28,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     A static policy is applied in `on_init_end`, inside `Trainer.__init__`: before the Trainer builds its
     optimizer (which then holds trainable parameters only, so frozen ones get no optimizer state) and before
-    DDP wraps the model (which then all-reduces trainable parameters only).
+    DDP wraps the model (which then all-reduces trainable parameters only). Before applying anything it checks the
+    policy against the backend (DDP, FSDP, DeepSpeed; `hf_freeze.distributed`) and refuses, with the setting that
+    fixes it, a combination that would crash mid-run or let the processes drift apart.
 
     Example:
 

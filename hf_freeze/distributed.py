@@ -116,7 +116,11 @@ class PolicyFacts:
 
     ```python
     >>> from hf_freeze.distributed import DistributedSetup, PolicyFacts, check_support
-    >>> check_support(DistributedSetup("ddp", world_size=2), PolicyFacts("bottom", dynamic=False, trainable=10, frozen=5))
+    >>> ddp = DistributedSetup("ddp", world_size=2, find_unused_parameters=False)
+    >>> check_support(ddp, PolicyFacts("bottom", dynamic=False, trainable=10, frozen=5)) is None
+    True
+    >>> "`ddp_find_unused_parameters: true`" in check_support(ddp, PolicyFacts("lisa", dynamic=True, trainable=10, frozen=5))
+    True
     ```
     """
 

@@ -66,6 +66,7 @@ def _dynamic_and_order_results():
         {"label": "added-after-init", "expect_error": True, "add_callback_late": True,
          "policy": STATIC_POLICIES["bottom"]},
         {"label": "resumed-with-restored-callback", "resume": True, "policy": STATIC_POLICIES["bottom"]},
+        {"label": "ranks-disagree", "expect_error": True, "policy": {"freeze_strategy": "test_rank_dependent"}},
     ]
     # This launch goes through `accelerate launch --config_file configs/accelerate/ddp.yaml`, the README's command.
     return ddp_launch.shared_launch("dynamic-and-orders", runs, launcher="accelerate")
@@ -166,3 +167,10 @@ def test_resume_with_restored_callback_state_keeps_ranks_identical():
     assert set(results[0]["frozen"]) == expected
     assert not set(results[0]["changed"]) & expected
     assert set(results[0]["bytes_per_step"]) == {FP32_BYTES * results[0]["trainable_params"]}
+
+
+def test_ranks_that_freeze_different_parameters_are_refused_before_training():
+    """DDP itself only notices a disagreement in what it registers; a policy applied after the wrap needs this check."""
+    for result in [rank["ranks-disagree"] for rank in _dynamic_and_order_results()]:
+        assert result["error_type"] == "FreezeConfigError"
+        assert "froze different parameters" in result["error"] and "on_train_begin" in result["traceback"]

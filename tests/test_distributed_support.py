@@ -21,6 +21,7 @@ from hf_freeze.distributed import (
     flat_parameter_units,
     mixed_units,
     raise_if_changed_after_wrap,
+    raise_if_ranks_disagree,
 )
 from tiny import build, trainer_for, training_kwargs
 
@@ -176,3 +177,7 @@ def test_flipping_requires_grad_after_a_wrap_is_refused():
         raise_if_changed_after_wrap(DDP, parameters, decision)
     net.bias.requires_grad_(False)
     raise_if_changed_after_wrap(DDP, parameters, decision)  # already matching: nothing flips
+
+
+def test_rank_agreement_is_a_no_op_without_a_process_group():
+    raise_if_ranks_disagree(["anything"])  # one process: nothing to compare, no collective

@@ -21,3 +21,17 @@ if NAME not in STRATEGIES:
         Strategy(NAME, _select, (), {"freeze_embeddings": True}, dynamic=True,
                  description="Test only: bottom half frozen at step 0, then the head instead.")
     )
+
+
+def _select_by_rank(layout, args, progress):
+    import os
+
+    # Wrong on purpose: a policy must decide the same on every process (e.g. from local, unsynchronised scores).
+    return layer_parameters(layout, [int(os.environ.get("RANK", "0")) % layout.num_layers]), []
+
+
+if "test_rank_dependent" not in STRATEGIES:
+    register_strategy(
+        Strategy("test_rank_dependent", _select_by_rank, (), {}, dynamic=True,
+                 description="Test only: freezes a different layer on every rank.")
+    )

@@ -1,7 +1,8 @@
 """Probe: torch FSDP1 / FSDP2 on CPU (gloo) with frozen parameters, static and changed after the wrap.
 
-accelerate refuses FSDP without an accelerator device, so the Trainer cannot run FSDP on CPU; this probe wraps with
-torch directly to learn what the wrappers themselves do.
+Through the Trainer, FSDP cannot run on CPU in this stack: accelerate's FSDP1 plugin raises "no available devices"
+and an FSDP2 accelerate config on CPU silently falls back to DDP. This probe wraps with torch directly. On
+torch 2.13 FSDP1 raises "FSDP needs a non-CPU accelerator device" at the wrap; FSDP2 runs on CPU with gloo.
 Run: torchrun --standalone --nproc_per_node 2 tests/distributed/probe_fsdp.py {fsdp1|fsdp1_orig|fsdp2} {static|unfreeze_late|freeze_late}
 """
 
