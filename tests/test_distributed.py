@@ -30,8 +30,10 @@ STATIC_POLICIES = {
     "bitfit": {"freeze_strategy": "bitfit"},
     "head_only": {"freeze_strategy": "head_only"},
 }
-# Policies whose trainable set changes during training. The test-only entry (tests/distributed/dynamic_policies.py)
-# unfreezes the bottom layers and freezes the head after the first step; schedules and adaptive policies go here.
+# Policies whose trainable set changes during training; schedules and adaptive policies go here. The test-only
+# `test_*` strategies (tests/distributed/dynamic_policies.py) are re-applied at every step by the worker, standing in
+# for a callback that drives schedules itself; `test_unfreeze_mid_run` unfreezes the bottom layers and freezes the
+# head after the first step.
 DYNAMIC_POLICIES = {
     "test_unfreeze_mid_run": {"freeze_strategy": "test_unfreeze_mid_run"},
 }
@@ -51,14 +53,14 @@ def _static_results():
 def _dynamic_and_order_results():
     runs = []
     for policy, options in DYNAMIC_POLICIES.items():
+        driven = {"reapply_each_step": options["freeze_strategy"].startswith("test_")}
         runs += [
-            {"label": f"{policy}/plain", "policy": options, "reapply_each_step": True},
-            {"label": f"{policy}/checkpointing+find_unused", "policy": options, "reapply_each_step": True,
+            {"label": f"{policy}/plain", "policy": options, **driven},
+            {"label": f"{policy}/checkpointing+find_unused", "policy": options, **driven,
              "training": {"gradient_checkpointing": True, "ddp_find_unused_parameters": True}},
-            {"label": f"{policy}/checkpointing", "policy": options, "reapply_each_step": True, "expect_error": True,
+            {"label": f"{policy}/checkpointing", "policy": options, **driven, "expect_error": True,
              "training": {"gradient_checkpointing": True}},
-            {"label": f"{policy}/applied-before-wrap", "policy": options, "reapply_each_step": True,
-             "force_apply_before_wrap": True},
+            {"label": f"{policy}/applied-before-wrap", "policy": options, **driven, "force_apply_before_wrap": True},
         ]
     runs += [
         {"label": "everything-frozen", "expect_error": True,

@@ -87,7 +87,8 @@ def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300, launche
 
 
 def communication_table(policies: Dict[str, dict], pretrained: str = "") -> str:
-    runs = [{"label": label, "policy": policy, "pretrained": pretrained, "reapply_each_step": True}
+    runs = [{"label": label, "policy": policy, "pretrained": pretrained,
+             "reapply_each_step": policy["freeze_strategy"].startswith("test_")}  # see DYNAMIC_POLICIES
             for label, policy in policies.items()]
     with tempfile.TemporaryDirectory() as directory:
         ranks = launch(runs, Path(directory))
