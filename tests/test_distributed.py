@@ -67,6 +67,8 @@ def _dynamic_and_order_results():
          "policy": {"freeze_strategy": "pattern", "freeze_patterns": [".*"]}},
         {"label": "added-after-init", "expect_error": True, "add_callback_late": True,
          "policy": STATIC_POLICIES["bottom"]},
+        {"label": "unfrozen-between-init-and-train", "expect_error": True, "unfreeze_after_init": True,
+         "policy": STATIC_POLICIES["bottom"]},
         {"label": "resumed-with-restored-callback", "resume": True, "policy": STATIC_POLICIES["bottom"]},
         {"label": "ranks-disagree", "expect_error": True, "policy": {"freeze_strategy": "test_rank_dependent"}},
     ]
@@ -159,6 +161,13 @@ def test_callback_added_after_the_trainer_is_refused_under_ddp():
         assert result["error_type"] == "FreezeConfigError"
         assert "after DDP over 2 processes wrapped the model" in result["error"]
         assert "callbacks=[FreezeCallback(...)]" in result["error"]
+
+
+def test_requires_grad_changed_between_init_and_train_is_refused_under_ddp():
+    """DDP wrapped what the user left trainable; re-freezing now would break its gradient reduction."""
+    for result in [rank["unfrozen-between-init-and-train"] for rank in _dynamic_and_order_results()]:
+        assert result["error_type"] == "FreezeConfigError"
+        assert "would change `requires_grad` after DDP" in result["error"] and "on_train_begin" in result["traceback"]
 
 
 def test_resume_with_restored_callback_state_keeps_ranks_identical():

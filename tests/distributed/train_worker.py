@@ -10,6 +10,7 @@ plus optional scenario keys:
   ``restore_callback_states_from_checkpoint=True`` (the callback is rebuilt from its saved state).
 - ``"reapply_each_step": true``: re-decide and re-apply the policy at every step (what a schedule does).
 - ``"force_apply_before_wrap": true``: apply a dynamic policy before the DDP wrap anyway (a negative control).
+- ``"unfreeze_after_init": true``: make every parameter trainable between ``Trainer(...)`` and ``train()``.
 
 Each rank writes ``rank<N>.json``: per run, a digest of every final parameter, which parameters changed, which
 are frozen, the bytes DDP all-reduced per step, or the error the run raised (refusals are expected results).
@@ -96,6 +97,8 @@ def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
     trainer = tiny.trainer_for(model, args, callbacks=callbacks)
     if run.get("add_callback_late"):
         trainer.add_callback(freeze_callback)
+    if run.get("unfreeze_after_init"):  # user code between Trainer(...) and train()
+        model.requires_grad_(True)
     meter.trainer = trainer
     return trainer, meter
 
