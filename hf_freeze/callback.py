@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .config import FreezeArguments, freeze_arguments_from
+from .distributed import DistributedSetup, plan_for, raise_if_changed_after_wrap, raise_if_ranks_disagree
 from .errors import FreezeConfigError
 from .freezer import LayerFreezer, arguments_from
 from .logging import follow_training_log_level, get_logger
@@ -29,7 +30,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     A static policy is applied in `on_init_end`, inside `Trainer.__init__`: before the Trainer builds its
     optimizer (which then holds trainable parameters only, so frozen ones get no optimizer state) and before
-    DDP wraps the model (which then all-reduces trainable parameters only).
+    DDP wraps the model (which then all-reduces trainable parameters only). Before applying anything it checks the
+    policy against the backend (DDP, FSDP, DeepSpeed; `hf_freeze.distributed`) and refuses, with the setting that
+    fixes it, a combination that would crash mid-run or let the processes drift apart.
 
     A schedule (``progressive``, ``gradual_unfreezing``, ``lisa``, ``badam``) makes every parameter it may ever
     train trainable in `on_init_end`, so the optimizer registers them all, then applies each step's frozen set in
@@ -55,6 +58,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def __init__(self, arguments: Optional[FreezeArguments] = None, **options: Any):
         self._given = arguments_from(arguments, options)
         self.freezer: Optional[LayerFreezer] = None
+        self._setup: Optional[DistributedSetup] = None
 
     # -- Trainer events -------------------------------------------------------------------------------------------
 
@@ -66,15 +70,20 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._move_before_reporters()
         if self.freezer is None:  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
             self._set_up(args, state, model, late=True)
+        if self.freezer.skipped:
+            return
         if self.freezer.dynamic:
             self._start_schedule(args, state, optimizer)
-            return
-        change = self.freezer.apply(self._progress(args, state), optimizer)
-        if change.changed and state.is_world_process_zero:
-            logger.warning(
-                f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy when "
-                "training began (something changed requires_grad after the Trainer was built); re-applied."
-            )
+        else:
+            progress = self._progress(args, state)
+            raise_if_changed_after_wrap(self._setup, self.freezer.applier.parameters, self.freezer.decide(progress))
+            change = self.freezer.apply(progress, optimizer)
+            if change.changed and state.is_world_process_zero:
+                logger.warning(
+                    f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy "
+                    "when training began (something changed requires_grad after the Trainer was built); re-applied."
+                )
+        raise_if_ranks_disagree(self.freezer.applier.frozen_names())
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.freezer is not None and self.freezer.dynamic:
@@ -141,23 +150,27 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     "config's `modules_to_save`."
                 )
             return
-        dynamic = self.freezer.dynamic  # a schedule freezes after the wrap by design (and registers everything)
-        if late and not dynamic and _is_distributed(args) and self.freezer.decide(self._progress(args, state)).frozen:
-            raise FreezeConfigError(
-                "FreezeCallback was added after the Trainer was built, under distributed training: DDP has already "
-                "registered every parameter, and freezing now would break gradient synchronisation. Pass it to "
-                "the Trainer: Trainer(..., callbacks=[FreezeCallback(...)])."
-            )
-        if dynamic:
-            refuse_schedule_without_unused_detection(args, model, self.freezer.arguments.freeze_strategy)
-        self.freezer.prepare(self._progress(args, state))
-        if main and dynamic:
-            logger.info(
-                f"strategy {self.freezer.arguments.freeze_strategy!r} is a schedule: every parameter it may train "
-                "stays trainable until the optimizer is built, then each step's frozen set applies; changes are "
-                f"logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
-            )
-        elif main:
+        progress = self._progress(args, state)
+        decision = self.freezer.decide(progress)
+        self._setup, _ = plan_for(args, self.freezer.model, self.freezer.arguments, decision)
+        if self.freezer.dynamic:
+            # Every parameter the schedule may ever train stays trainable until the optimizer and DDP have
+            # registered it; each step's frozen set then applies from on_train_begin on.
+            self.freezer.prepare(progress)
+            if main:
+                logger.info(
+                    f"strategy {self.freezer.arguments.freeze_strategy!r} is a schedule: every parameter it may train "
+                    f"stays trainable until {self._setup.describe()} registered it, then each step's frozen set "
+                    f"applies; changes are logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
+                )
+            return
+        if late:  # the model may be wrapped already: applying must not flip requires_grad then
+            raise_if_changed_after_wrap(self._setup, self.freezer.applier.parameters, decision)
+        self.freezer.apply(decision=decision)
+        self._log_decision(main)
+
+    def _log_decision(self, main: bool) -> None:
+        if main:
             for note in self.freezer.layout.notes + (self.freezer.decision.notes if self.freezer.decision else ()):
                 logger.info(note)
             logger.info(f"strategy {self.freezer.arguments.freeze_strategy!r}: {self.freezer.summary()}")
@@ -229,29 +242,3 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     handler.callbacks.insert(0, self)
                 return
             frame = frame.f_back
-
-
-def _is_distributed(args) -> bool:
-    return getattr(args, "world_size", 1) > 1
-
-
-def refuse_schedule_without_unused_detection(args, model, strategy: str) -> None:
-    """A schedule freezes parameters that DDP registered; without unused-parameter detection DDP then waits for their
-    gradients and fails on the next step ("Expected to have finished reduction in the prior iteration")."""
-    if not _is_distributed(args):
-        return
-    find_unused = getattr(args, "ddp_find_unused_parameters", None)
-    if find_unused is None:  # the Trainer's own default (`Trainer._build_accelerator_args`)
-        from transformers import PreTrainedModel
-
-        checkpointing = getattr(model, "is_activation_checkpointing", False) or any(
-            getattr(args, name, False) for name in ("activation_checkpointing", "gradient_checkpointing")
-        )
-        find_unused = not (isinstance(model, PreTrainedModel) and checkpointing)
-    if not find_unused:
-        raise FreezeConfigError(
-            f"`freeze_strategy` {strategy!r} changes the frozen set after DDP has wrapped the model, which needs "
-            f"`ddp_find_unused_parameters` to be true (got {getattr(args, 'ddp_find_unused_parameters', None)!r}; "
-            "the Trainer turns it off by default when activation checkpointing is on). Set "
-            "`ddp_find_unused_parameters: true`."
-        )

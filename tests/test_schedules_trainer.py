@@ -298,23 +298,6 @@ def test_a_schedule_in_a_plain_pytorch_loop():
     assert not torch.equal(values[0], values[frozen_from - 1])
 
 
-def test_a_schedule_under_ddp_without_unused_parameter_detection_is_refused_before_training():
-    from types import SimpleNamespace
-
-    from hf_freeze import FreezeConfigError
-    from hf_freeze.callback import refuse_schedule_without_unused_detection
-
-    model = tiny_bert()
-    refuse_schedule_without_unused_detection(SimpleNamespace(world_size=1, ddp_find_unused_parameters=False), model, "lisa")
-    refuse_schedule_without_unused_detection(SimpleNamespace(world_size=2, ddp_find_unused_parameters=None), model, "lisa")
-    for args in (
-        SimpleNamespace(world_size=2, ddp_find_unused_parameters=False),
-        SimpleNamespace(world_size=2, ddp_find_unused_parameters=None, activation_checkpointing=True),
-    ):
-        with pytest.raises(FreezeConfigError, match="`ddp_find_unused_parameters` to be true"):
-            refuse_schedule_without_unused_detection(args, model, "lisa")
-
-
 def test_schedule_demo_runs_a_shipped_config(tmp_path, capsys):
     import importlib.util
     from pathlib import Path

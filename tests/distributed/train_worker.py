@@ -1,0 +1,171 @@
+"""One rank of a multi-process test run: a real `Trainer` + `FreezeCallback` on a tiny model, CPU, gloo.
+
+Launched by `tests/distributed/launch.py` (``torchrun --standalone --nproc_per_node 2 train_worker.py SPEC``).
+SPEC is a JSON file: ``{"output_dir": ..., "runs": [RUN, ...]}``; several runs share one launch because process
+start-up dominates. A RUN is ``{"label", "policy": {freeze_* options}, "training": {TrainingArguments overrides}}``
+plus optional scenario keys:
+
+- ``"add_callback_late": true``: build the Trainer without the callback, then ``trainer.add_callback(...)``.
+- ``"resume": true``: train half, save a checkpoint, then resume in a new Trainer with
+  ``restore_callback_states_from_checkpoint=True`` (the callback is rebuilt from its saved state).
+- ``"reapply_each_step": true``: re-decide and re-apply the policy at every step (what a schedule does).
+- ``"force_apply_before_wrap": true``: apply a dynamic policy before the DDP wrap anyway (a negative control).
+- ``"unfreeze_after_init": true``: make every parameter trainable between ``Trainer(...)`` and ``train()``.
+
+Each rank writes ``rank<N>.json``: per run, a digest of every final parameter, which parameters changed, which
+are frozen, the bytes DDP all-reduced per step, or the error the run raised (refusals are expected results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # tiny, dynamic_policies
+
+import tiny  # noqa: E402
+import dynamic_policies  # noqa: E402,F401 - registers the test-only dynamic strategy
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+
+import hf_freeze.distributed  # noqa: E402
+from hf_freeze import FreezeCallback  # noqa: E402
+
+
+class ReducedBytesMeter(TrainerCallback):
+    """Counts the bytes DDP all-reduces per optimizer step, with a communication hook on the wrapped model.
+
+    DDP hands the hook each gradient bucket once per backward pass; buckets hold only the parameters DDP
+    registered at the wrap.
+    """
+
+    def __init__(self):
+        self.trainer = None
+        self.ddp = None
+        self.per_step = []
+        self.frozen_at_start = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # FreezeCallback runs first (it moves itself to the front), so its on_train_begin decision is applied.
+        self.frozen_at_start = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            self.ddp = wrapped
+            wrapped.register_comm_hook(dist.group.WORLD, self._count)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.per_step.append(0)
+
+    def _count(self, process_group, bucket):
+        buffer = bucket.buffer()
+        self.per_step[-1] += buffer.numel() * buffer.element_size()
+        return allreduce_hook(process_group, bucket)
+
+
+class ReapplyEachStep(TrainerCallback):
+    """Stands in for a schedule: re-decides the policy at every step and applies it (after the wrap)."""
+
+    def __init__(self, freeze_callback: FreezeCallback):
+        self.freeze_callback = freeze_callback
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        progress = self.freeze_callback._progress(args, state)
+        self.freeze_callback.freezer.apply(progress, optimizer)
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
+    training = dict(ddp_backend="gloo", max_steps=3, per_device_train_batch_size=4)
+    training.update(run.get("training", {}))
+    training.update(training_overrides)
+    args = TrainingArguments(**tiny.training_kwargs(output_dir, **training))
+    freeze_callback = FreezeCallback(**run["policy"])
+    meter = ReducedBytesMeter()
+    callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback])
+    if run.get("reapply_each_step"):
+        callbacks.append(ReapplyEachStep(freeze_callback))
+    trainer = tiny.trainer_for(model, args, callbacks=callbacks)
+    if run.get("add_callback_late"):
+        trainer.add_callback(freeze_callback)
+    if run.get("force_apply_before_wrap"):
+        # What the callback must not do: apply the step-0 frozen set before DDP wraps the model.
+        freezer = freeze_callback.freezer
+        freezer.applier.apply(freezer.decide(hf_freeze.TrainingProgress(step=0, max_steps=args.max_steps)))
+    if run.get("unfreeze_after_init"):  # user code between Trainer(...) and train()
+        model.requires_grad_(True)
+    meter.trainer = trainer
+    return trainer, meter
+
+
+def new_model(run: dict):
+    if run.get("pretrained"):  # a local model directory (the communication figures for a real model)
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)  # the new classifier head: identical on every rank
+        return AutoModelForSequenceClassification.from_pretrained(run["pretrained"], num_labels=2)
+    return tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
+
+
+def run_one(run: dict, output_dir: Path) -> dict:
+    model = new_model(run)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    if run.get("resume"):
+        half, meter = build_trainer(run, model, output_dir, max_steps=2, save_strategy="steps", save_steps=2)
+        half.train()
+        model = new_model(run)
+        trainer, meter = build_trainer(run, model, output_dir, max_steps=4, restore_callback_states_from_checkpoint=True)
+        trainer.train(resume_from_checkpoint=True)
+    else:
+        trainer, meter = build_trainer(run, model, output_dir)
+        trainer.train()
+    after = dict(model.named_parameters())
+    wrapped = trainer.model_wrapped
+    return {
+        "status": "ok",
+        "max_step": trainer.state.global_step,
+        "wrapped": type(wrapped).__name__,
+        "find_unused_parameters": getattr(wrapped, "find_unused_parameters", None),
+        "total_params": sum(p.numel() for p in after.values()),
+        "trainable_params": sum(p.numel() for p in after.values() if p.requires_grad),
+        "frozen_at_start": meter.frozen_at_start,
+        "frozen": sorted(name for name, p in after.items() if not p.requires_grad),
+        "changed": sorted(name for name, p in after.items() if not torch.equal(before[name], p.detach())),
+        "digests": {name: digest(p) for name, p in after.items()},
+        "bytes_per_step": meter.per_step,
+    }
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    output_dir = Path(spec["output_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    results = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    for run in spec["runs"]:
+        try:
+            results[run["label"]] = run_one(run, output_dir / "runs" / run["label"])
+        except Exception as error:  # noqa: BLE001 - the test judges the error (refusals are expected results)
+            results[run["label"]] = {
+                "status": "error",
+                "error_type": type(error).__name__,
+                "error": str(error),
+                "traceback": traceback.format_exc()[-3000:],
+            }
+            if not run.get("expect_error"):
+                break  # a failure mid-collective can leave the other rank waiting: stop, the test reports it
+    (output_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
