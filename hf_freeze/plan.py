@@ -109,8 +109,8 @@ def plan_timeline(
 ) -> List[TimelineEntry]:
     """Run the policy over ``max_steps`` and return one entry per change of the frozen set (the first at step 0).
 
-    The policy is asked at up to `checkpoints` evenly spaced steps; where two neighbours differ, a bisection finds
-    the exact step of the change. A static policy gives one entry.
+    The policy is asked at up to `checkpoints` evenly spaced steps; between two that differ, bisection finds the
+    exact step of each change (a change undone before the next checkpoint is not seen). A static policy gives one entry.
 
     Example:
 
@@ -136,28 +136,19 @@ def plan_timeline(
     stride = max(1, math.ceil(max_steps / checkpoints))
     steps = list(range(0, max_steps, stride)) + [max_steps]
     entries = [at(0)]
-    previous = entries[0]
     for step in steps[1:]:
         current = at(step)
-        if current.frozen != previous.frozen:
-            low, high = previous.step, current.step  # the change lies in (low, high]
+        # Every change in (previous step, step]: bisect to the first, then look again after it.
+        while current.frozen != entries[-1].frozen:
+            low, high = entries[-1].step, current.step
             while high - low > 1:
                 middle = (low + high) // 2
-                if at(middle).frozen == previous.frozen:
+                if at(middle).frozen == entries[-1].frozen:
                     low = middle
                 else:
                     high = middle
             entries.append(at(high) if high != current.step else current)
-        previous = current
-    return _merge_repeats(entries)
-
-
-def _merge_repeats(entries: List[TimelineEntry]) -> List[TimelineEntry]:
-    merged = [entries[0]]
-    for entry in entries[1:]:
-        if entry.frozen != merged[-1].frozen:
-            merged.append(entry)
-    return merged
+    return entries
 
 
 @dataclass
