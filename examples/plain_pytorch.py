@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser  # noqa: E402
 
 from hf_freeze import FreezeArguments, LayerFreezer, TrainingProgress  # noqa: E402
+from hf_freeze.validation import parse_args_with_config_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_classification import default_model_path, read_table  # noqa: E402
@@ -61,7 +62,7 @@ def accuracy(model, tokenizer, texts: List[str], labels: List[str]) -> float:
 
 
 def main(args: Optional[List[str]] = None) -> Dict[str, float]:
-    loop, policy = HfArgumentParser((LoopArguments, FreezeArguments)).parse_args_into_dataclasses(args=args)
+    loop, policy = parse_args_with_config_file(HfArgumentParser((LoopArguments, FreezeArguments)), args)
     torch.manual_seed(loop.seed)
     path = loop.model_name_or_path or default_model_path()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

@@ -26,13 +26,15 @@ _BLOCKS = {"options": "render_options", "strategies": "render_strategies"}
 _MARKER = "<!-- hf_freeze.docs:{name}:{edge} -->"
 
 
-def _type_name(hint: Any) -> str:
+def _type_name(hint: Any, plural: bool = False) -> str:
     args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return _type_name(args[0])
     if typing.get_origin(hint) in (list, typing.List):
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(hint, getattr(hint, "__name__", str(hint)))
+        return f"list of {_type_name(typing.get_args(hint)[0], plural=True)}"
+    names = {bool: "true/false", int: "integer", float: "number", str: "string"}
+    name = names.get(hint, getattr(hint, "__name__", str(hint)))
+    return name + "s" if plural and hint in names and hint is not bool else name
 
 
 def _cell(text: str) -> str:
