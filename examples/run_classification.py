@@ -224,7 +224,7 @@ def main(args: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
 
     chance = max(eval_labels.count(label) for label in set(eval_labels)) / len(eval_labels)
     header = (
-        f"\n{os.path.basename(model_path.rstrip('/'))} on {data_args.validation_file}: {len(eval_data)} validation "
+        f"\n{model_path} on {data_args.validation_file}: {len(eval_data)} validation "
         f"examples (majority class {chance:.3f}), trained on {len(train_data)} examples"
     )
     print_results(results, header)

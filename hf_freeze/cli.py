@@ -25,7 +25,8 @@ from .validation import check_config_file, load_config_file
 
 __all__ = ["main"]
 
-# YAML training arguments that also set a `plan` option, so one training file describes the run to plan.
+_TIMELINE_LINES = 30
+# Markers in the Trainer's `optim` names -> `plan --optimizer`, so a training YAML describes the run to plan.
 _OPTIMIZER_NAMES = {"adamw": "adamw", "adam": "adamw", "sgd": "sgd", "8bit": "adamw-8bit"}
 
 
@@ -232,7 +233,13 @@ def _timeline_lines(plan: FreezePlan) -> List[str]:
         return ["Static policy: the frozen set is the same for the whole run."]
     total = plan.layout.num_parameters
     lines = [f"Timeline over {plan.settings['max_steps']} steps ({len(plan.timeline)} frozen sets):"]
-    for entry in plan.timeline:
+    shown = plan.timeline
+    if len(shown) > _TIMELINE_LINES:  # periodic schedules (LISA-like) change every few steps
+        shown = shown[: _TIMELINE_LINES - 5] + [None] + shown[-5:]
+    for entry in shown:
+        if entry is None:
+            lines.append(f"  ... {len(plan.timeline) - _TIMELINE_LINES} more changes (--json lists them all)")
+            continue
         trainable = freeze_metrics(plan.layout, entry.frozen)["freeze/trainable_params"]
         lines.append(
             f"  step {entry.step:>7} (epoch {entry.epoch:.2f}): frozen layers "

@@ -64,14 +64,16 @@ def test_run_classification_main_job_config_side_by_side(tmp_path, tiny_bert_dir
     config_path.write_text(yaml.safe_dump(config))
     out = run_example("run_classification.py", config_path, "--compare_full_finetuning", "--model_name_or_path",
                       tiny_bert_dir, "--max_train_samples", "48", "--max_eval_samples", "32")
-    for row in ("accuracy", "train time (s)", "trainable parameters", "full fine-tuning", "bottom (layers=4)"):
+    policy_name = f"{config['freeze_strategy']} (layers={config['freeze_layers']})"
+    for row in ("accuracy", "train time (s)", "trainable parameters", "full fine-tuning", policy_name):
         assert row in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    full, policy = results["full fine-tuning"], results["bottom (layers=4)"]
+    full, policy = results["full fine-tuning"], results[policy_name]
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    assert policy["trainable_params"] == expected_trainable(model, freeze_strategy="bottom", freeze_layers=4)
+    freeze_options = {key: value for key, value in config.items() if key.startswith("freeze_")}
+    assert policy["trainable_params"] == expected_trainable(model, **freeze_options)
     assert full["trainable_params"] == full["total_params"] == sum(p.numel() for p in model.parameters())
     assert policy["trainable_params"] < 0.5 * full["trainable_params"]
     assert all(0.0 <= run["accuracy"] <= 1.0 and run["train_runtime"] > 0 for run in results.values())

@@ -179,3 +179,13 @@ def test_activation_estimate_tracks_what_autograd_saves(model_type):
     assert measured["bottom"] < 0.75 * measured["full"] and estimated["bottom"] < 0.75 * estimated["full"]
     # Absolute values: the same order of magnitude (CPU attention stores its score matrix, which is not estimated).
     assert 0.25 < estimated["full"] / measured["full"] < 1.5
+
+
+def test_a_schedule_changing_every_step_is_summarised(capsys, monkeypatch, tiny_llama_dir):
+    def alternate(layout, args, progress):
+        return list(layout.layers[progress.step % 2].parameters), []
+
+    monkeypatch.setitem(STRATEGIES._entries, "test_alternate", Strategy("test_alternate", alternate, dynamic=True))
+    code, out, _ = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "test_alternate", "--max-steps", "100")
+    assert code == 0 and "(101 frozen sets)" in out and "71 more changes (--json lists them all)" in out
+    assert len([line for line in out.splitlines() if line.startswith("  step ")]) == 30

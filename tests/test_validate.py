@@ -105,3 +105,15 @@ def test_yaml_then_command_line_overrides(tmp_path):
     assert args.learning_rate == 2e-5  # argparse converts the string the YAML gave
     with pytest.raises(FreezeConfigError, match="did you mean 'freeze_layers'"):
         parse_args_with_config_file(HfArgumentParser(FreezeArguments), [str(write(tmp_path, "freeze_layer: 2\n", "t.yaml"))])
+
+
+def test_python_m_hf_freeze_exit_status(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    bad = write(tmp_path, "freeze_strategy: top\nfreeze_layers: -1\n")
+    result = subprocess.run([sys.executable, "-m", "hf_freeze", "validate", str(bad)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and "`freeze_layers`" in result.stdout
