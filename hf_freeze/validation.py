@@ -95,22 +95,22 @@ def check_config(
     `freeze_strategy` must be one of 'none', ... (got 'bottm'); did you mean 'bottom'?
     ```
     """
-    fields_by_name: Dict[str, Tuple[type, dataclasses.Field, Any]] = {}
+    hint_of: Dict[str, Any] = {}
     for dtype in dataclass_types:
         hints = typing.get_type_hints(dtype)
         for item in dataclasses.fields(dtype):
             if item.init:
-                fields_by_name.setdefault(item.name, (dtype, item, hints[item.name]))
+                hint_of.setdefault(item.name, hints[item.name])
     problems = unknown_keys(values, dataclass_types)
     freeze_names = set(freeze_fields())
     typed: Dict[str, Any] = {}
     for key, value in values.items():
-        if key not in fields_by_name:
+        if key not in hint_of:
             continue
         if key in freeze_names:  # FreezeArguments checks its own types, with its own coercions (3 -> [3])
             typed[key] = value
             continue
-        hint = fields_by_name[key][2]
+        hint = hint_of[key]
         expected = _type_problem(value, hint)
         if expected is None:
             typed[key] = value
