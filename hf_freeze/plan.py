@@ -57,8 +57,8 @@ def load_model_on_meta(model_path: str, task: str = "auto", num_labels: Optional
 
     Args:
         model_path: A local model folder or a ``config.json``.
-        task: ``"auto"`` (the config's `architectures`, else a causal LM, seq2seq LM or base model, whichever the
-            model type supports) or one of `TASKS`.
+        task: ``"auto"`` (the config's `architectures`; without it a seq2seq LM for encoder-decoders, the base
+            model for encoders, a causal LM for decoders) or one of `TASKS`.
         num_labels: For classification heads.
     """
     import torch
@@ -85,12 +85,14 @@ def _model_class(config, task: str):
     for name in getattr(config, "architectures", None) or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
-    for mapping, auto_name in (
-        (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM"),
-        (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "AutoModelForSeq2SeqLM"),
-    ):
-        if config.model_type in mapping:
-            return getattr(transformers, auto_name)
+    seq2seq = modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) and config.model_type in seq2seq:
+        return transformers.AutoModelForSeq2SeqLM
+    # Encoders (BERT, RoBERTa, ...) also have a causal-LM class; without `architectures`, plan their base model.
+    if config.model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return transformers.AutoModel
+    if config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
 

@@ -189,3 +189,14 @@ def test_a_schedule_changing_every_step_is_summarised(capsys, monkeypatch, tiny_
     code, out, _ = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "test_alternate", "--max-steps", "100")
     assert code == 0 and "(101 frozen sets)" in out and "71 more changes (--json lists them all)" in out
     assert len([line for line in out.splitlines() if line.startswith("  step ")]) == 30
+
+
+@pytest.mark.parametrize("model_type, expected", [("bert", "BertModel"), ("t5", "T5ForConditionalGeneration"),
+                                                  ("bart", "BartForConditionalGeneration"), ("qwen2", "Qwen2ForCausalLM")])
+def test_without_architectures_the_natural_model_class_is_planned(capsys, tmp_path, model_type, expected):
+    AutoConfig.for_model(model_type, **tiny.ARCHITECTURES[model_type][1]).save_pretrained(tmp_path)
+    code, out, _ = run_cli(capsys, "plan", tmp_path, "--strategy", "bottom", "--layers", "1", "--json")
+    assert code == 0 and json.loads(out)["model_class"] == expected
+    code, out, _ = run_cli(capsys, "plan", tmp_path, "--strategy", "bottom", "--layers", "1", "--json",
+                           "--task", "base")
+    assert json.loads(out)["model_class"].endswith("Model")
