@@ -6,6 +6,7 @@ The flow is model → blocks (`discovery`) → decision (`policies`) → applica
 
 from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes, trainable_parameter_count
 from .callback import FreezeCallback
+from .checkpointing import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
 from .config import FreezeArguments, FreezeTrainingArguments
 from .discovery import discover_layout
 from .errors import FreezeConfigError, LayerDiscoveryError
@@ -36,6 +37,8 @@ __all__ = [
     "FreezeDecision",
     "FreezeTimeline",
     "FreezeTrainingArguments",
+    "FrozenPrefix",
+    "FrozenPrefixHooks",
     "LayerDiscoveryError",
     "LayerFreezer",
     "ModelLayout",
@@ -46,6 +49,7 @@ __all__ = [
     "discover_layout",
     "format_block_table",
     "freeze_metrics",
+    "frozen_prefix",
     "optimizer_state_bytes",
     "peft_adapter_reason",
     "plot_timeline",

@@ -8,7 +8,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .checkpointing import FrozenPrefixHooks
 from .discovery import unwrap_model
+from .layout import ModelLayout
 from .policies import FreezeDecision
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes", "trainable_parameter_count"]
@@ -44,7 +46,8 @@ class FreezeApplier:
     Freezing a parameter sets ``requires_grad=False``, drops its ``.grad`` (AdamW skips a parameter whose grad
     is ``None``, but moves one whose grad is a zero tensor) and releases its optimizer state. Unfreezing sets
     ``requires_grad=True`` and, when the optimizer never saw the parameter, adds it to the matching existing
-    param group so the learning-rate scheduler keeps driving it.
+    param group so the learning-rate scheduler keeps driving it. Given the model's layout, it also keeps a frozen
+    prefix out of the autograd graph under activation checkpointing (`FrozenPrefixHooks`).
 
     Example:
 
@@ -58,10 +61,12 @@ class FreezeApplier:
     ```
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None):
         self.model = unwrap_model(model)
         self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self._before_step: Dict[str, Tuple[torch.Tensor, float]] = {}
+        self.layout = layout
+        self.prefix_hooks = FrozenPrefixHooks(self.model) if layout is not None else None
 
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
@@ -77,6 +82,9 @@ class FreezeApplier:
                 parameter.grad = None
         if optimizer is not None:
             self.sync_optimizer(optimizer, frozen, unfrozen)
+        if self.prefix_hooks is not None:
+            # Every application, not only changing ones: `Trainer.train()` switches checkpointing on in between.
+            self.prefix_hooks.update(self.layout, self.frozen_names())
         return AppliedChange(frozen, unfrozen)
 
     def sync_optimizer(self, optimizer: torch.optim.Optimizer, frozen: List[str], unfrozen: List[str]) -> None:

@@ -63,7 +63,7 @@ class LayerFreezer:
         self.model = unwrap_model(model)
         self.peft_reason = peft_adapter_reason(self.model)
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
-        self.applier = FreezeApplier(self.model)
+        self.applier = FreezeApplier(self.model, self.layout)
         self.decision: Optional[FreezeDecision] = None
         self.timeline = (
             None
