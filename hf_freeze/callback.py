@@ -15,7 +15,8 @@ from .errors import FreezeConfigError
 from .freezer import LayerFreezer, arguments_from
 from .logging import follow_training_log_level, get_logger
 from .policies import TrainingProgress
-from .timeline import TIMELINE_JSON, describe_change
+from .policies.adaptive import check_against_training
+from .timeline import TIMELINE_JSON, describe_change, describe_selection
 
 logger = get_logger(__name__)
 
@@ -116,8 +117,14 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def state(self) -> Dict[str, Any]:
         arguments = self.freezer.arguments if self.freezer is not None else (self._given or FreezeArguments())
-        changes = self.freezer.timeline.changes if self.freezer is not None and self.freezer.timeline else []
-        return {"args": arguments.freeze_options(), "attributes": {"timeline_changes": changes}}
+        timeline = self.freezer.timeline if self.freezer is not None else None
+        attributes = {
+            "timeline_changes": timeline.changes if timeline else [],
+            "timeline_selections": timeline.selections if timeline else [],
+        }
+        if self.freezer is not None and self.freezer.probe is not None:
+            attributes["probe_state"] = self.freezer.probe.state_dict()
+        return {"args": arguments.freeze_options(), "attributes": attributes}
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
@@ -181,6 +188,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
         # Apply in full, whatever ran before: a second `train()` call on the same Trainer starts over.
         self.freezer.decision = None
         self.freezer.timeline.restore([], before_step=0)
+        probe = self.freezer.probe
+        if probe is not None:
+            check_against_training(self.freezer.arguments, progress.max_steps)
+            probe.reset()
         saved = self._saved_state(state) if progress.step > 0 else None
         if saved is not None:
             if saved.get("args") != self.freezer.arguments.freeze_options() and state.is_world_process_zero:
@@ -188,7 +199,12 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     "The freezing policy differs from the one in the checkpoint's trainer_state.json; the frozen set "
                     f"follows the current policy from step {progress.step} on."
                 )
-            self.freezer.timeline.restore(saved.get("attributes", {}).get("timeline_changes", []), progress.step)
+            attributes = saved.get("attributes", {})
+            self.freezer.timeline.restore(
+                attributes.get("timeline_changes", []), progress.step, attributes.get("timeline_selections", [])
+            )
+            if probe is not None and attributes.get("probe_state"):
+                probe.load_state_dict(attributes["probe_state"], progress.step)
         self._report_change(state, self.freezer.update(progress, optimizer), force=True)
         if state.is_world_process_zero:
             for note in self.freezer.layout.notes + self.freezer.decision.notes:
@@ -204,7 +220,12 @@ class FreezeCallback(TrainerCallback, ExportableState):
         return saved if isinstance(saved, dict) else None
 
     def _report_change(self, state, change, force: bool = False) -> None:
-        if not (change.changed or force) or not state.is_world_process_zero or not self.freezer.timeline.changes:
+        if not state.is_world_process_zero:
+            return
+        probe = self.freezer.probe
+        if probe is not None and probe.last_selection is not None:
+            logger.info(describe_selection(self.freezer.timeline.selections[-1], self.freezer.layout, probe))
+        if not (change.changed or force) or not self.freezer.timeline.changes:
             return
         changes = self.freezer.timeline.changes
         logger.info(describe_change(changes[-1], changes[-2] if len(changes) > 1 else None, self.freezer.layout))

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .config import FreezeArguments, FreezeTrainingArguments, freeze_fields, raise_if_unknown
 from .errors import FreezeConfigError
 from .memory import OPTIMIZERS, PRECISIONS
-from .plan import TASKS, FreezePlan, layer_ranges, load_model_on_meta, make_plan
+from .plan import TASKS, FreezePlan, layer_ranges, load_model_on_meta, make_plan, plan_notes
 from .report import block_rows, format_block_table, freeze_metrics, summary_line
 from .validation import check_config_file, load_config_file
 
@@ -189,7 +189,7 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
             }
             for entry in plan.timeline
         ],
-        "notes": list(plan.layout.notes),
+        "notes": plan_notes(plan),
     }
 
 
@@ -204,7 +204,7 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
         "",
         summary_line(plan.layout, plan.frozen),
     ]
-    lines += [f"Note: {note}" for note in plan.layout.notes]
+    lines += [f"Note: {note}" for note in plan_notes(plan)]
     lines += ["", *_timeline_lines(plan), ""]
     lines.append(
         f"Estimated training memory per device (batch {settings['batch_size']} x {settings['sequence_length']} tokens, "

@@ -43,14 +43,15 @@ class FreezeArguments:
         metadata=_help(
             "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
             "'head_only', 'trlx', 'llama_factory'. Schedules (the frozen set changes during training): "
-            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. See the README for each strategy's options."
+            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. Chosen from measurements: 'adaptive'. See the "
+            "README for each strategy's options."
         ),
     )
     freeze_layers: Optional[float] = field(
         default=None,
         metadata=_help(
-            "How many layers the strategy freezes ('bottom', 'top'; for 'gradual_unfreezing', the bottom layers "
-            "frozen at the start, default all): a whole number is a count of layers, a number in (0, 1) a fraction "
+            "How many layers the strategy freezes ('bottom', 'top', 'adaptive'; for 'gradual_unfreezing', the bottom "
+            "layers frozen at the start, default all): a whole number is a count of layers, a number in (0, 1) a fraction "
             "of them (rounded to the nearest count)."
         ),
     )
@@ -193,6 +194,41 @@ class FreezeArguments:
         ),
     )
 
+    # -- adaptive selection (hf_freeze/policies/adaptive.py, hf_freeze/scores.py) ---------------------------------
+    freeze_score: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive': how layers are scored. 'weight_change': relative weight change |dw|/|w| over the probe "
+            "(the adaptive strategy of seed 002; default); 'grad_norm': mean gradient norm over the probe "
+            "(AutoFreeze); 'snr': signal-to-noise ratio of the weight matrices against the Marchenko-Pastur noise "
+            "edge, measured without a probe (Spectrum)."
+        ),
+    )
+    freeze_select: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive': which layers freeze: those with the 'lowest' scores (default: the layers that change "
+            "least, get the smallest gradients, carry the least signal) or the 'highest' (seed 002's ADT-H "
+            "with 'weight_change'; 'lowest' is its ADT-L)."
+        ),
+    )
+    freeze_probe_steps: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive' with 'weight_change' or 'grad_norm': optimizer steps each probe lasts, with every layer "
+            "training, before the layers are chosen: a whole number is a count of steps, a number in (0, 1) a "
+            "fraction of training (default 0.05, at least one step). Must be shorter than training and than "
+            "`freeze_reselect_every`."
+        ),
+    )
+    freeze_reselect_every: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive': start a new round every N optimizer steps: every layer trains again for a new probe, then "
+            "the layers are chosen again from the new scores. Unset: the layers are chosen once."
+        ),
+    )
+
     def __post_init__(self) -> None:
         self._normalise_and_check()
         parent_post_init = getattr(super(), "__post_init__", None)
@@ -203,8 +239,10 @@ class FreezeArguments:
         from .policies import validate_arguments
 
         _check_types(self)
-        if self.freeze_layers is not None and float(self.freeze_layers).is_integer():
-            self.freeze_layers = int(self.freeze_layers)
+        for name in ("freeze_layers", "freeze_probe_steps"):  # a count or a fraction: 2.0 is the count 2
+            value = getattr(self, name)
+            if value is not None and float(value).is_integer():
+                setattr(self, name, int(value))
         validate_arguments(self)
 
     def freeze_options(self) -> Dict[str, Any]:
@@ -241,6 +279,10 @@ _EXPECTED_TYPES = {
     "freeze_unfreeze_lr_growth": ((int, float), "a number"),
     "freeze_active_layers": (int, "an integer"),
     "freeze_block_order": (str, "'ascending', 'descending' or 'random'"),
+    "freeze_score": (str, "a score name (a string)"),
+    "freeze_select": (str, "'lowest' or 'highest'"),
+    "freeze_probe_steps": ((int, float), "a number: a count of steps or a fraction of training in (0, 1)"),
+    "freeze_reselect_every": (int, "an integer"),
 }
 _FLOAT_FIELDS = ("freeze_start", "freeze_level", "freeze_unfreeze_lr_factor", "freeze_unfreeze_lr_growth")
 _LIST_TYPES = {
@@ -261,8 +303,10 @@ def _check_types(args: FreezeArguments) -> None:
             raise invalid(name, value, expected)
         if not isinstance(value, types):
             raise invalid(name, value, expected)
-    if isinstance(args.freeze_layers, float) and not math.isfinite(args.freeze_layers):
-        raise invalid("freeze_layers", args.freeze_layers, "a finite number")
+    for name in ("freeze_layers", "freeze_probe_steps"):
+        value = getattr(args, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise invalid(name, value, "a finite number")
     for name in _FLOAT_FIELDS:
         value = getattr(args, name)
         if value is not None:

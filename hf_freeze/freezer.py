@@ -12,6 +12,7 @@ from .config import FreezeArguments, raise_if_unknown
 from .discovery import discover_layout, unwrap_model
 from .errors import FreezeConfigError
 from .peft_guard import peft_adapter_reason
+from .probe import LayerProbe
 from .policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from .report import format_block_table, freeze_metrics, summary_line
 from .timeline import FreezeTimeline
@@ -70,6 +71,12 @@ class LayerFreezer:
             if self.layout is None
             else FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
         )
+        # Adaptive policies decide from per-layer scores, measured by probes during training.
+        self.probe = (
+            LayerProbe(self.model, self.layout, self.arguments)
+            if self.layout is not None and STRATEGIES.get(self.arguments.freeze_strategy).needs_scores
+            else None
+        )
 
     @property
     def skipped(self) -> bool:
@@ -79,6 +86,8 @@ class LayerFreezer:
     def decide(self, progress: Optional[TrainingProgress] = None) -> FreezeDecision:
         if self.skipped:
             return FreezeDecision(frozenset(self.applier.frozen_names()))
+        if self.probe is not None and progress is not None and progress.layer_scores is None:
+            progress = self.probe.with_scores(progress)
         return decide(self.layout, self.arguments, progress)
 
     def apply(
@@ -121,7 +130,11 @@ class LayerFreezer:
         """
         if self.skipped:
             return AppliedChange([], [])
+        if self.probe is not None:
+            progress = self.probe.at(progress)
         decision = self.decide(progress)
+        if self.probe is not None and self.probe.last_selection is not None:
+            self.timeline.record_selection(dict(self.probe.last_selection, frozen_layers=decision.frozen_layers(self.layout)))
         if self.decision is not None and decision.frozen == self.decision.frozen:
             self.decision = decision  # learning-rate factors may change without the frozen set changing
             return AppliedChange([], [])
@@ -132,9 +145,12 @@ class LayerFreezer:
         return change
 
     def before_optimizer_step(self) -> None:
-        """Call just before ``optimizer.step()`` (only needed when the policy sets learning-rate factors)."""
+        """Call just before ``optimizer.step()`` (needed when the policy sets learning-rate factors, and by the
+        'grad_norm' score of adaptive policies, which reads the gradients there)."""
         if self.decision is not None and self.decision.update_factors:
             self.applier.begin_scaled_step(self.decision.update_factors)
+        if self.probe is not None:
+            self.probe.observe_gradients()
 
     def after_optimizer_step(self) -> None:
         """Call just after ``optimizer.step()``: scales the updates of parameters with a learning-rate factor."""
@@ -150,7 +166,10 @@ class LayerFreezer:
                 "freeze/total_params": total,
                 "freeze/trainable_fraction": round(trainable / total, 6) if total else 0.0,
             }
-        return freeze_metrics(self.layout, self.applier.frozen_names())
+        metrics = freeze_metrics(self.layout, self.applier.frozen_names())
+        if self.probe is not None:
+            metrics.update(self.probe.metrics())
+        return metrics
 
     def summary(self) -> str:
         if self.layout is None:

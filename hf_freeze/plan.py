@@ -126,11 +126,16 @@ def plan_timeline(
     """
     if max_steps < 1:
         raise invalid("max_steps", max_steps, "a number of training steps >= 1")
-    dynamic = STRATEGIES.get(args.freeze_strategy).dynamic
+    strategy = STRATEGIES.get(args.freeze_strategy)
+    dynamic = strategy.dynamic
+    # Scores are measured during training: the plan stands in equal ones (the selection then takes the first layers).
+    scores = placeholder_scores(layout) if strategy.needs_scores else None
 
     def at(step: int) -> TimelineEntry:
         epoch = num_epochs * step / max_steps
-        progress = TrainingProgress(step=step, max_steps=max_steps, epoch=epoch, num_epochs=num_epochs, seed=seed)
+        progress = TrainingProgress(
+            step=step, max_steps=max_steps, epoch=epoch, num_epochs=num_epochs, seed=seed, layer_scores=scores
+        )
         return TimelineEntry(step, round(epoch, 4), decide(layout, args, progress).frozen)
 
     if not dynamic:  # a static policy ignores the progress by definition
@@ -221,6 +226,24 @@ def make_plan(
         peak_memory=max(per_entry, key=lambda item: item.total),
         settings=settings,
     )
+
+
+def placeholder_scores(layout: ModelLayout) -> Tuple[float, ...]:
+    """Equal scores for every layer: what a plan selects from in place of scores measured during training."""
+    return (0.0,) * layout.num_layers
+
+
+def plan_notes(plan: "FreezePlan") -> List[str]:
+    """What the user should know about a plan beyond the layout's own notes."""
+    notes = list(plan.layout.notes)
+    if STRATEGIES.get(plan.arguments.freeze_strategy).needs_scores:
+        notes.append(
+            f"`freeze_strategy` {plan.arguments.freeze_strategy!r} chooses its layers from scores measured during "
+            "training: the timeline shows when each probe runs (every layer trains) and when the selection "
+            "applies; which layers it freezes is known only then, so the first layers stand in for them here "
+            "(the memory estimate holds for any layers of the same size)."
+        )
+    return notes
 
 
 def layer_ranges(indices: List[int]) -> str:

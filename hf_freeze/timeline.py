@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
 from .layout import ModelLayout
 from .policies import TrainingProgress, decide
 
-__all__ = ["TIMELINE_JSON", "TIMELINE_PNG", "FreezeTimeline", "describe_change", "plot_timeline", "simulate_timeline"]
+__all__ = [
+    "TIMELINE_JSON",
+    "TIMELINE_PNG",
+    "FreezeTimeline",
+    "describe_change",
+    "describe_selection",
+    "plot_timeline",
+    "simulate_timeline",
+]
 
 TIMELINE_JSON = "freeze_timeline.json"
 TIMELINE_PNG = "freeze_timeline.png"
@@ -49,6 +57,8 @@ class FreezeTimeline:
         self.strategy = strategy
         self.options = {key: value for key, value in (options or {}).items() if value is not None}
         self.changes: List[Dict[str, Any]] = []
+        # Adaptive policies: each selection (step, round, per-layer scores, the layers it froze).
+        self.selections: List[Dict[str, Any]] = []
         self.max_steps = 0
         self.num_epochs = 0.0
 
@@ -71,9 +81,16 @@ class FreezeTimeline:
         self.changes.append(entry)
         return entry
 
-    def restore(self, changes: List[Dict[str, Any]], before_step: int) -> None:
+    def record_selection(self, selection: Dict[str, Any]) -> None:
+        """Add an adaptive policy's selection: ``step``, ``round``, ``scores`` (one per layer), ``frozen_layers``."""
+        self.selections.append(dict(selection))
+
+    def restore(
+        self, changes: List[Dict[str, Any]], before_step: int, selections: Optional[List[Dict[str, Any]]] = None
+    ) -> None:
         """Take over the entries of an interrupted run that precede `before_step` (where the resumed run starts)."""
         self.changes = [dict(entry) for entry in changes if entry["step"] < before_step]
+        self.selections = [dict(entry) for entry in selections or [] if entry["step"] < before_step]
 
     def _describe(self, frozen: Collection[str]) -> Dict[str, Any]:
         frozen = set(frozen)
@@ -112,6 +129,7 @@ class FreezeTimeline:
                 for block in self.layout.blocks
             ],
             "changes": [dict(entry) for entry in self.changes],
+            **({"selections": [dict(entry) for entry in self.selections]} if self.selections else {}),
         }
 
     def write(self, output_dir: str, end_step: Optional[int] = None, chart: bool = True) -> Tuple[str, Optional[str]]:
@@ -149,6 +167,24 @@ def describe_change(entry: Dict[str, Any], previous: Optional[Dict[str, Any]], l
     if entry.get("released_optimizer_state_bytes"):
         line += f" || released {entry['released_optimizer_state_bytes'] / 2**20:.2f} MiB of optimizer state"
     return line
+
+
+def describe_selection(selection: Dict[str, Any], layout: ModelLayout, probe: Any = None) -> str:
+    """Log lines for an adaptive selection: each layer's score, which layers it froze, and what scoring cost."""
+    frozen = set(selection["frozen_layers"])
+    if selection["step"] > selection.get("probe_start_step", selection["step"]):
+        measured = f"probe of steps {selection['probe_start_step']}-{selection['step'] - 1}"
+    else:
+        measured = f"weights at step {selection['step']}"
+    score = probe.score.name if probe is not None else "score"
+    lines = [
+        f"adaptive round {selection['round']}: {score} per layer from the {measured}; frozen: "
+        f"{_compact([block.name for block in layout.layers if block.layer_index in frozen], layout) or 'nothing'}"
+        + (f" ({probe.cost_line()})" if probe is not None else "")
+    ]
+    for block, value in zip(layout.layers, selection["scores"]):
+        lines.append(f"  layer {block.layer_index:>3}  {value:12.6g}  {'frozen' if block.layer_index in frozen else 'trainable'}")
+    return "\n".join(lines)
 
 
 def _compact(block_names: List[str], layout: ModelLayout) -> str:
@@ -240,9 +276,17 @@ def _label(block: Dict[str, Any]) -> str:
 
 
 def simulate_timeline(
-    layout: ModelLayout, args, max_steps: int, steps_per_epoch: Optional[int] = None, seed: int = 0
+    layout: ModelLayout,
+    args,
+    max_steps: int,
+    steps_per_epoch: Optional[int] = None,
+    seed: int = 0,
+    layer_scores: Optional[Sequence[float]] = None,
 ) -> FreezeTimeline:
     """The timeline a policy produces over `max_steps` optimizer steps, computed from the policy alone.
+
+    An adaptive policy selects from `layer_scores` (one per layer) in every round; without them, only its probes
+    show (nothing is frozen).
 
     Example:
 
@@ -259,6 +303,9 @@ def simulate_timeline(
     num_epochs = -(-max_steps // steps_per_epoch)
     timeline = FreezeTimeline(layout, args.freeze_strategy, args.freeze_options())
     for step in range(max_steps):
-        progress = TrainingProgress(step, max_steps, step / steps_per_epoch, float(num_epochs), seed)
+        progress = TrainingProgress(
+            step, max_steps, step / steps_per_epoch, float(num_epochs), seed,
+            tuple(layer_scores) if layer_scores is not None else None,
+        )
         timeline.record(progress, decide(layout, args, progress).frozen)
     return timeline

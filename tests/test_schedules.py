@@ -1,5 +1,6 @@
 """Schedules as pure functions: selection over steps and epochs, determinism, configuration errors, shipped YAML."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,15 @@ EXAMPLES = {
     "gradual_unfreezing": dict(freeze_schedule_unit="step", freeze_schedule_every=7, freeze_unfreeze_lr_factor=0.5),
     "lisa": dict(freeze_schedule_every=4),
     "badam": dict(freeze_schedule_every=4, freeze_block_order="random"),
+    "adaptive": dict(freeze_layers=2, freeze_probe_steps=3, freeze_reselect_every=20),
 }
+
+
+def _measured_scores(name, step):
+    """Scores standing in for measurements: a new draw for each adaptive round (what a probe would measure)."""
+    if not STRATEGIES.get(name).needs_scores:
+        return None
+    return tuple(random.Random(f"scores:{step // 20}").random() for _ in range(LAYOUT.num_layers))
 
 
 @pytest.mark.parametrize("name", DYNAMIC)
@@ -165,7 +174,7 @@ def test_every_schedule_is_pure_and_registers_what_it_trains(name):
     never_trained = registration_decision(LAYOUT, args).frozen
     seen = set()
     for step in range(60):
-        progress = TrainingProgress(step, 60, step / 6, 10.0, seed=1)
+        progress = TrainingProgress(step, 60, step / 6, 10.0, seed=1, layer_scores=_measured_scores(name, step))
         decision = decide(LAYOUT, args, progress)
         assert decision == decide(LAYOUT, args, progress)  # a function of the progress alone
         assert never_trained <= decision.frozen  # what is not registered is never trained
@@ -178,7 +187,8 @@ def test_every_schedule_has_an_example_config(name):
     path = CONFIGS / f"{name}.yaml"
     (args,) = HfArgumentParser(FreezeTrainingArguments).parse_yaml_file(str(path))
     assert args.freeze_strategy == name
-    timeline = simulate_timeline(LAYOUT, args, max_steps=200, steps_per_epoch=50, seed=args.seed)
+    scores = [float(index % 3) for index in range(LAYOUT.num_layers)]
+    timeline = simulate_timeline(LAYOUT, args, max_steps=200, steps_per_epoch=50, seed=args.seed, layer_scores=scores)
     assert len(timeline.changes) > 1
 
 

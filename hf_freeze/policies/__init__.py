@@ -3,6 +3,7 @@
 # Static strategies register first, so that lists of valid names start with them.
 from . import static  # noqa: F401, I001
 from . import schedules  # noqa: F401
+from . import adaptive  # noqa: F401
 from .base import (
     STRATEGIES,
     FreezeDecision,

@@ -36,6 +36,8 @@ class TrainingProgress:
     epoch: float = 0.0
     num_epochs: float = 0.0
     seed: int = 0
+    # Per-layer scores measured for the current selection (adaptive policies), in layer order.
+    layer_scores: Optional[Tuple[float, ...]] = None
 
     @property
     def fraction(self) -> float:
@@ -89,6 +91,8 @@ class Strategy:
         update_factors: ``(layout, args, progress) -> {parameter name: factor}`` for strategies that scale the
             optimizer update of some trainable parameters (a learning-rate factor); factors of 1 can be left out.
         fixed_overrides: Non-layer options (`freeze_head`, ...) the strategy decides itself and refuses.
+        needs_scores: True when the decision reads measured per-layer scores (`TrainingProgress.layer_scores`),
+            which `LayerFreezer` measures with a `hf_freeze.probe.LayerProbe`.
 
     Example:
 
@@ -112,6 +116,7 @@ class Strategy:
     description: str = ""
     fixed_overrides: Tuple[str, ...] = ()
     update_factors: Optional[Callable[[ModelLayout, Any, TrainingProgress], Dict[str, float]]] = None
+    needs_scores: bool = False
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", field="freeze_strategy")

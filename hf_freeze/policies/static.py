@@ -12,7 +12,7 @@ from .base import Strategy, layer_parameters, register_strategy, require_layers,
 Selection = Tuple[List[str], List[str]]
 
 
-def _check_count(args) -> None:
+def check_count(args) -> None:
     if args.freeze_layers is None:
         raise invalid("freeze_layers", None, "set for this strategy: a count of layers or a fraction in (0, 1)")
     value = args.freeze_layers
@@ -183,12 +183,12 @@ _ALL_FROZEN = {"freeze_embeddings": True, "freeze_norm": True, "freeze_head": Tr
 register_strategy(Strategy("none", _none, description="Freeze nothing (log the counts only)."))
 register_strategy(
     Strategy(
-        "bottom", _bottom, ("freeze_layers",), {"freeze_embeddings": True}, _check_count,
+        "bottom", _bottom, ("freeze_layers",), {"freeze_embeddings": True}, check_count,
         description="Freeze the first `freeze_layers` layers and the input embeddings.",
     )
 )
 register_strategy(
-    Strategy("top", _top, ("freeze_layers",), {}, _check_count, description="Freeze the last `freeze_layers` layers.")
+    Strategy("top", _top, ("freeze_layers",), {}, check_count, description="Freeze the last `freeze_layers` layers.")
 )
 register_strategy(
     Strategy(

@@ -1,0 +1,197 @@
+"""Adaptive freezing: the layers to freeze are chosen from per-layer scores measured during training.
+
+Training is divided into *rounds*. A round starts with a probe of `freeze_probe_steps` steps during which every
+layer trains; the probe's per-layer scores (`hf_freeze.scores`) then pick the `freeze_layers` layers that stay frozen
+for the rest of the round. Without `freeze_reselect_every` there is one round, the whole run; with it, a new round
+(and a new probe) starts every `freeze_reselect_every` steps. A score that needs no probe (``snr``) is measured on
+the weights as the round begins, and the selection applies from the round's first step.
+
+Everything here is pure: the scores come in through `TrainingProgress.layer_scores`, measured by the torch side
+(`hf_freeze.probe.LayerProbe`), so the same step and scores give the same frozen set on every process and in a
+resumed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from ..errors import FreezeConfigError, invalid, one_of
+from ..layout import EMBEDDINGS, ModelLayout
+from .static import check_count
+from .base import Strategy, TrainingProgress, layer_parameters, register_strategy, require_layers, resolve_count
+
+__all__ = [
+    "SELECT_ENDS",
+    "AdaptiveRound",
+    "adaptive_round",
+    "probe_length",
+    "score_name",
+    "select_layers",
+]
+
+SELECT_ENDS = ("lowest", "highest")
+DEFAULT_SCORE = "weight_change"
+# The probe covers this fraction of training when `freeze_probe_steps` is unset (seed 002 probed 5 steps).
+DEFAULT_PROBE_FRACTION = 0.05
+
+Selection = Tuple[List[str], List[str]]
+
+
+def score_name(args) -> str:
+    return args.freeze_score or DEFAULT_SCORE
+
+
+def _needs_probe(args) -> bool:
+    from ..scores import SCORES  # the registry lives beside the measurements; looking it up is pure
+
+    return SCORES.get(score_name(args)).needs_probe
+
+
+def probe_length(args, max_steps: int) -> int:
+    """Steps each probe lasts: 0 for a score read off the weights, else `freeze_probe_steps` (a count, or a
+    fraction of `max_steps`, at least one step)."""
+    if not _needs_probe(args):
+        return 0
+    value = DEFAULT_PROBE_FRACTION if args.freeze_probe_steps is None else args.freeze_probe_steps
+    if isinstance(value, float) and not value.is_integer():
+        return max(1, int(value * max_steps + 0.5))
+    return int(value)
+
+
+@dataclass(frozen=True)
+class AdaptiveRound:
+    """Where a step falls: which round, whether that round's probe is still running, and when it ends.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeArguments, TrainingProgress
+    >>> from hf_freeze.policies.adaptive import adaptive_round
+    >>> args = FreezeArguments(freeze_strategy="adaptive", freeze_layers=2, freeze_probe_steps=5,
+    ...                        freeze_reselect_every=50)
+    >>> adaptive_round(args, TrainingProgress(step=53, max_steps=100))
+    AdaptiveRound(index=1, start=50, probe_end=55)
+    >>> adaptive_round(args, TrainingProgress(step=53, max_steps=100)).probing(53)
+    True
+    ```
+    """
+
+    index: int
+    start: int
+    probe_end: int
+
+    def probing(self, step: int) -> bool:
+        return step < self.probe_end
+
+
+def adaptive_round(args, progress: TrainingProgress) -> AdaptiveRound:
+    every = args.freeze_reselect_every
+    index = progress.step // every if every else 0
+    start = index * every if every else 0
+    return AdaptiveRound(index, start, start + probe_length(args, progress.max_steps))
+
+
+def select_layers(scores: Sequence[float], count: int, end: str = "lowest") -> List[int]:
+    """Indices of the `count` layers with the lowest (or highest) scores; ties go to the lower index.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.policies.adaptive import select_layers
+    >>> select_layers([0.3, 0.1, 0.5, 0.2], 2)
+    [1, 3]
+    >>> select_layers([0.3, 0.1, 0.5, 0.2], 2, "highest")
+    [0, 2]
+    ```
+    """
+    sign = -1.0 if end == "highest" else 1.0
+    order = sorted(range(len(scores)), key=lambda index: (sign * scores[index], index))
+    return sorted(order[:count])
+
+
+def _check(args) -> None:
+    from ..scores import SCORES
+
+    if args.freeze_score is not None:
+        SCORES.get(args.freeze_score)
+    if args.freeze_select is not None and args.freeze_select not in SELECT_ENDS:
+        raise invalid("freeze_select", args.freeze_select, one_of(SELECT_ENDS))
+    check_count(args)
+    probe = args.freeze_probe_steps
+    if probe is not None:
+        if not _needs_probe(args):
+            raise FreezeConfigError(
+                f"`freeze_probe_steps` ({probe!r}) is not used by `freeze_score` {score_name(args)!r}, which is "
+                "measured on the weights without a probe. Remove `freeze_probe_steps`, or choose a score measured "
+                "by a probe ('weight_change', 'grad_norm')."
+            )
+        if probe <= 0 or (isinstance(probe, float) and not probe.is_integer() and not probe < 1):
+            raise invalid("freeze_probe_steps", probe, "a count of steps >= 1 or a fraction of training in (0, 1)")
+    every = args.freeze_reselect_every
+    if every is not None:
+        if every < 1:
+            raise invalid("freeze_reselect_every", every, "a number of steps >= 1")
+        if probe is not None and (isinstance(probe, int) or float(probe).is_integer()) and probe >= every:
+            raise FreezeConfigError(
+                f"`freeze_probe_steps` ({probe!r}) must be shorter than `freeze_reselect_every` ({every!r}): each "
+                "round starts with a probe and needs steps left to train with the selection. Lengthen the rounds "
+                "or shorten the probe."
+            )
+
+
+def check_against_training(args, max_steps: int) -> None:
+    """Checks that need the length of training, made before the first step (`FreezeCallback.on_train_begin`)."""
+    if not max_steps:
+        return
+    probe = probe_length(args, max_steps)
+    if probe >= max_steps:
+        raise FreezeConfigError(
+            f"`freeze_probe_steps` ({args.freeze_probe_steps!r}, {probe} steps) is not shorter than training "
+            f"({max_steps} steps): no step would be left to train with the selected layers frozen. Use fewer probe "
+            "steps (or a fraction such as 0.05), or train longer."
+        )
+    every = args.freeze_reselect_every
+    if every and probe >= every:
+        raise FreezeConfigError(
+            f"`freeze_probe_steps` ({args.freeze_probe_steps!r}, {probe} steps of {max_steps}) must be shorter than "
+            f"`freeze_reselect_every` ({every!r}). Lengthen the rounds or shorten the probe."
+        )
+
+
+def _adaptive(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
+    total = require_layers(layout, "adaptive")
+    count = resolve_count(args.freeze_layers, total)
+    if adaptive_round(args, progress).probing(progress.step):
+        return [], []
+    scores: Optional[Sequence[float]] = progress.layer_scores
+    if scores is None:
+        return [], [f"`freeze_strategy` 'adaptive': no {score_name(args)} scores measured yet, so nothing is frozen."]
+    if len(scores) != total:
+        raise FreezeConfigError(
+            f"`freeze_strategy` 'adaptive' got {len(scores)} layer scores for a model with {total} layers."
+        )
+    chosen = select_layers(scores, count, args.freeze_select or "lowest")
+    frozen = layer_parameters(layout, chosen)
+    # As with 'bottom': while the embeddings train, backward runs through a frozen first layer anyway.
+    if 0 in chosen and args.freeze_embeddings is None:
+        frozen += layout.parameters_of(layout.blocks_of_kind(EMBEDDINGS))
+    return frozen, []
+
+
+register_strategy(
+    Strategy(
+        "adaptive",
+        _adaptive,
+        ("freeze_layers", "freeze_score", "freeze_select", "freeze_probe_steps", "freeze_reselect_every"),
+        {},
+        _check,
+        dynamic=True,
+        needs_scores=True,
+        description=(
+            "Freeze the `freeze_layers` layers with the lowest (or highest) score, measured by a probe of "
+            "`freeze_probe_steps` steps (weight change, gradient norm) or on the weights (SNR); optionally "
+            "re-selected every `freeze_reselect_every` steps."
+        ),
+    )
+)
