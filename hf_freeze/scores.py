@@ -60,7 +60,7 @@ class ScoreMeter:
     >>> from torch import nn
     >>> from hf_freeze.scores import SCORES
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    >>> layers = [(str(i), list(module.named_parameters())) for i, module in enumerate(net)]
+    >>> layers = [(f"{i}", [(f"{i}.{name}", p) for name, p in module.named_parameters()]) for i, module in enumerate(net)]
     >>> meter = SCORES.get("weight_change").meter(layers, 0)
     >>> meter.start()
     >>> _ = net[1].weight.data.mul_(2.0)

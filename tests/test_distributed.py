@@ -39,6 +39,19 @@ DYNAMIC_POLICIES = {
     "gradual_unfreezing": {"freeze_strategy": "gradual_unfreezing", "freeze_schedule_unit": "step",
                            "freeze_schedule_every": 1, "freeze_unfreeze_layers": 1, "freeze_layers": 4},
 }
+# Policies whose frozen set moves around the model (rotating layers, adaptive selection): checked step by step.
+# `test_rank_dependent` (tests/distributed/dynamic_policies.py) measures different scores on each rank.
+ROTATING_POLICIES = {
+    "lisa": {"freeze_strategy": "lisa", "freeze_active_layers": 1, "freeze_schedule_every": 1},
+    "adaptive_weight_change": {"freeze_strategy": "adaptive", "freeze_layers": 2, "freeze_probe_steps": 1,
+                               "freeze_reselect_every": 3},
+    "adaptive_grad_norm": {"freeze_strategy": "adaptive", "freeze_score": "grad_norm", "freeze_layers": 2,
+                           "freeze_probe_steps": 2},
+    "adaptive_snr": {"freeze_strategy": "adaptive", "freeze_score": "snr", "freeze_layers": 0.5,
+                     "freeze_reselect_every": 2},
+    "adaptive_rank_dependent_scores": {"freeze_strategy": "adaptive", "freeze_score": "test_rank_dependent",
+                                       "freeze_layers": 2, "freeze_probe_steps": 1},
+}
 # The negative control needs a policy the worker applies by hand before the wrap.
 DRIFT_CONTROL_POLICIES = [name for name in DYNAMIC_POLICIES if name.startswith("test_")]
 CHECKPOINTING = {"plain": {}, "checkpointing": {"gradient_checkpointing": True}}
@@ -68,6 +81,12 @@ def _dynamic_and_order_results():
         if policy in DRIFT_CONTROL_POLICIES:
             runs.append({"label": f"{policy}/applied-before-wrap", "policy": options, **driven,
                          "force_apply_before_wrap": True})
+    for policy, options in ROTATING_POLICIES.items():
+        runs += [
+            {"label": f"{policy}/plain", "policy": options, "training": {"max_steps": 4}},
+            {"label": f"{policy}/checkpointing+find_unused", "policy": options,
+             "training": {"max_steps": 4, "gradient_checkpointing": True, "ddp_find_unused_parameters": True}},
+        ]
     runs += [
         {"label": "everything-frozen", "expect_error": True,
          "policy": {"freeze_strategy": "pattern", "freeze_patterns": [".*"]}},
@@ -140,6 +159,31 @@ def test_dynamic_policy_changes_trainable_set_identically_on_every_rank(policy, 
     # whatever is frozen at that step (parameters it never trains, e.g. pinned embeddings, are not registered).
     (per_step,) = set(first["bytes_per_step"])
     assert FP32_BYTES * first["trainable_params"] <= per_step <= FP32_BYTES * first["total_params"]
+
+
+@pytest.mark.parametrize("mode", ["plain", "checkpointing+find_unused"])
+@pytest.mark.parametrize("policy", ROTATING_POLICIES)
+def test_rotating_and_adaptive_policies_follow_their_frozen_set_on_every_rank(policy, mode):
+    results = _both_ok(_dynamic_and_order_results(), f"{policy}/{mode}")
+    first, second = results
+    assert not _drifted(results), f"parameters differ between ranks: {_drifted(results)}"
+    assert first["steps"] == second["steps"]  # the same frozen set at every step, the same parameters moved
+    assert first["selections"] == second["selections"]  # adaptive: the same scores, the same layers
+    if policy == "adaptive_snr":  # read off the weights: selected at step 0, re-selected at step 2
+        assert [selection["step"] for selection in first["selections"]] == [0, 2]
+    else:
+        assert len({tuple(step["frozen"]) for step in first["steps"]}) > 1, "the frozen set never changed"
+    for index, step in enumerate(first["steps"]):
+        assert not set(step["frozen"]) & set(step["changed"]), f"step {index}: a frozen parameter changed"
+        moved_layers = {name.split(".")[3] for name in step["changed"] if name.startswith("bert.encoder.layer.")}
+        frozen_layers = {name.split(".")[3] for name in step["frozen"] if name.startswith("bert.encoder.layer.")}
+        assert moved_layers == {"0", "1", "2", "3"} - frozen_layers, f"step {index}: a trainable layer did not train"
+    if policy.startswith("adaptive"):
+        assert first["selections"], "no selection was made"
+    if policy == "adaptive_rank_dependent_scores":
+        # Rank 0 measured [0, 1, 2, 3], rank 1 [1, 2, 3, 0]: both froze rank 0's lowest two.
+        assert first["selections"][0]["scores"] == [0.0, 1.0, 2.0, 3.0]
+        assert first["selections"][0]["frozen_layers"] == [0, 1]
 
 
 @pytest.mark.parametrize("policy", DRIFT_CONTROL_POLICIES)

@@ -6,6 +6,7 @@ directions (the bottom layers are unfrozen, the head is frozen), which is what a
 
 from hf_freeze.layout import HEAD
 from hf_freeze.policies.base import STRATEGIES, Strategy, layer_parameters, register_strategy
+from hf_freeze.scores import SCORES, GradNormMeter, Score, register_score
 
 NAME = "test_unfreeze_mid_run"
 
@@ -35,3 +36,18 @@ if "test_rank_dependent" not in STRATEGIES:
         Strategy("test_rank_dependent", _select_by_rank, (), {}, dynamic=True,
                  description="Test only: freezes a different layer on every rank.")
     )
+
+
+class _RankDependentScores(GradNormMeter):
+    """Wrong on purpose: every rank measures different scores (as local statistics could); the probe must agree."""
+
+    def finish(self):
+        import os
+
+        super().finish()
+        rank, count = int(os.environ.get("RANK", "0")), len(self.layers)
+        return [float((index + rank) % count) for index in range(count)]
+
+
+if "test_rank_dependent" not in SCORES:
+    register_score(Score("test_rank_dependent", _RankDependentScores, True, "Test only: differs by rank."))

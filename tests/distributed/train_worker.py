@@ -12,6 +12,8 @@ plus optional scenario keys:
 - ``"force_apply_before_wrap": true``: apply a dynamic policy before the DDP wrap anyway (a negative control).
 - ``"unfreeze_after_init": true``: make every parameter trainable between ``Trainer(...)`` and ``train()``.
 
+Per step it also records which parameters were frozen and which changed, and the adaptive selections (scores).
+
 Each rank writes ``rank<N>.json``: per run, a digest of every final parameter, which parameters changed, which
 are frozen, the bytes DDP all-reduced per step, or the error the run raised (refusals are expected results).
 """
@@ -69,6 +71,24 @@ class ReducedBytesMeter(TrainerCallback):
         return allreduce_hook(process_group, bucket)
 
 
+class StepRecorder(TrainerCallback):
+    """Per optimizer step: the parameters frozen while it ran, and the parameters it changed.
+
+    Listed after the FreezeCallback (which moves itself first), so each step's frozen set is already applied.
+    """
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        changed = sorted(name for name, p in model.named_parameters() if not torch.equal(self.before[name], p.detach()))
+        self.steps.append({"frozen": self.frozen, "changed": changed})
+
+
 class ReapplyEachStep(TrainerCallback):
     """Stands in for a schedule: re-decides the policy at every step and applies it (after the wrap)."""
 
@@ -91,7 +111,8 @@ def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
     args = TrainingArguments(**tiny.training_kwargs(output_dir, **training))
     freeze_callback = FreezeCallback(**run["policy"])
     meter = ReducedBytesMeter()
-    callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback])
+    meter.recorder = StepRecorder()
+    callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback]) + [meter.recorder]
     if run.get("reapply_each_step"):
         callbacks.append(ReapplyEachStep(freeze_callback))
     trainer = tiny.trainer_for(model, args, callbacks=callbacks)
@@ -130,6 +151,7 @@ def run_one(run: dict, output_dir: Path) -> dict:
         trainer.train()
     after = dict(model.named_parameters())
     wrapped = trainer.model_wrapped
+    freezer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeCallback)).freezer
     return {
         "status": "ok",
         "max_step": trainer.state.global_step,
@@ -142,6 +164,8 @@ def run_one(run: dict, output_dir: Path) -> dict:
         "changed": sorted(name for name, p in after.items() if not torch.equal(before[name], p.detach())),
         "digests": {name: digest(p) for name, p in after.items()},
         "bytes_per_step": meter.per_step,
+        "steps": meter.recorder.steps,
+        "selections": freezer.timeline.selections if freezer.timeline else [],
     }
 
 
