@@ -222,7 +222,8 @@ def make_plan(
         arguments=arguments,
         timeline=timeline,
         full_memory=estimate(()),
-        policy_memory=per_entry[0],
+        # An adaptive policy starts with a probe that trains everything: its steady state is the selection.
+        policy_memory=min(per_entry, key=lambda item: item.total) if strategy.needs_scores else per_entry[0],
         peak_memory=max(per_entry, key=lambda item: item.total),
         settings=settings,
     )
@@ -240,8 +241,10 @@ def plan_notes(plan: "FreezePlan") -> List[str]:
         notes.append(
             f"`freeze_strategy` {plan.arguments.freeze_strategy!r} chooses its layers from scores measured during "
             "training: the timeline shows when each probe runs (every layer trains) and when the selection "
-            "applies; which layers it freezes is known only then, so the first layers stand in for them here "
-            "(the memory estimate holds for any layers of the same size)."
+            "applies; which layers it freezes is known only then, so the first layers stand in for them here. "
+            "Its peak memory is that of full fine-tuning, reached in every probe; in the 'policy' estimate, after "
+            "the selection, gradients and optimizer states hold for any layers of the same size, the activation "
+            "saving only when the first layers are chosen."
         )
     return notes
 

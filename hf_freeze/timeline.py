@@ -244,6 +244,7 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     chart.set_yticklabels([_label(blocks[tick]) for tick in ticks], fontsize=8)
     chart.set_xlim(edges[0], edges[-1])
     chart.tick_params(labelbottom=False)
+    _draw_selections(chart, data, blocks, edges)
     options = ", ".join(f"{key.removeprefix('freeze_')}={value}" for key, value in data["options"].items() if key != "freeze_strategy")
     chart.set_title(f"hf_freeze timeline: {data['strategy']}" + (f" ({options})" if options else ""), fontsize=10)
     chart.legend(
@@ -268,6 +269,26 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
         memory.set_ylim(bottom=0)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def _draw_selections(chart, data: Dict[str, Any], blocks: List[Dict[str, Any]], edges: List[int]) -> None:
+    """Adaptive policies: a dashed line where each selection was made, and each layer's score in its row."""
+    selections = data.get("selections") or []
+    if not selections:
+        return
+    rows = {block["layer_index"]: row for row, block in enumerate(blocks) if block["layer_index"] is not None}
+    span = max(1, edges[-1] - edges[0])
+    annotate = len(selections) <= 12 and len(rows) <= 40
+    for selection in selections:
+        step = selection["step"]
+        chart.axvline(step, color="#222222", linestyle="--", linewidth=0.8)
+        if not annotate:
+            continue
+        for layer, score in enumerate(selection["scores"]):
+            if layer in rows:
+                chart.text(step + 0.01 * span, rows[layer] + 0.5, f"{score:.2g}", fontsize=6, va="center", color="#111111")
+    chart.text(1.0, -0.02, "dashed: layers selected from scores (numbers: each layer's score)", fontsize=7,
+               transform=chart.transAxes, ha="right", va="top")
 
 
 def _label(block: Dict[str, Any]) -> str:

@@ -200,3 +200,19 @@ def test_without_architectures_the_natural_model_class_is_planned(capsys, tmp_pa
     code, out, _ = run_cli(capsys, "plan", tmp_path, "--strategy", "bottom", "--layers", "1", "--json",
                            "--task", "base")
     assert json.loads(out)["model_class"].endswith("Model")
+
+
+def test_adaptive_plan_shows_the_probes_and_the_memory_after_the_selection(capsys, tiny_llama_dir):
+    code, out, _ = run_cli(
+        capsys, "plan", tiny_llama_dir, "--freeze_strategy", "adaptive", "--freeze_layers", "2",
+        "--freeze_probe_steps", "5", "--freeze_reselect_every", "40", "--max-steps", "100", "--json",
+    )
+    assert code == 0
+    plan = json.loads(out)
+    steps = [(entry["step"], entry["frozen_layers"]) for entry in plan["timeline"]]
+    assert steps[:5] == [(0, []), (5, [0, 1]), (40, []), (45, [0, 1]), (80, [])]  # probes train every layer
+    assert any("chooses its layers from scores measured during training" in note for note in plan["notes"])
+    memory = plan["memory"]
+    # The probes train everything: the peak is full fine-tuning; after the selection, 2 of 4 layers hold no state.
+    assert memory["policy_peak"]["total"] == memory["full_finetuning"]["total"] > memory["policy"]["total"]
+    assert memory["policy"]["optimizer_states"] < memory["full_finetuning"]["optimizer_states"]
