@@ -13,6 +13,8 @@ from .errors import FreezeConfigError, LayerDiscoveryError
 from .freezer import LayerFreezer
 from .layout import Block, ModelLayout
 from .peft_guard import peft_adapter_reason
+from .probe import LayerProbe
+from .scores import SCORES, Score, register_score
 from .policies import (
     STRATEGIES,
     FreezeDecision,
@@ -41,8 +43,11 @@ __all__ = [
     "FrozenPrefixHooks",
     "LayerDiscoveryError",
     "LayerFreezer",
+    "LayerProbe",
     "ModelLayout",
+    "SCORES",
     "STRATEGIES",
+    "Score",
     "Strategy",
     "TrainingProgress",
     "decide",
@@ -53,6 +58,7 @@ __all__ = [
     "optimizer_state_bytes",
     "peft_adapter_reason",
     "plot_timeline",
+    "register_score",
     "register_strategy",
     "registration_decision",
     "simulate_timeline",

@@ -272,3 +272,17 @@ def test_a_run_resumed_in_the_middle_of_a_probe_matches_the_uninterrupted_one(tm
         assert resumed["selections"] == timeline["selections"]  # the same scores, bit for bit
         for name, value in weights.items():
             assert torch.equal(resumed_weights[name], value), (restore_flag, name)
+
+
+@pytest.mark.parametrize("module_name", ["hf_freeze.scores", "hf_freeze.probe", "hf_freeze.policies.adaptive"])
+def test_docstring_examples_of_the_adaptive_modules_run(module_name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(module_name)
+    documented = [obj for obj in vars(module).values() if getattr(obj, "__module__", None) == module_name and ">>>" in (obj.__doc__ or "")]
+    assert documented
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for obj in documented:
+        text = "\n".join(line for line in obj.__doc__.splitlines() if not line.strip().startswith("```"))
+        assert runner.run(parser.get_doctest(text, {}, obj.__name__, None, 0)).failed == 0, obj.__name__
