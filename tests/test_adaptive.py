@@ -12,7 +12,7 @@ from hf_freeze.policies.adaptive import adaptive_round, select_layers
 from hf_freeze.scores import SCORES, WEIGHT_SAMPLE_SIZE, SnrMeter, WeightChangeMeter, matrix_snr
 from hf_freeze.timeline import TIMELINE_JSON, TIMELINE_PNG
 
-from tiny import TokenClassificationData, snapshot, tiny_bert, trainer_for, training_kwargs
+from tiny import SaveAt, TokenClassificationData, snapshot, tiny_bert, trainer_for, training_kwargs
 
 LAYOUT = ModelLayout.from_layer_sizes([10] * 6, embeddings=5, norm=2, head=3)
 SCORES_6 = (0.4, 0.1, 0.6, 0.2, 0.5, 0.3)
@@ -237,14 +237,6 @@ def test_reselection_probes_again_every_round(tmp_path):
 
 
 # -- resume ---------------------------------------------------------------------------------------------------------
-
-
-class SaveAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_save = state.global_step == self.step
 
 
 def _run(output_dir, options, resume=None, **overrides):

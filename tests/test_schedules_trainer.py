@@ -10,7 +10,7 @@ from hf_freeze import FreezeCallback, FreezeTrainingArguments, LayerFreezer, Tra
 from hf_freeze.discovery import discover_layout
 from hf_freeze.timeline import TIMELINE_JSON, TIMELINE_PNG, simulate_timeline
 
-from tiny import TokenClassificationData, snapshot, tiny_bert, trainer_for, training_kwargs
+from tiny import SaveAt, TokenClassificationData, snapshot, tiny_bert, trainer_for, training_kwargs
 
 LAYER = "bert.encoder.layer.{}.attention.self.query.weight"
 
@@ -209,16 +209,6 @@ RESUME_CASES = {
     "lisa": dict(freeze_active_layers=1, freeze_schedule_every=2),
     "badam": dict(freeze_schedule_every=2, freeze_block_order="random"),
 }
-
-
-class SaveAt(TrainerCallback):
-    """One checkpoint, at one step (saving is what makes these runs slow)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_save = state.global_step == self.step
 
 
 def _run(output_dir, options, resume=None, **overrides):

@@ -18,6 +18,7 @@ from transformers import (  # noqa: E402
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     Trainer,
+    TrainerCallback,
 )
 
 _SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=128)
@@ -110,3 +111,13 @@ def training_kwargs(output_dir, **overrides) -> dict:
 
 def snapshot(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+class SaveAt(TrainerCallback):
+    """One checkpoint, at one step (saving is what makes resume tests slow)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = state.global_step == self.step
