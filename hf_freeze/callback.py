@@ -35,10 +35,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
     policy against the backend (DDP, FSDP, DeepSpeed; `hf_freeze.distributed`) and refuses, with the setting that
     fixes it, a combination that would crash mid-run or let the processes drift apart.
 
-    A schedule (``progressive``, ``gradual_unfreezing``, ``lisa``, ``badam``) makes every parameter it may ever
-    train trainable in `on_init_end`, so the optimizer registers them all, then applies each step's frozen set in
-    `on_train_begin` and `on_step_begin`, through the one applier (released optimizer state, ``grad=None``). A
-    resumed run recomputes the frozen set from the step; the timeline so far comes from the checkpoint. The
+    A schedule (``progressive``, ``gradual_unfreezing``, ``lisa``, ``badam``) or an adaptive policy (``adaptive``,
+    whose probes measure the scores it selects from) makes every parameter it may ever train trainable in
+    `on_init_end`, so the optimizer registers them all, then applies each step's frozen set in `on_train_begin` and
+    `on_step_begin`, through the one applier (released optimizer state, ``grad=None``). A resumed run recomputes the
+    frozen set from the step (and the scores saved in the checkpoint); the timeline so far comes from the checkpoint. The
     timeline is written to ``args.output_dir`` as ``freeze_timeline.json`` and ``freeze_timeline.png``.
 
     Example:
@@ -166,8 +167,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
             self.freezer.prepare(progress)
             if main:
                 logger.info(
-                    f"strategy {self.freezer.arguments.freeze_strategy!r} is a schedule: every parameter it may train "
-                    f"stays trainable until {self._setup.describe()} registered it, then each step's frozen set "
+                    f"strategy {self.freezer.arguments.freeze_strategy!r} changes the frozen set during training: "
+                    f"every parameter it may train stays trainable until {self._setup.describe()} registered it, "
+                    "then each step's frozen set "
                     f"applies; changes are logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
                 )
             return
