@@ -121,6 +121,9 @@ def check_config(
     freeze_values = {key: value for key, value in typed.items() if key in freeze_names}
     freeze_problems, arguments = _freeze_problems(freeze_values)
     problems += freeze_problems
+    max_steps = typed.get("max_steps")
+    if arguments is not None and isinstance(max_steps, int) and max_steps > 0:
+        problems += _training_length_problems(arguments, max_steps)
     if arguments is not None and model is not None:
         problems += _model_problems(arguments, model, typed.get("max_steps"))
     for dtype in dataclass_types:
@@ -182,6 +185,20 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
 def _strategy_reading(option: str) -> str:
     """A strategy that reads ``option``, to check its value alone."""
     return next((name for name in STRATEGIES.names() if option in STRATEGIES.get(name).options), "none")
+
+
+def _training_length_problems(arguments: FreezeArguments, max_steps: int) -> List[ConfigProblem]:
+    """What `FreezeCallback` would refuse when training starts and `max_steps` is known (an adaptive probe as long as
+    training)."""
+    if not STRATEGIES.get(arguments.freeze_strategy).needs_scores:
+        return []
+    from .policies.adaptive import check_against_training
+
+    try:
+        check_against_training(arguments, max_steps)
+    except FreezeConfigError as error:
+        return [ConfigProblem(", ".join(sorted(_named_fields(str(error)))) or None, _sentence(error))]
+    return []
 
 
 def _model_problems(arguments: FreezeArguments, model, max_steps: Any) -> List[ConfigProblem]:

@@ -55,6 +55,13 @@ def test_collects_several_freeze_problems_of_a_known_strategy():
     assert "`freeze_layers` must be a whole count of layers >= 0 or a fraction in (0, 1) (got 1.5)" in text
 
 
+def test_an_adaptive_probe_as_long_as_max_steps_is_reported_before_training():
+    problems = check_config({"freeze_strategy": "adaptive", "freeze_layers": 2, "freeze_probe_steps": 50, "max_steps": 50})
+    assert len(problems) == 1 and problems[0].key == "freeze_probe_steps"
+    assert "(50, 50 steps) is not shorter than training (50 steps)" in str(problems[0])
+    assert check_config({"freeze_strategy": "adaptive", "freeze_layers": 2, "freeze_probe_steps": 5, "max_steps": 50}) == []
+
+
 def test_contradictory_training_arguments_are_reported():
     problems = check_config({"eval_strategy": "steps", "save_strategy": "epoch", "load_best_model_at_end": True})
     assert len(problems) == 1 and "load_best_model_at_end" in str(problems[0])
