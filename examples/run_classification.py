@@ -162,11 +162,11 @@ def fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_l
         compute_metrics=accuracy,
         callbacks=[callback],
     )
-    metrics = callback.freezer.metrics()
     # CPU time as well as wall time: on a shared machine the wall time also measures the neighbours.
     cpu_started = time.process_time()
     train_result = trainer.train()
     cpu_seconds = time.process_time() - cpu_started
+    metrics = callback.freezer.metrics()  # after training: a schedule's or an adaptive policy's final frozen set
     evaluation = trainer.evaluate()
     return {
         "accuracy": evaluation["eval_accuracy"],
