@@ -81,7 +81,7 @@ class LayerProbe:
         current = adaptive_round(self.arguments, progress)
         if current.index not in self.rounds:
             if self.meter_round != current.index:
-                if self.score.needs_probe and not current.probing(progress.step):
+                if self.score.needs_probe and not current.probing(progress.step) and _is_main_process():
                     logger.warning(
                         f"adaptive: round {current.index}'s probe should have begun at step {current.start}, but its "
                         f"measurements are missing (a checkpoint without them?): probing from step {progress.step}; "
@@ -134,10 +134,11 @@ class LayerProbe:
     def load_state_dict(self, state: Dict[str, Any], before_step: int) -> None:
         """Take over an interrupted run's rounds that began before `before_step`, and its probe in progress."""
         if state.get("score") not in (None, self.score.name):
-            logger.warning(
-                f"The checkpoint's layer scores are {state.get('score')!r}, this run's `freeze_score` is "
-                f"{self.score.name!r}: the scores are measured again."
-            )
+            if _is_main_process():
+                logger.warning(
+                    f"The checkpoint's layer scores are {state.get('score')!r}, this run's `freeze_score` is "
+                    f"{self.score.name!r}: the scores are measured again."
+                )
             return
         self.rounds = {
             int(index): dict(entry) for index, entry in (state.get("rounds") or {}).items() if entry["step"] <= before_step
@@ -209,6 +210,12 @@ class _Stopwatch:
             torch.cuda.synchronize()
         self.probe.scoring_seconds += time.perf_counter() - self.began
         return False
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _agree(scores: List[float]) -> List[float]:
