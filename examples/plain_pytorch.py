@@ -5,7 +5,8 @@
 
 The loop asks the policy at every step and lets the applier bring the model and the optimizer in line: a static
 policy changes nothing after step 0, a schedule (a dynamic `freeze_strategy`) freezes or unfreezes layers as it
-goes, and the applier drops the optimizer state of what it freezes and adds what it unfreezes. At the end the script
+goes, an adaptive policy probes and then freezes the layers its scores pick, and the applier drops the optimizer
+state of what it freezes and adds what it unfreezes. At the end the script
 checks that every parameter frozen for the whole run is bit-identical to where it started.
 """
 
@@ -24,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfAr
 
 from hf_freeze import FreezeArguments, LayerFreezer, TrainingProgress  # noqa: E402
 from hf_freeze.validation import parse_args_with_config_file  # noqa: E402
+from hf_freeze.timeline import describe_selection  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_classification import default_model_path, read_table  # noqa: E402
@@ -72,25 +74,32 @@ def main(args: Optional[List[str]] = None) -> Dict[str, float]:
     dev_texts, dev_labels = read_table(dev_file, None, "label")
 
     freezer = LayerFreezer(model, policy)
-    freezer.apply(TrainingProgress(step=0, max_steps=loop.max_steps))
-    print(freezer.summary())
-    print(freezer.table())
+    # Before the optimizer exists: a static policy is applied; a schedule or an adaptive policy makes trainable
+    # everything it may train, so that the optimizer holds it all.
+    freezer.prepare(TrainingProgress(step=0, max_steps=loop.max_steps))
     start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     ever_trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.learning_rate)
+    freezer.update(TrainingProgress(step=0, max_steps=loop.max_steps), optimizer)
+    print(freezer.summary())
+    print(freezer.table())
 
     stream = batches(tokenizer, train_texts, train_labels, loop.batch_size, torch.Generator().manual_seed(loop.seed))
     began = time.perf_counter()
     model.train()
     for step in range(loop.max_steps):
-        change = freezer.apply(TrainingProgress(step=step, max_steps=loop.max_steps), optimizer=optimizer)
+        change = freezer.update(TrainingProgress(step=step, max_steps=loop.max_steps), optimizer)
+        if freezer.probe is not None and freezer.probe.last_selection is not None:  # an adaptive selection
+            print(describe_selection(freezer.timeline.selections[-1], freezer.layout, freezer.probe))
         if change.changed:
             print(f"step {step}: froze {len(change.frozen)}, unfroze {len(change.unfrozen)} parameters")
         ever_trained |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
         inputs, labels = next(stream)
         loss = model(**inputs, labels=labels).loss
         loss.backward()
+        freezer.before_optimizer_step()  # learning-rate factors; the gradient-norm probe of 'adaptive'
         optimizer.step()
+        freezer.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
 

@@ -99,7 +99,7 @@ class LayerFreezer:
         """Decide (unless a decision is given) and make the model and the optimizer match."""
         if self.skipped:
             return AppliedChange([], [])
-        self.decision = decision or self.decide(progress)
+        self.decision = decision or self._decide_measured(progress)
         return self.applier.apply(self.decision, optimizer)
 
     # -- policies that change during training (schedules) --------------------------------------------------------
@@ -130,11 +130,7 @@ class LayerFreezer:
         """
         if self.skipped:
             return AppliedChange([], [])
-        if self.probe is not None:
-            progress = self.probe.at(progress)
-        decision = self.decide(progress)
-        if self.probe is not None and self.probe.last_selection is not None:
-            self.timeline.record_selection(dict(self.probe.last_selection, frozen_layers=decision.frozen_layers(self.layout)))
+        decision = self._decide_measured(progress)
         if self.decision is not None and decision.frozen == self.decision.frozen:
             self.decision = decision  # learning-rate factors may change without the frozen set changing
             return AppliedChange([], [])
@@ -143,6 +139,15 @@ class LayerFreezer:
         after = optimizer_state_bytes(optimizer) if optimizer is not None else None
         self.timeline.record(progress, self.applier.frozen_names(), after, held - (after or 0))
         return change
+
+    def _decide_measured(self, progress: Optional[TrainingProgress]) -> FreezeDecision:
+        """Decide at `progress`, first starting or finishing an adaptive policy's probe as the step requires."""
+        if self.probe is None or progress is None:
+            return self.decide(progress)
+        decision = self.decide(self.probe.at(progress))
+        if self.probe.last_selection is not None:
+            self.timeline.record_selection(dict(self.probe.last_selection, frozen_layers=decision.frozen_layers(self.layout)))
+        return decision
 
     def before_optimizer_step(self) -> None:
         """Call just before ``optimizer.step()`` (needed when the policy sets learning-rate factors, and by the

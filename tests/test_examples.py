@@ -127,3 +127,13 @@ def test_plain_pytorch_loop_with_layer_freezer(tmp_path, tiny_bert_dir):
                       "--max_steps", "3", "--batch_size", "8", "--freeze_strategy", "bottom", "--freeze_layers", "2")
     assert "frozen layers: 2/6" in out
     assert "bit-identical to the start" in out and "accuracy" in out
+
+
+def test_plain_pytorch_loop_with_an_adaptive_policy(tmp_path, tiny_bert_dir):
+    out = run_example("plain_pytorch.py", "--model_name_or_path", tiny_bert_dir, "--data_dir", tmp_path,
+                      "--max_steps", "4", "--batch_size", "8", "--freeze_strategy", "adaptive", "--freeze_layers", "2",
+                      "--freeze_score", "grad_norm", "--freeze_probe_steps", "2")
+    before_selection, after_selection = out.split("adaptive round 0: grad_norm per layer from the probe of steps 0-1")
+    assert "frozen layers: 0/6" in before_selection and "step 1: froze" not in before_selection  # the probe trains everything
+    assert after_selection.count(" frozen\n") == 2 and "step 2: froze" in after_selection
+    assert "bit-identical to the start" in out
