@@ -39,8 +39,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
     whose probes measure the scores it selects from) makes every parameter it may ever train trainable in
     `on_init_end`, so the optimizer registers them all, then applies each step's frozen set in `on_train_begin` and
     `on_step_begin`, through the one applier (released optimizer state, ``grad=None``). A resumed run recomputes the
-    frozen set from the step (and the scores saved in the checkpoint); the timeline so far comes from the checkpoint. The
-    timeline is written to ``args.output_dir`` as ``freeze_timeline.json`` and ``freeze_timeline.png``.
+    frozen set from the step (and the scores saved in the checkpoint); the timeline so far comes from the checkpoint.
+    The timeline is written to ``args.output_dir`` as ``freeze_timeline.json`` and ``freeze_timeline.png``.
 
     Example:
 

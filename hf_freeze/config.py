@@ -199,26 +199,27 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'adaptive': how layers are scored. 'weight_change': relative weight change |dw|/|w| over the probe "
-            "(the adaptive strategy of seed 002; default); 'grad_norm': mean gradient norm over the probe "
-            "(AutoFreeze); 'snr': signal-to-noise ratio of the weight matrices against the Marchenko-Pastur noise "
-            "edge, measured without a probe (Spectrum)."
+            "(the adaptive strategy of seed 002; default); 'grad_norm': mean gradient norm over the probe; "
+            "'grad_norm_change': relative change of the gradient norm between the probe's halves, low when it has "
+            "settled (AutoFreeze; 2 or more probe steps); 'snr': signal-to-noise ratio of the weight matrices "
+            "against the Marchenko-Pastur noise edge, measured without a probe (Spectrum)."
         ),
     )
     freeze_select: Optional[str] = field(
         default=None,
         metadata=_help(
             "'adaptive': which layers freeze: those with the 'lowest' scores (default: the layers that change "
-            "least, get the smallest gradients, carry the least signal) or the 'highest' (seed 002's ADT-H "
-            "with 'weight_change'; 'lowest' is its ADT-L)."
+            "least, get the smallest or most settled gradients, carry the least signal) or the 'highest' (seed "
+            "002's ADT-H with 'weight_change'; 'lowest' is its ADT-L)."
         ),
     )
     freeze_probe_steps: Optional[float] = field(
         default=None,
         metadata=_help(
-            "'adaptive' with 'weight_change' or 'grad_norm': optimizer steps each probe lasts, with every layer "
-            "training, before the layers are chosen: a whole number is a count of steps, a number in (0, 1) a "
-            "fraction of training (default 0.05, at least one step). Must be shorter than training and than "
-            "`freeze_reselect_every`."
+            "'adaptive' with a score measured by a probe (all but 'snr'): optimizer steps each probe lasts, with "
+            "every layer training, before the layers are chosen: a whole number is a count of steps, a number in "
+            "(0, 1) a fraction of training (default 0.05, at least one step; two for 'grad_norm_change'). Must be "
+            "shorter than training and than `freeze_reselect_every`."
         ),
     )
     freeze_reselect_every: Optional[int] = field(

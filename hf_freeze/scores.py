@@ -10,7 +10,9 @@ of a probe resumes it exactly.
   (`WEIGHT_SAMPLE_SIZE`; smaller tensors are kept whole): the sums of squares of the sampled entries, scaled by
   numel / sample size, estimate the full ones, so the ratio does too (about 1% error per layer at the default).
 * ``grad_norm``: the layer's gradient norm (after clipping, as the optimizer sees it), averaged over the probe's
-  optimizer steps: small or settled gradients mean the layer has little left to learn (AutoFreeze).
+  optimizer steps: small gradients mean the layer has little left to learn.
+* ``grad_norm_change``: how much that norm still moves, |second half's mean − first half's mean| / first half's
+  mean over the probe: layers whose gradients have settled freeze first (AutoFreeze's gradient-norm change rate).
 * ``snr``: signal-to-noise ratio of the layer's weight matrices, read off the weights without a probe (Spectrum):
   the singular values above the Marchenko–Pastur edge of a random matrix with the same shape and noise level are
   signal, the rest noise; a matrix's score is signal energy / noise energy. Each matrix is divided by the mean
@@ -35,6 +37,7 @@ from .registry import Registry
 __all__ = [
     "SCORES",
     "WEIGHT_SAMPLE_SIZE",
+    "GradNormChangeMeter",
     "GradNormMeter",
     "Score",
     "ScoreMeter",
@@ -106,6 +109,7 @@ class Score:
         meter: ``(layers, seed) -> ScoreMeter``.
         needs_probe: True when the score is measured over probe steps; False when read off the weights at once.
         description: One line for docs.
+        min_probe_steps: The shortest probe the score can be measured over.
 
     Example:
 
@@ -120,6 +124,7 @@ class Score:
     meter: Callable[[Layers, int], ScoreMeter]
     needs_probe: bool = True
     description: str = ""
+    min_probe_steps: int = 1
 
 
 SCORES: Registry[Score] = Registry("score", field="freeze_score")
@@ -203,41 +208,50 @@ class GradNormMeter(ScoreMeter):
 
     def __init__(self, layers: Layers, seed: int = 0):
         super().__init__(layers, seed)
-        self._sums: Optional[torch.Tensor] = None
-        self._steps = 0
+        self._norms: List[torch.Tensor] = []  # one row of per-layer norms per optimizer step
 
     def start(self) -> None:
-        self._sums = torch.zeros(len(self.layers), dtype=torch.float64, device=self.device)
-        self._steps = 0
+        self._norms = []
 
     def observe_gradients(self) -> None:
-        if self._sums is None:
-            self.start()
-        norms = []
+        row = []
         for _, parameters in self.layers:
             grads = [parameter.grad for _, parameter in parameters if parameter.grad is not None]
             if grads:
-                squares = torch.stack([norm.to(self.device, torch.float64) for norm in torch._foreach_norm(grads)])
-                norms.append(squares.square().sum().sqrt())
+                norms = torch.stack([norm.to(self.device, torch.float64) for norm in torch._foreach_norm(grads)])
+                row.append(norms.square().sum().sqrt())
             else:
-                norms.append(torch.zeros((), dtype=torch.float64, device=self.device))
-        self._sums += torch.stack(norms)
-        self._steps += 1
+                row.append(torch.zeros((), dtype=torch.float64, device=self.device))
+        self._norms.append(torch.stack(row))
 
     def finish(self) -> List[float]:
-        if self._sums is None or self._steps == 0:
+        if not self._norms:
             return [0.0] * len(self.layers)
-        means = (self._sums / self._steps).tolist()
-        self._sums, self._steps = None, 0
-        return means
+        scores = self._score(torch.stack(self._norms)).tolist()
+        self._norms = []
+        return scores
+
+    def _score(self, norms: torch.Tensor) -> torch.Tensor:
+        """Scores from the probe's norms (steps × layers)."""
+        return norms.mean(dim=0)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"sums": None if self._sums is None else self._sums.tolist(), "steps": self._steps}
+        return {"norms": [row.tolist() for row in self._norms]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        sums = state.get("sums")
-        self._sums = None if sums is None else torch.tensor(sums, dtype=torch.float64, device=self.device)
-        self._steps = int(state.get("steps", 0))
+        self._norms = [torch.tensor(row, dtype=torch.float64, device=self.device) for row in state.get("norms") or []]
+
+
+class GradNormChangeMeter(GradNormMeter):
+    """How much each layer's gradient norm still moves: |mean of the probe's second half − mean of its first half|
+    / mean of its first half. Layers whose gradients have settled score low (AutoFreeze's criterion)."""
+
+    def _score(self, norms: torch.Tensor) -> torch.Tensor:
+        half = norms.shape[0] // 2
+        if half == 0:
+            return torch.zeros(norms.shape[1], dtype=norms.dtype, device=norms.device)
+        first, second = norms[:half].mean(dim=0), norms[half:].mean(dim=0)
+        return (second - first).abs() / first.clamp_min(torch.finfo(first.dtype).tiny)
 
 
 # -- signal-to-noise ratio (Spectrum) ------------------------------------------------------------------------------
@@ -317,7 +331,14 @@ class SnrMeter(ScoreMeter):
 register_score(
     Score("weight_change", WeightChangeMeter, True, "Relative weight change |dw|/|w| over the probe (seed 002).")
 )
-register_score(Score("grad_norm", GradNormMeter, True, "Mean gradient norm over the probe (AutoFreeze)."))
+register_score(Score("grad_norm", GradNormMeter, True, "Mean gradient norm over the probe."))
+register_score(
+    Score(
+        "grad_norm_change", GradNormChangeMeter, True,
+        "Relative change of the gradient norm between the probe's halves (AutoFreeze); needs 2+ probe steps.",
+        min_probe_steps=2,
+    )
+)
 register_score(
     Score("snr", SnrMeter, False, "Signal-to-noise ratio of the weight matrices, no probe (Spectrum).")
 )

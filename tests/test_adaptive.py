@@ -65,7 +65,8 @@ def test_without_measured_scores_nothing_is_frozen_and_the_decision_says_why():
 
 
 CONFIG_ERRORS = [
-    (dict(freeze_score="weight_chnage"), "`freeze_score` must be one of 'weight_change', 'grad_norm', 'snr'"),
+    (dict(freeze_score="weight_chnage"), "`freeze_score` must be one of 'weight_change', 'grad_norm', 'grad_norm_change', 'snr'"),
+    (dict(freeze_score="grad_norm_change", freeze_probe_steps=1), "must be at least 2 steps for `freeze_score` 'grad_norm_change'"),
     (dict(freeze_select="middle"), "`freeze_select` must be one of 'lowest', 'highest' (got 'middle')"),
     (dict(freeze_score="snr", freeze_probe_steps=5), "`freeze_probe_steps` (5) is not used by `freeze_score` 'snr'"),
     (dict(freeze_probe_steps=0), "`freeze_probe_steps` must be a count of steps >= 1"),
@@ -171,6 +172,25 @@ def test_the_sampled_weight_change_estimates_the_exact_one():
     assert len(meter.state_dict()["start"]) == 0  # finished: nothing kept
 
 
+def test_settled_gradients_score_lowest_on_grad_norm_change():
+    from hf_freeze.scores import GradNormChangeMeter
+
+    layers = [(f"layers.{i}", [(f"layers.{i}.weight", nn.Parameter(torch.ones(3)))]) for i in range(3)]
+    meter = GradNormChangeMeter(layers)
+    meter.start()
+    # Layer 0: the same gradient every step (settled); layer 1: doubling; layer 2: shrinking by a third each step.
+    for step in range(4):
+        for (_, [(_, parameter)]), scale in zip(layers, (1.0, 2.0**step, (2 / 3) ** step)):
+            parameter.grad = torch.full((3,), scale)
+        meter.observe_gradients()
+    resumed = GradNormChangeMeter(layers)
+    resumed.load_state_dict(json.loads(json.dumps(meter.state_dict())))
+    scores = meter.finish()
+    assert resumed.finish() == scores
+    assert scores[0] == 0.0 and scores[1] == pytest.approx((6 - 1.5) / 1.5) and scores[2] == pytest.approx(5 / 9)
+    assert select_layers(scores, 1) == [0]
+
+
 def test_snr_tells_a_random_matrix_from_low_rank_plus_noise():
     generator = torch.Generator().manual_seed(0)
     noise = [torch.randn(128, 256, generator=generator) for _ in range(3)]
@@ -247,7 +267,7 @@ def _run(output_dir, options, resume=None, **overrides):
     return snapshot(model), json.loads((output_dir / TIMELINE_JSON).read_text())
 
 
-@pytest.mark.parametrize("score", ["weight_change", "grad_norm", "snr"])
+@pytest.mark.parametrize("score", ["weight_change", "grad_norm", "grad_norm_change", "snr"])
 def test_a_run_resumed_in_the_middle_of_a_probe_matches_the_uninterrupted_one(tmp_path, score):
     # Rounds of 4 steps: probe 4-6 of the second round is running when the checkpoint at step 5 is taken.
     options = dict(freeze_strategy="adaptive", freeze_layers=2, freeze_score=score, freeze_reselect_every=4)

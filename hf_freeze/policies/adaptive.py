@@ -42,20 +42,24 @@ def score_name(args) -> str:
     return args.freeze_score or DEFAULT_SCORE
 
 
-def _needs_probe(args) -> bool:
+def _score(args):
     from ..scores import SCORES  # the registry lives beside the measurements; looking it up is pure
 
-    return SCORES.get(score_name(args)).needs_probe
+    return SCORES.get(score_name(args))
+
+
+def _needs_probe(args) -> bool:
+    return _score(args).needs_probe
 
 
 def probe_length(args, max_steps: int) -> int:
     """Steps each probe lasts: 0 for a score read off the weights, else `freeze_probe_steps` (a count, or a
-    fraction of `max_steps`, at least one step)."""
+    fraction of `max_steps`, at least the score's minimum)."""
     if not _needs_probe(args):
         return 0
     value = DEFAULT_PROBE_FRACTION if args.freeze_probe_steps is None else args.freeze_probe_steps
     if isinstance(value, float) and not value.is_integer():
-        return max(1, int(value * max_steps + 0.5))
+        return max(_score(args).min_probe_steps, int(value * max_steps + 0.5))
     return int(value)
 
 
@@ -121,13 +125,19 @@ def _check(args) -> None:
     probe = args.freeze_probe_steps
     if probe is not None:
         if not _needs_probe(args):
+            probed = [name for name in SCORES.names() if SCORES.get(name).needs_probe]
             raise FreezeConfigError(
                 f"`freeze_probe_steps` ({probe!r}) is not used by `freeze_score` {score_name(args)!r}, which is "
                 "measured on the weights without a probe. Remove `freeze_probe_steps`, or choose a score measured "
-                "by a probe ('weight_change', 'grad_norm')."
+                f"by a probe ({', '.join(map(repr, probed))})."
             )
         if probe <= 0 or (isinstance(probe, float) and not probe.is_integer() and not probe < 1):
             raise invalid("freeze_probe_steps", probe, "a count of steps >= 1 or a fraction of training in (0, 1)")
+        shortest = _score(args).min_probe_steps
+        if isinstance(probe, int) and probe < shortest:
+            raise invalid(
+                "freeze_probe_steps", probe, f"at least {shortest} steps for `freeze_score` {score_name(args)!r}"
+            )
     every = args.freeze_reselect_every
     if every is not None:
         if every < 1:
