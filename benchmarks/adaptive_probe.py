@@ -40,7 +40,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from configurations import MODELS, build_model  # noqa: E402
 
-SCORES = ("weight_change", "grad_norm", "snr")
+DEFAULT_SCORES = ("weight_change", "grad_norm", "snr")
 
 
 def train_once(options: dict) -> dict:
@@ -161,7 +161,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=sorted(MODELS), default="gpt2")
-    parser.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
+    from hf_freeze.scores import SCORES
+
+    parser.add_argument("--scores", nargs="+", choices=SCORES.names(), default=list(DEFAULT_SCORES))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--probe", type=float, default=0.05, help="probe length: a fraction of the steps, or a count")
     parser.add_argument("--batch-size", type=int, default=8)
