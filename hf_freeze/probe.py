@@ -113,10 +113,6 @@ class LayerProbe:
             with self._timed():
                 self.meter.observe_gradients()
 
-    @property
-    def probing(self) -> bool:
-        return self.meter is not None
-
     # -- state -------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
@@ -190,8 +186,6 @@ class LayerProbe:
             spent += f", {100 * self.scoring_seconds / self.probe_seconds:.2f}% of the probes' {self.probe_seconds:.2f} s"
         return spent
 
-    def selections(self) -> List[Dict[str, Any]]:
-        return [dict(self.rounds[index], round=index) for index in sorted(self.rounds)]
 
 
 class _Stopwatch:
