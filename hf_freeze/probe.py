@@ -187,7 +187,6 @@ class LayerProbe:
         return spent
 
 
-
 class _Stopwatch:
     """Adds the wall time of a block to the probe's scoring cost (synchronising the GPU so it is the real cost)."""
 

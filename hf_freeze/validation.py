@@ -197,7 +197,7 @@ def _training_length_problems(arguments: FreezeArguments, max_steps: int) -> Lis
     try:
         check_against_training(arguments, max_steps)
     except FreezeConfigError as error:
-        return [ConfigProblem(", ".join(sorted(_named_fields(str(error)))) or None, _sentence(error))]
+        return [_problem_of(error)]
     return []
 
 
@@ -211,7 +211,7 @@ def _model_problems(arguments: FreezeArguments, model, max_steps: Any) -> List[C
         for fraction in fractions:
             decide(layout, arguments, TrainingProgress(step=int(fraction * steps), max_steps=steps))
     except FreezeConfigError as error:
-        return [ConfigProblem(", ".join(sorted(_named_fields(str(error)))) or None, _sentence(error) + " (for this model)")]
+        return [_problem_of(error, " (for this model)")]
     return []
 
 
@@ -226,6 +226,11 @@ def _construction_problems(dtype: type, typed: Dict[str, Any], freeze_names: set
     except (ValueError, TypeError, ImportError, RuntimeError) as error:
         return [ConfigProblem(None, f"{dtype.__name__}: {error}")]
     return []
+
+
+def _problem_of(error: FreezeConfigError, suffix: str = "") -> ConfigProblem:
+    """A refusal as a problem, keyed by the fields its message names."""
+    return ConfigProblem(", ".join(sorted(_named_fields(str(error)))) or None, _sentence(error) + suffix)
 
 
 def _named_fields(message: str) -> set:

@@ -142,7 +142,7 @@ def _check(args) -> None:
     if every is not None:
         if every < 1:
             raise invalid("freeze_reselect_every", every, "a number of steps >= 1")
-        if probe is not None and (isinstance(probe, int) or float(probe).is_integer()) and probe >= every:
+        if isinstance(probe, int) and probe >= every:  # a count (whole numbers are normalised to int)
             raise FreezeConfigError(
                 f"`freeze_probe_steps` ({probe!r}) must be shorter than `freeze_reselect_every` ({every!r}): each "
                 "round starts with a probe and needs steps left to train with the selection. Lengthen the rounds "
