@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser  # noqa: E402
 
 from hf_freeze import FreezeArguments, LayerFreezer, TrainingProgress  # noqa: E402
-from hf_freeze.validation import parse_args_with_config_file  # noqa: E402
-from hf_freeze.timeline import describe_selection  # noqa: E402
+from hf_freeze.config import parse_args_with_config_file  # noqa: E402
+from hf_freeze.report import describe_selection  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_classification import default_model_path, read_table  # noqa: E402

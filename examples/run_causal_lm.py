@@ -37,7 +37,7 @@ from transformers import (  # noqa: E402
 )
 
 from hf_freeze import FreezeCallback, FreezeTrainingArguments  # noqa: E402
-from hf_freeze.validation import parse_args_with_config_file  # noqa: E402
+from hf_freeze.config import parse_args_with_config_file  # noqa: E402
 
 logger = logging.getLogger("run_causal_lm")
 

@@ -22,7 +22,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, Trainer
 
 from hf_freeze import FreezeCallback, FreezeTrainingArguments
-from hf_freeze.timeline import TIMELINE_JSON, TIMELINE_PNG
+from hf_freeze.report import TIMELINE_JSON, TIMELINE_PNG
 
 
 def load_model(tiny=False):

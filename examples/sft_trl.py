@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgu
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_freeze import FreezeArguments, FreezeCallback  # noqa: E402
-from hf_freeze.validation import parse_args_with_config_file  # noqa: E402
+from hf_freeze.config import parse_args_with_config_file  # noqa: E402
 
 
 @dataclass

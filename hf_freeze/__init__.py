@@ -1,66 +1,51 @@
 """hf_freeze: freeze model layers by policy in the Hugging Face Trainer.
 
-The flow is model → blocks (`discovery`) → decision (`policies`) → application (`applier`) → report (`report`);
-`FreezeCallback` glues it to the Trainer, `LayerFreezer` to any other training loop.
+The flow is model → blocks (`hf_freeze.model`) → decision (`hf_freeze.policies`, with scores measured by
+`hf_freeze.scores`) → application (`hf_freeze.apply`) → report (`hf_freeze.report`); `hf_freeze.integrations` plugs
+it into a loop: `FreezeCallback` for the Trainer, `LayerFreezer` for any other. The options are `FreezeArguments`
+(`hf_freeze.config`); `hf_freeze.tools` holds the `hf-freeze` command.
+
+Exported here: what a user needs, and the extension points for a new strategy (`Strategy`, `register_strategy`) or
+a new adaptive score (`Score`, `ScoreMeter`, `register_score`). Everything else stays importable from its module.
 """
 
-from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes, trainable_parameter_count
-from .callback import FreezeCallback
-from .checkpointing import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
 from .config import FreezeArguments, FreezeTrainingArguments
-from .discovery import discover_layout
 from .errors import FreezeConfigError, LayerDiscoveryError
-from .freezer import LayerFreezer
-from .layout import Block, ModelLayout
-from .peft_guard import peft_adapter_reason
-from .probe import LayerProbe
-from .scores import SCORES, Score, register_score
+from .integrations import FreezeCallback, LayerFreezer
+from .model import Block, ModelLayout, discover_layout
 from .policies import (
+    SCORES,
     STRATEGIES,
     FreezeDecision,
+    Score,
     Strategy,
     TrainingProgress,
     decide,
+    register_score,
     register_strategy,
-    registration_decision,
 )
-from .report import format_block_table, freeze_metrics
-from .timeline import FreezeTimeline, plot_timeline, simulate_timeline
+from .scores import ScoreMeter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AppliedChange",
     "Block",
-    "FreezeApplier",
     "FreezeArguments",
     "FreezeCallback",
     "FreezeConfigError",
     "FreezeDecision",
-    "FreezeTimeline",
     "FreezeTrainingArguments",
-    "FrozenPrefix",
-    "FrozenPrefixHooks",
     "LayerDiscoveryError",
     "LayerFreezer",
-    "LayerProbe",
     "ModelLayout",
     "SCORES",
     "STRATEGIES",
     "Score",
+    "ScoreMeter",
     "Strategy",
     "TrainingProgress",
     "decide",
     "discover_layout",
-    "format_block_table",
-    "freeze_metrics",
-    "frozen_prefix",
-    "optimizer_state_bytes",
-    "peft_adapter_reason",
-    "plot_timeline",
     "register_score",
     "register_strategy",
-    "registration_decision",
-    "simulate_timeline",
-    "trainable_parameter_count",
 ]

@@ -7,19 +7,20 @@ for the rest of the round. Without `freeze_reselect_every` there is one round, t
 the weights as the round begins, and the selection applies from the round's first step.
 
 Everything here is pure: the scores come in through `TrainingProgress.layer_scores`, measured by the torch side
-(`hf_freeze.probe.LayerProbe`), so the same step and scores give the same frozen set on every process and in a
+(`hf_freeze.scores.LayerProbe`), so the same step and scores give the same frozen set on every process and in a
 resumed run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from ..errors import FreezeConfigError, invalid, one_of
-from ..layout import EMBEDDINGS, ModelLayout
+from ..model.layout import ModelLayout
+from .core import Selection, Strategy, TrainingProgress, bottom_prefix, register_strategy, require_layers, resolve_count
+from .scoring import SCORES
 from .static import check_count
-from .base import Strategy, TrainingProgress, layer_parameters, register_strategy, require_layers, resolve_count
 
 __all__ = [
     "SELECT_ENDS",
@@ -35,16 +36,11 @@ DEFAULT_SCORE = "weight_change"
 # The probe covers this fraction of training when `freeze_probe_steps` is unset (seed 002 probed 5 steps).
 DEFAULT_PROBE_FRACTION = 0.05
 
-Selection = Tuple[List[str], List[str]]
-
-
 def score_name(args) -> str:
     return args.freeze_score or DEFAULT_SCORE
 
 
 def _score(args):
-    from ..scores import SCORES  # the registry lives beside the measurements; looking it up is pure
-
     return SCORES.get(score_name(args))
 
 
@@ -115,8 +111,6 @@ def select_layers(scores: Sequence[float], count: int, end: str = "lowest") -> L
 
 
 def _check(args) -> None:
-    from ..scores import SCORES
-
     if args.freeze_score is not None:
         SCORES.get(args.freeze_score)
     if args.freeze_select is not None and args.freeze_select not in SELECT_ENDS:
@@ -129,7 +123,8 @@ def _check(args) -> None:
             raise FreezeConfigError(
                 f"`freeze_probe_steps` ({probe!r}) is not used by `freeze_score` {score_name(args)!r}, which is "
                 "measured on the weights without a probe. Remove `freeze_probe_steps`, or choose a score measured "
-                f"by a probe ({', '.join(map(repr, probed))})."
+                f"by a probe ({', '.join(map(repr, probed))}).",
+                fields=["freeze_probe_steps", "freeze_score"],
             )
         if probe <= 0 or (isinstance(probe, float) and not probe.is_integer() and not probe < 1):
             raise invalid("freeze_probe_steps", probe, "a count of steps >= 1 or a fraction of training in (0, 1)")
@@ -146,7 +141,8 @@ def _check(args) -> None:
             raise FreezeConfigError(
                 f"`freeze_probe_steps` ({probe!r}) must be shorter than `freeze_reselect_every` ({every!r}): each "
                 "round starts with a probe and needs steps left to train with the selection. Lengthen the rounds "
-                "or shorten the probe."
+                "or shorten the probe.",
+                fields=["freeze_probe_steps", "freeze_reselect_every"],
             )
 
 
@@ -159,13 +155,15 @@ def check_against_training(args, max_steps: int) -> None:
         raise FreezeConfigError(
             f"`freeze_probe_steps` ({args.freeze_probe_steps!r}, {probe} steps) is not shorter than training "
             f"({max_steps} steps): no step would be left to train with the selected layers frozen. Use fewer probe "
-            "steps (or a fraction such as 0.05), or train longer."
+            "steps (or a fraction such as 0.05), or train longer.",
+            fields=["freeze_probe_steps"],
         )
     every = args.freeze_reselect_every
     if every and probe >= every:
         raise FreezeConfigError(
             f"`freeze_probe_steps` ({args.freeze_probe_steps!r}, {probe} steps of {max_steps}) must be shorter than "
-            f"`freeze_reselect_every` ({every!r}). Lengthen the rounds or shorten the probe."
+            f"`freeze_reselect_every` ({every!r}). Lengthen the rounds or shorten the probe.",
+            fields=["freeze_probe_steps", "freeze_reselect_every"],
         )
 
 
@@ -179,14 +177,11 @@ def _adaptive(layout: ModelLayout, args, progress: TrainingProgress) -> Selectio
         return [], [f"`freeze_strategy` 'adaptive': no {score_name(args)} scores measured yet, so nothing is frozen."]
     if len(scores) != total:
         raise FreezeConfigError(
-            f"`freeze_strategy` 'adaptive' got {len(scores)} layer scores for a model with {total} layers."
+            f"`freeze_strategy` 'adaptive' got {len(scores)} layer scores for a model with {total} layers.",
+            fields=["freeze_strategy"],
         )
-    chosen = select_layers(scores, count, args.freeze_select or "lowest")
-    frozen = layer_parameters(layout, chosen)
-    # As with 'bottom': while the embeddings train, backward runs through a frozen first layer anyway.
-    if 0 in chosen and args.freeze_embeddings is None:
-        frozen += layout.parameters_of(layout.blocks_of_kind(EMBEDDINGS))
-    return frozen, []
+    # As with 'bottom': when layer 0 is chosen, what sits below it freezes too.
+    return bottom_prefix(layout, args, select_layers(scores, count, args.freeze_select or "lowest")), []
 
 
 register_strategy(

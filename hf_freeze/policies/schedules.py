@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 from ..errors import FreezeConfigError, invalid, one_of
-from ..layout import EMBEDDINGS, LAYER, NORM, OTHER, ModelLayout
-from .base import (
-    NON_LAYER_OPTIONS,
-    STRATEGIES,
-    FreezeDecision,
+from ..model.layout import ModelLayout
+from .core import (
+    Selection,
     Strategy,
     TrainingProgress,
+    bottom_prefix,
     layer_parameters,
     register_strategy,
     require_layers,
@@ -42,13 +41,10 @@ __all__ = [
     "elapsed_units",
     "lisa_layers",
     "progressive_frozen_count",
-    "registration_decision",
     "schedule_every",
     "schedule_unit",
-    "unfrozen_count",
+    "still_frozen_count",
 ]
-
-Selection = Tuple[List[str], List[str]]
 
 SCHEDULE_UNITS = ("step", "epoch")
 BLOCK_ORDERS = ("ascending", "descending", "random")
@@ -95,50 +91,11 @@ def _rng(name: str, seed: int, index: int) -> random.Random:
 # -- shared pieces -------------------------------------------------------------------------------------------------
 
 
-def _frozen_prefix(layout: ModelLayout, args, count: int) -> List[str]:
-    """The first `count` layers, with what sits below them: input embeddings, and norms between stacks.
-
-    While anything below a frozen layer trains, backward runs through the frozen layers anyway and freezing them
-    saves nothing; so the embeddings freeze with the first layer (unless `freeze_embeddings` says otherwise).
-    """
-    if count <= 0:
-        return []
-    frozen = layer_parameters(layout, range(count))
-    if args.freeze_embeddings is None:
-        frozen += layout.parameters_of(layout.blocks_of_kind(EMBEDDINGS))
-    if args.freeze_norm is None:
-        for block in layout.blocks:
-            if block.kind == LAYER and block.layer_index >= count:
-                break
-            if block.kind in (NORM, OTHER):
-                frozen += block.parameters
-    return frozen
-
-
 def _check_common(args) -> None:
     if args.freeze_schedule_unit is not None and args.freeze_schedule_unit not in SCHEDULE_UNITS:
         raise invalid("freeze_schedule_unit", args.freeze_schedule_unit, one_of(SCHEDULE_UNITS))
     if args.freeze_schedule_every is not None and args.freeze_schedule_every < 1:
         raise invalid("freeze_schedule_every", args.freeze_schedule_every, "an integer >= 1")
-
-
-def registration_decision(layout: ModelLayout, args) -> FreezeDecision:
-    """What a dynamic strategy applies before the optimizer and DDP exist: every parameter it may ever train is
-    trainable, so the Trainer's optimizer (built from trainable parameters only) and DDP register them all.
-
-    Only the non-layer blocks that the options (or the strategy's defaults) pin as frozen stay frozen. The step's
-    own frozen set is applied once the optimizer exists; a registered but frozen parameter has ``grad=None``, which
-    every torch optimizer skips, and gets no optimizer state.
-    """
-    strategy = STRATEGIES.get(args.freeze_strategy)
-    frozen = set()
-    for option, kinds in NON_LAYER_OPTIONS.items():
-        value = getattr(args, option)
-        if value is None:
-            value = strategy.defaults.get(option, False)
-        if value:
-            frozen |= set(layout.parameters_of(layout.blocks_of_kind(*kinds)))
-    return FreezeDecision(frozenset(frozen))
 
 
 # -- progressive freezing (Composer's LayerFreezing) ---------------------------------------------------------------
@@ -165,7 +122,7 @@ def _check_progressive(args) -> None:
 
 def _progressive(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "progressive")
-    return _frozen_prefix(layout, args, progressive_frozen_count(args, progress, total)), []
+    return bottom_prefix(layout, args, range(progressive_frozen_count(args, progress, total))), []
 
 
 # -- gradual unfreezing (ULMFiT, fastai, Lightning's BackboneFinetuning) --------------------------------------------
@@ -177,7 +134,7 @@ def _initially_frozen(args, num_layers: int) -> int:
     return resolve_count(args.freeze_layers, num_layers)
 
 
-def unfrozen_count(args, events: int, initially_frozen: int) -> int:
+def still_frozen_count(args, events: int, initially_frozen: int) -> int:
     """Layers still frozen after `events` unfreezing events."""
     return max(0, initially_frozen - events * (args.freeze_unfreeze_layers or 1))
 
@@ -204,8 +161,8 @@ def _check_gradual(args) -> None:
 
 def _gradual(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "gradual_unfreezing")
-    frozen = unfrozen_count(args, _period(args, progress), _initially_frozen(args, total))
-    return _frozen_prefix(layout, args, frozen), []
+    frozen = still_frozen_count(args, _period(args, progress), _initially_frozen(args, total))
+    return bottom_prefix(layout, args, range(frozen)), []
 
 
 def _gradual_factors(layout: ModelLayout, args, progress: TrainingProgress) -> Dict[str, float]:
@@ -222,8 +179,8 @@ def _gradual_factors(layout: ModelLayout, args, progress: TrainingProgress) -> D
     factors: Dict[str, float] = {}
     for event in range(max(1, events - horizon), min(events, last_useful) + 1):
         factor = min(1.0, initial * growth ** (events - event))
-        before = set(_frozen_prefix(layout, args, unfrozen_count(args, event - 1, first_frozen)))
-        after = set(_frozen_prefix(layout, args, unfrozen_count(args, event, first_frozen)))
+        before = set(bottom_prefix(layout, args, range(still_frozen_count(args, event - 1, first_frozen))))
+        after = set(bottom_prefix(layout, args, range(still_frozen_count(args, event, first_frozen))))
         factors.update({name: factor for name in before - after})
     return factors
 

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import re
 
-from ..config import compile_name_pattern
 from ..errors import FreezeConfigError, invalid
-from ..layout import HEAD, LAYER, NORM, OTHER, ModelLayout
-from .base import Strategy, layer_parameters, register_strategy, require_layers, resolve_count
+from ..model.layout import HEAD, ModelLayout
+from .core import Selection, Strategy, bottom_prefix, layer_parameters, register_strategy, require_layers, resolve_count
 
-Selection = Tuple[List[str], List[str]]
+__all__ = ["check_count", "compile_name_pattern"]
+
+
+def compile_name_pattern(pattern: str, field_name: str) -> "re.Pattern[str]":
+    """Compile a parameter-name pattern: anchored at the start, a '.' between name parts is literal.
+
+    ``model.layers.1[0-5].mlp`` matches the dots literally; ``.*``, ``.+`` and ``.?`` keep their regex meaning.
+    """
+    literal_dots = re.sub(r"\.(?![*+?{])", r"\\.", pattern.replace("\\.", "."))
+    try:
+        return re.compile(literal_dots)
+    except re.error as error:
+        raise invalid(field_name, pattern, f"a valid regular expression ({error})") from None
 
 
 def check_count(args) -> None:
@@ -26,16 +37,7 @@ def _none(layout: ModelLayout, args, progress) -> Selection:
 
 def _bottom(layout: ModelLayout, args, progress) -> Selection:
     count = resolve_count(args.freeze_layers, require_layers(layout, "bottom"))
-    frozen = layer_parameters(layout, range(count))
-    if args.freeze_norm is None:
-        # A norm between two frozen stacks (T5's encoder.final_layer_norm when the whole encoder is frozen) is
-        # part of the frozen prefix: training it would not save the backward pass through the encoder anyway.
-        for block in layout.blocks:
-            if block.kind == LAYER and block.layer_index >= count:
-                break
-            if block.kind in (NORM, OTHER):
-                frozen += block.parameters
-    return frozen, []
+    return bottom_prefix(layout, args, range(count)), []
 
 
 def _top(layout: ModelLayout, args, progress) -> Selection:
@@ -86,7 +88,8 @@ def _check_patterns(args) -> None:
     if not args.freeze_patterns and not args.freeze_trainable_patterns:
         raise FreezeConfigError(
             "`freeze_strategy` 'pattern' needs `freeze_patterns` (what to freeze), `freeze_trainable_patterns` "
-            "(what stays trainable), or both (got neither)."
+            "(what stays trainable), or both (got neither).",
+            fields=["freeze_patterns", "freeze_trainable_patterns"],
         )
     for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
         for pattern in getattr(args, field_name) or []:
@@ -119,7 +122,8 @@ def _bitfit(layout: ModelLayout, args, progress) -> Selection:
     if not [name for name in biases if name not in head]:
         raise FreezeConfigError(
             "`freeze_strategy` 'bitfit' trains only bias terms, and this model has no bias parameters outside its "
-            "head (Llama- and T5-style models use none). Choose another strategy, e.g. 'bottom' or 'head_only'."
+            "head (Llama- and T5-style models use none). Choose another strategy, e.g. 'bottom' or 'head_only'.",
+            fields=["freeze_strategy"],
         )
     # The head trains by default (BitFit trains biases and the new classifier); `freeze_head` can freeze it.
     return [name for name in names if name not in biases and name not in head], []
@@ -136,7 +140,8 @@ def _head_only(layout: ModelLayout, args, progress) -> Selection:
         )
         raise FreezeConfigError(
             f"`freeze_strategy` 'head_only' would train nothing: {reason}. Use 'pattern' with "
-            "`freeze_trainable_patterns`, or 'trlx' with `freeze_num_layers_unfrozen`."
+            "`freeze_trainable_patterns`, or 'trlx' with `freeze_num_layers_unfrozen`.",
+            fields=["freeze_strategy"],
         )
     return [name for name in layout.parameter_names if name not in head], []
 

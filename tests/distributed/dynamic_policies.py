@@ -4,8 +4,8 @@ It stands in for the schedules until they land: the trainable set changes after 
 directions (the bottom layers are unfrozen, the head is frozen), which is what a schedule does under DDP.
 """
 
-from hf_freeze.layout import HEAD
-from hf_freeze.policies.base import STRATEGIES, Strategy, layer_parameters, register_strategy
+from hf_freeze.model.layout import HEAD
+from hf_freeze.policies.core import STRATEGIES, Strategy, layer_parameters, register_strategy
 from hf_freeze.scores import SCORES, GradNormMeter, Score, register_score
 
 NAME = "test_unfreeze_mid_run"

@@ -37,8 +37,9 @@ import tiny  # noqa: E402
 import dynamic_policies  # noqa: E402,F401 - registers the test-only dynamic strategy
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
-import hf_freeze.distributed  # noqa: E402
+import hf_freeze  # noqa: E402
 from hf_freeze import FreezeCallback  # noqa: E402
+from hf_freeze.integrations.trainer_state import progress_of  # noqa: E402
 
 
 class ReducedBytesMeter(TrainerCallback):
@@ -96,7 +97,7 @@ class ReapplyEachStep(TrainerCallback):
         self.freeze_callback = freeze_callback
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        progress = self.freeze_callback._progress(args, state)
+        progress = progress_of(args, state)
         self.freeze_callback.freezer.apply(progress, optimizer)
 
 

@@ -1,0 +1,7 @@
+"""Application: the one place that changes a model and its optimizer to match a decision (`FreezeApplier`), and
+the hooks that keep a frozen prefix out of the autograd graph under activation checkpointing."""
+
+from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
+from .frozen_prefix import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
+
+__all__ = ["AppliedChange", "FreezeApplier", "FrozenPrefix", "FrozenPrefixHooks", "frozen_prefix", "optimizer_state_bytes"]

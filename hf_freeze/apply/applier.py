@@ -1,0 +1,164 @@
+"""The applier: the one place that changes a model and an optimizer to match a `FreezeDecision`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+import re
+
+from ..model.discovery import unwrap_model
+from ..model.layout import ModelLayout
+from ..policies import FreezeDecision
+from .frozen_prefix import FrozenPrefixHooks
+
+__all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
+
+# transformers' Trainer puts these in its no-weight-decay group (`Trainer.get_decay_parameter_names`).
+_NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+@dataclass(frozen=True)
+class AppliedChange:
+    """What one application changed: parameter names whose `requires_grad` flipped.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.apply import AppliedChange
+    >>> AppliedChange(frozen=["h.0.w"], unfrozen=[]).changed
+    True
+    ```
+    """
+
+    frozen: List[str]
+    unfrozen: List[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.frozen or self.unfrozen)
+
+
+class FreezeApplier:
+    """Makes a model (and optionally its optimizer) match a decision.
+
+    Freezing a parameter sets ``requires_grad=False``, drops its ``.grad`` (AdamW skips a parameter whose grad
+    is ``None``, but moves one whose grad is a zero tensor) and releases its optimizer state. Unfreezing sets
+    ``requires_grad=True`` and, when the optimizer never saw the parameter, adds it to the matching existing
+    param group so the learning-rate scheduler keeps driving it. Given the model's layout, it also keeps a frozen
+    prefix out of the autograd graph under activation checkpointing (`FrozenPrefixHooks`).
+
+    Example:
+
+    ```python
+    >>> from torch import nn
+    >>> from hf_freeze import FreezeDecision
+    >>> from hf_freeze.apply import FreezeApplier
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    >>> change = FreezeApplier(net).apply(FreezeDecision(frozenset({"0.weight", "0.bias"})))
+    >>> change.frozen, net[0].weight.requires_grad, net[1].weight.requires_grad
+    (['0.weight', '0.bias'], False, True)
+    ```
+    """
+
+    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None):
+        self.model = unwrap_model(model)
+        self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        self._before_step: Dict[str, Tuple[torch.Tensor, float]] = {}
+        self.layout = layout
+        self.prefix_hooks = FrozenPrefixHooks(self.model) if layout is not None else None
+
+    def frozen_names(self) -> List[str]:
+        return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
+
+    def would_flip(self, decision: FreezeDecision) -> List[str]:
+        """Parameters whose `requires_grad` applying ``decision`` would change."""
+        return [name for name, parameter in self.parameters.items() if parameter.requires_grad == decision.is_frozen(name)]
+
+    def apply(self, decision: FreezeDecision, optimizer: Optional[torch.optim.Optimizer] = None) -> AppliedChange:
+        frozen, unfrozen = [], []
+        for name, parameter in self.parameters.items():
+            trainable = not decision.is_frozen(name)
+            if parameter.requires_grad != trainable:
+                parameter.requires_grad_(trainable)
+                (unfrozen if trainable else frozen).append(name)
+            if not trainable:
+                parameter.grad = None
+        if optimizer is not None:
+            self.sync_optimizer(optimizer, frozen, unfrozen)
+        if self.prefix_hooks is not None:
+            # Every application, not only changing ones: `Trainer.train()` switches checkpointing on in between.
+            self.prefix_hooks.update(self.layout, self.frozen_names())
+        return AppliedChange(frozen, unfrozen)
+
+    def sync_optimizer(self, optimizer: torch.optim.Optimizer, frozen: List[str], unfrozen: List[str]) -> None:
+        """Release the state of newly frozen parameters; give newly trainable ones a place in a param group."""
+        inner = _innermost_optimizer(optimizer)
+        for name in frozen:
+            inner.state.pop(self.parameters[name], None)
+        known = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
+        for name in unfrozen:
+            parameter = self.parameters[name]
+            if id(parameter) not in known:
+                _group_for(inner, name)["params"].append(parameter)
+                known.add(id(parameter))
+
+    # -- learning-rate factors without new param groups -----------------------------------------------------------
+    #
+    # A factor on a few parameters' learning rate would need param groups of their own, and groups added after the
+    # scheduler exists break it (LambdaLR keeps one lambda per group); the optimizer's state dict would no longer
+    # match the groups a resumed run builds either. Scaling the update instead is the same thing for every optimizer
+    # whose update is ``-lr * u(state, grad)`` with a state that does not depend on ``lr`` (SGD, Adam, AdamW, Adagrad,
+    # RMSprop, Lion, ...): ``old + f * (new - old)`` is the step taken with ``f * lr``.
+
+    def begin_scaled_step(self, factors: Mapping[str, float]) -> None:
+        """Before ``optimizer.step()``: remember the parameters whose update will be scaled by a factor."""
+        self._before_step = {
+            name: (self.parameters[name].detach().clone(), float(factor))
+            for name, factor in factors.items()
+            if factor != 1.0 and self.parameters[name].requires_grad
+        }
+
+    def end_scaled_step(self) -> None:
+        """After ``optimizer.step()``: shrink each remembered parameter's update by its factor."""
+        with torch.no_grad():
+            for name, (before, factor) in self._before_step.items():
+                parameter = self.parameters[name]
+                parameter.copy_(before.lerp_(parameter.detach(), factor))
+        self._before_step = {}
+
+
+def optimizer_state_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Bytes held by the optimizer's per-parameter state tensors (Adam's moments, momentum buffers, ...)."""
+    if optimizer is None:
+        return 0
+    inner = _innermost_optimizer(optimizer)
+    return sum(
+        value.numel() * value.element_size()
+        for state in inner.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def _innermost_optimizer(optimizer):
+    # accelerate's AcceleratedOptimizer (and DeepSpeed wrappers) keep the real optimizer in `.optimizer`.
+    while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _group_for(optimizer: torch.optim.Optimizer, name: str) -> dict:
+    """The existing group a parameter joins: the no-decay group for biases and norms, else the decay group.
+
+    Adding a new group instead would break LambdaLR-style schedulers, which keep one entry per group.
+    """
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return groups[0]
+    no_decay = any(re.search(pattern, name) for pattern in _NO_DECAY_NAME_PATTERNS)
+    by_decay = sorted(groups, key=lambda group: group.get("weight_decay", 0.0))
+    return by_decay[0] if no_decay else by_decay[-1]

@@ -1,0 +1,297 @@
+"""Typed configuration: `FreezeArguments` (the `freeze_*` fields) and `FreezeTrainingArguments`.
+
+Every field's `help` text is the one documentation of the option: `--help`, the YAML and the README read it.
+Values are checked in `__post_init__`, so a bad YAML file fails when it is parsed, long before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from transformers import TrainingArguments
+
+from ..policies import check_options
+from .types import check_field, field_hints
+
+__all__ = ["FreezeArguments", "FreezeTrainingArguments", "freeze_fields"]
+
+
+def _help(text: str) -> Dict[str, str]:
+    # HfArgumentParser hands a field's metadata to `argparse.add_argument`: only argparse's own keys go here.
+    return {"help": text}
+
+
+# What a valid value is, in words, where the annotation alone would say less ("a number" for a count of layers).
+_EXPECTS = {
+    "freeze_strategy": "a strategy name (a string)",
+    "freeze_layers": "a number: a count of layers or a fraction in (0, 1)",
+    "freeze_layer_indices": "a list of integers",
+    "freeze_patterns": "a list of regular expressions",
+    "freeze_trainable_patterns": "a list of regular expressions",
+    "freeze_layer_paths": "a list of dotted module paths",
+    "freeze_schedule_unit": "'step' or 'epoch'",
+    "freeze_block_order": "'ascending', 'descending' or 'random'",
+    "freeze_score": "a score name (a string)",
+    "freeze_select": "'lowest' or 'highest'",
+    "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
+}
+# Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
+_COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
+
+
+@dataclass
+class FreezeArguments:
+    """The freezing policy, as `freeze_*` fields usable with `HfArgumentParser` (CLI and YAML).
+
+    Example:
+
+    ```python
+    >>> from transformers import HfArgumentParser
+    >>> from hf_freeze import FreezeArguments
+    >>> (args,) = HfArgumentParser(FreezeArguments).parse_args_into_dataclasses(
+    ...     ["--freeze_strategy", "bottom", "--freeze_layers", "0.5"])
+    >>> args.freeze_strategy, args.freeze_layers
+    ('bottom', 0.5)
+    ```
+    """
+
+    freeze_strategy: str = field(
+        default="none",
+        metadata=_help(
+            "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
+            "'head_only', 'trlx', 'llama_factory'. Schedules (the frozen set changes during training): "
+            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. Chosen from measurements: 'adaptive'. See the "
+            "README for each strategy's options."
+        ),
+    )
+    freeze_layers: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "How many layers the strategy freezes ('bottom', 'top', 'adaptive'; for 'gradual_unfreezing', the bottom "
+            "layers frozen at the start, default all): a whole number is a count of layers, a number in (0, 1) a fraction "
+            "of them (rounded to the nearest count)."
+        ),
+    )
+    freeze_interval: Optional[int] = field(
+        default=None,
+        metadata=_help("'interval': freeze every n-th layer (n >= 1; default 2)."),
+    )
+    freeze_interval_offset: Optional[int] = field(
+        default=None,
+        metadata=_help("'interval': index of the first frozen layer (0 <= offset < freeze_interval; default 0)."),
+    )
+    freeze_layer_indices: Optional[List[int]] = field(
+        default=None,
+        metadata=_help("'layers': indices of the layers to freeze; negative indices count from the last layer."),
+    )
+    freeze_patterns: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "'pattern': regular expressions over parameter names to freeze. Matched from the start of the name; "
+            "a '.' between name parts is a literal dot, '.*' and '.+' keep their regex meaning."
+        ),
+    )
+    freeze_trainable_patterns: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "'pattern': regular expressions over parameter names that stay trainable (axolotl's "
+            "`unfrozen_parameters`). Alone, everything else is frozen; with `freeze_patterns`, they win."
+        ),
+    )
+    freeze_num_layers_unfrozen: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'trlx': trlx's `num_layers_unfrozen`. N > 0 trains the top N layers (the rest and the token "
+            "embeddings are frozen), 0 freezes every layer and both embeddings, -1 freezes nothing."
+        ),
+    )
+    freeze_trainable_layers: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'llama_factory': LLaMA-Factory's `freeze_trainable_layers`. N > 0 trains the last N layers, N < 0 "
+            "the first |N|; everything else (embeddings, norms, head included) is frozen."
+        ),
+    )
+    freeze_embeddings: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Freeze the input embeddings (token, position, token-type). Default: the strategy's choice (frozen "
+            "for 'bottom', 'head_only', 'bitfit', 'llama_factory'; the token embedding for 'trlx'; else trained)."
+        ),
+    )
+    freeze_norm: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Freeze the non-layer modules after the layers that are not the head (final norm, pooler). "
+            "Default: the strategy's choice (frozen for 'head_only', 'bitfit', 'llama_factory'; else trained)."
+        ),
+    )
+    freeze_head: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Freeze the task head (LM head, classifier). Default: the strategy's choice (frozen for "
+            "'llama_factory' and for 'trlx' with 0; else trained). A head tied to the input embeddings follows them."
+        ),
+    )
+    freeze_layer_paths: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "Dotted paths of the layer containers, in forward order, when they are not found automatically "
+            "(e.g. 'model.layers' or 'encoder.block decoder.block')."
+        ),
+    )
+
+    # -- schedules (hf_freeze/policies/schedules.py): the frozen set changes during training ----------------------
+    freeze_schedule_unit: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Schedules: progress is counted in 'step' (optimizer steps) or 'epoch' (whole epochs; changes then "
+            "happen as an epoch begins): the unit of `freeze_schedule_every`, and of the fractions of training of "
+            "'progressive'. Default: 'epoch' for 'gradual_unfreezing' (as in ULMFiT and Lightning), else 'step'."
+        ),
+    )
+    freeze_schedule_every: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Schedules: units between two changes of the frozen set (>= 1). 'gradual_unfreezing' unfreezes one "
+            "more group every N units (default 1); 'lisa' draws new layers every N (default 20, LMFlow's "
+            "`lisa_interval_steps`); 'badam' moves to the next block every N (default 50, LLaMA-Factory's "
+            "`badam_switch_interval`)."
+        ),
+    )
+    freeze_start: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': fraction of training in [0, 1) before any layer freezes (Composer's `freeze_start`; "
+            "default 0.5)."
+        ),
+    )
+    freeze_level: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': fraction of the layers in (0, 1] frozen by the end of training; layers freeze bottom-up, "
+            "linearly in time from `freeze_start` (Composer's `freeze_level`; default 1.0)."
+        ),
+    )
+    freeze_unfreeze_layers: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'gradual_unfreezing': layers unfrozen at each step of the schedule, top-down (>= 1; default 1). A "
+            "count at least the number of frozen layers unfreezes them all at once, like Lightning's "
+            "`BackboneFinetuning`."
+        ),
+    )
+    freeze_unfreeze_lr_factor: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'gradual_unfreezing': learning-rate factor in (0, 1] for layers when they are unfrozen (Lightning's "
+            "`backbone_initial_ratio_lr`, 0.1 there). Unset: newly unfrozen layers use the scheduler's rate."
+        ),
+    )
+    freeze_unfreeze_lr_growth: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'gradual_unfreezing' with `freeze_unfreeze_lr_factor`: the factor of an unfrozen layer is multiplied "
+            "by this (>= 1) at each later step of the schedule, up to 1 (Lightning's default `lambda_func` with "
+            "`should_align`: 1.5, the default here)."
+        ),
+    )
+    freeze_active_layers: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'lisa': layers trained at a time, drawn at random (LMFlow's `lisa_activated_layers`; default 2). "
+            "'badam': layers per block (default 1)."
+        ),
+    )
+    freeze_block_order: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'badam': order in which blocks take turns: 'ascending' (from the input; default), 'descending' or "
+            "'random' (a new permutation each pass, from the training seed)."
+        ),
+    )
+
+    # -- adaptive selection (hf_freeze/policies/adaptive.py, hf_freeze/scores.py) ---------------------------------
+    freeze_score: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive': how layers are scored. 'weight_change': relative weight change |dw|/|w| over the probe "
+            "(the adaptive strategy of seed 002; default); 'grad_norm': mean gradient norm over the probe; "
+            "'grad_norm_change': relative change of the gradient norm between the probe's halves, low when it has "
+            "settled (AutoFreeze; 2 or more probe steps); 'snr': signal-to-noise ratio of the weight matrices "
+            "against the Marchenko-Pastur noise edge, measured without a probe (Spectrum)."
+        ),
+    )
+    freeze_select: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive': which layers freeze: those with the 'lowest' scores (default: the layers that change "
+            "least, get the smallest or most settled gradients, carry the least signal) or the 'highest' (seed "
+            "002's ADT-H with 'weight_change'; 'lowest' is its ADT-L)."
+        ),
+    )
+    freeze_probe_steps: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive' with a score measured by a probe (all but 'snr'): optimizer steps each probe lasts, with "
+            "every layer training, before the layers are chosen: a whole number is a count of steps, a number in "
+            "(0, 1) a fraction of training (default 0.05, at least one step; two for 'grad_norm_change'). Must be "
+            "shorter than training and than `freeze_reselect_every`."
+        ),
+    )
+    freeze_reselect_every: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive': start a new round every N optimizer steps: every layer trains again for a new probe, then "
+            "the layers are chosen again from the new scores. Unset: the layers are chosen once."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        self._normalise_and_check()
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+
+    def _normalise_and_check(self) -> None:
+        # The one check of the options: types (the annotation-driven checker), then the strategy's own rules.
+        # Everything downstream (LayerFreezer, policies, the callback) trusts a FreezeArguments.
+        hints = field_hints(FreezeArguments)
+        for item in fields(FreezeArguments):
+            value = check_field(
+                item.name, hints[item.name], getattr(self, item.name), _EXPECTS.get(item.name),
+                count_or_fraction=item.name in _COUNT_OR_FRACTION,
+            )
+            setattr(self, item.name, value)
+        check_options(self, freeze_fields())
+
+    def freeze_options(self) -> Dict[str, Any]:
+        """The `freeze_*` fields as a JSON-safe dict (constructor arguments of an equivalent policy)."""
+        return {name: getattr(self, name) for name in freeze_fields()}
+
+    def is_active(self) -> bool:
+        """Whether any `freeze_*` option is set (a policy other than the default 'none' with nothing set)."""
+        return self.freeze_strategy != "none" or any(
+            getattr(self, name) is not None for name in freeze_fields() if name != "freeze_strategy"
+        )
+
+
+def freeze_fields() -> List[str]:
+    """Names of every `freeze_*` field, in declaration order."""
+    return [item.name for item in fields(FreezeArguments)]
+
+
+@dataclass
+class FreezeTrainingArguments(FreezeArguments, TrainingArguments):
+    """`TrainingArguments` that also carry the `freeze_*` fields, so one YAML file holds both.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeTrainingArguments
+    >>> args = FreezeTrainingArguments(output_dir="out", freeze_strategy="top", freeze_layers=2)
+    >>> args.freeze_strategy, args.learning_rate
+    ('top', 5e-05)
+    ```
+    """

@@ -1,0 +1,164 @@
+"""Check a training YAML the way `HfArgumentParser.parse_yaml_file` reads it, and report every problem at once.
+
+`parse_yaml_file` stops at the first bad value, and lets some through that break later: PyYAML reads ``2e-5`` as a
+string, so ``learning_rate: 2e-5`` is accepted and fails when the optimizer is built. `check_config` collects all of
+them: unknown keys (with the closest valid name), values of the wrong type, each bad `freeze_*` value with the field,
+the value and what is valid, and (given a model) the values that depend on it. Problems are sorted by the fields
+each error names (`FreezeConfigError.fields`); nothing here reads the text of a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import FreezeConfigError
+from ..model.discovery import discover_layout
+from ..policies import STRATEGIES
+from ..policies.adaptive import check_against_training
+from ..policies.simulate import check_against_layout
+from .arguments import FreezeArguments, FreezeTrainingArguments, freeze_fields
+from .files import load_config_file
+from .types import ConfigProblem, closest, field_hints, type_problem, unknown_keys, yaml_hint
+
+__all__ = ["ConfigProblem", "check_config", "check_config_file", "unknown_keys"]
+
+
+def check_config_file(path: str, dataclass_types: Sequence[type] = (FreezeTrainingArguments,), model=None) -> List[ConfigProblem]:
+    """Every problem of the YAML file at ``path`` for `HfArgumentParser(dataclass_types)` (see `check_config`)."""
+    try:
+        values = load_config_file(path)
+    except FreezeConfigError as error:
+        return [ConfigProblem(error.fields, error.message)]
+    return check_config(values, dataclass_types, model)
+
+
+def check_config(
+    values: Mapping[str, Any], dataclass_types: Sequence[type] = (FreezeTrainingArguments,), model=None
+) -> List[ConfigProblem]:
+    """Every problem of ``values`` as `HfArgumentParser(dataclass_types).parse_dict` would meet it, collected.
+
+    Args:
+        values: The parsed YAML.
+        dataclass_types: The argument dataclasses of the training script (`FreezeTrainingArguments`, or with the
+            script's own model and data dataclasses).
+        model: Optionally, the model (real or on the meta device) to check the model-dependent values against.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.config import check_config
+    >>> for problem in check_config({"learning_rat": 1.0e-5, "freeze_strategy": "bottm"}):
+    ...     print(problem)
+    unknown key 'learning_rat' (did you mean 'learning_rate'?)
+    `freeze_strategy` must be one of 'none', ... (got 'bottm'); did you mean 'bottom'?
+    ```
+    """
+    hint_of: Dict[str, Any] = {}
+    for dtype in dataclass_types:
+        for name, hint in field_hints(dtype).items():
+            hint_of.setdefault(name, hint)
+    problems = unknown_keys(values, dataclass_types)
+    freeze_names = set(freeze_fields())
+    typed: Dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hint_of:
+            continue
+        if key in freeze_names:  # FreezeArguments checks its own types, with its own coercions (3 -> [3])
+            typed[key] = value
+            continue
+        hint = hint_of[key]
+        expected = type_problem(value, hint)
+        if expected is None:
+            typed[key] = value
+        else:
+            problems.append(
+                ConfigProblem((key,), f"`{key}` must be {expected} (got {value!r}){yaml_hint(value)}{closest(value, hint)}")
+            )
+    freeze_values = {key: value for key, value in typed.items() if key in freeze_names}
+    freeze_problems, arguments = _freeze_problems(freeze_values)
+    problems += freeze_problems
+    max_steps = typed.get("max_steps")
+    if arguments is not None and isinstance(max_steps, int) and max_steps > 0:
+        problems += _problems_of(check_against_training, arguments, max_steps)
+    if arguments is not None and model is not None:
+        steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+        problems += _problems_of(_check_against_model, arguments, model, steps, suffix=" (for this model)")
+    for dtype in dataclass_types:
+        problems += _construction_problems(dtype, typed, freeze_names)
+    return problems
+
+
+def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optional[FreezeArguments]]:
+    """All `freeze_*` problems: after each error, drop the fields it names and look again."""
+    problems: List[ConfigProblem] = []
+    strategy = values.get("freeze_strategy", "none")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        message = f"`freeze_strategy` must be one of {', '.join(map(repr, STRATEGIES.names()))} (got {strategy!r})"
+        close = difflib.get_close_matches(str(strategy), STRATEGIES.names(), n=1)
+        problems.append(ConfigProblem(("freeze_strategy",), message + (f"; did you mean {close[0]!r}?" if close else "")))
+        values = {key: value for key, value in values.items() if key != "freeze_strategy"}
+        # Without a known strategy only the types of the other fields can be checked: one field at a time.
+        for key, value in values.items():
+            try:
+                FreezeArguments(freeze_strategy=_strategy_reading(key), **{key: value})
+            except FreezeConfigError as error:
+                if set(error.fields) <= {key}:
+                    problems.append(ConfigProblem((key,), error.sentence))
+        return problems, None
+    removed: set = set()
+    remaining = dict(values)
+    for _ in range(len(values) + 1):
+        try:
+            arguments = FreezeArguments(**remaining)
+            return problems, (arguments if not problems else None)
+        except FreezeConfigError as error:
+            mentioned = set(error.fields)
+            if mentioned & removed:
+                break  # a consequence of dropping a value already reported ("must be set")
+            named = mentioned & set(remaining)
+            problems.append(ConfigProblem(tuple(sorted(named)), error.sentence))
+            removable = named - {"freeze_strategy"}
+            if not removable:
+                break
+            for key in removable:
+                remaining.pop(key)
+            removed |= removable
+    return problems, None
+
+
+def _strategy_reading(option: str) -> str:
+    """A strategy that reads ``option``, to check its value alone."""
+    return next((name for name in STRATEGIES.names() if option in STRATEGIES.get(name).options), "none")
+
+
+def _strategy_reading(option: str) -> str:
+    """A strategy that reads ``option``, to check its value alone."""
+    return next((name for name in STRATEGIES.names() if option in STRATEGIES.get(name).options), "none")
+
+
+def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
+    check_against_layout(discover_layout(model, arguments.freeze_layer_paths), arguments, max_steps)
+
+
+def _problems_of(check: Callable[..., None], *args: Any, suffix: str = "") -> List[ConfigProblem]:
+    """The refusal of ``check(*args)`` as a problem (none when it passes)."""
+    try:
+        check(*args)
+    except FreezeConfigError as error:
+        return [ConfigProblem(error.fields, error.sentence + suffix)]
+    return []
+
+
+def _construction_problems(dtype: type, typed: Dict[str, Any], freeze_names: set) -> List[ConfigProblem]:
+    """Errors that only the dataclass's own `__post_init__` finds (e.g. contradictory training arguments)."""
+    names = {item.name for item in dataclasses.fields(dtype) if item.init}
+    own = {key: value for key, value in typed.items() if key in names and key not in freeze_names}
+    try:
+        dtype(**own)
+    except FreezeConfigError:
+        return []  # already reported field by field
+    except (ValueError, TypeError, ImportError, RuntimeError) as error:
+        return [ConfigProblem((), f"{dtype.__name__}: {error}")]
+    return []

@@ -1,0 +1,64 @@
+"""Configuration files: read a YAML (or JSON) mapping, and parse ``script.py config.yaml --option value``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, Iterable, Optional
+
+from ..errors import FreezeConfigError
+from .types import unknown_keys
+
+__all__ = ["load_config_file", "parse_args_with_config_file"]
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """The mapping in a YAML (or JSON) file; a `FreezeConfigError` when it cannot be read as one."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FreezeConfigError(f"Configuration file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        raise FreezeConfigError(f"{path} is not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise FreezeConfigError(f"{path} must hold a mapping of option: value (got a {type(values).__name__}).")
+    return values
+
+
+def parse_args_with_config_file(parser, args: Optional[Iterable[str]] = None) -> tuple:
+    """`parser.parse_args_into_dataclasses`, where the first argument may be a YAML/JSON file of defaults.
+
+    ``script.py config.yaml --learning_rate 1e-4`` reads the file, refuses its unknown keys (naming the closest
+    valid ones), then lets the command line override it: the file alone works as in `run_glue.py`, and one setting
+    can change without editing it.
+
+    Example:
+
+    ```python
+    >>> from transformers import HfArgumentParser
+    >>> from hf_freeze import FreezeArguments
+    >>> from hf_freeze.config import parse_args_with_config_file
+    >>> (args,) = parse_args_with_config_file(HfArgumentParser(FreezeArguments), ["--freeze_strategy", "top",
+    ...                                                                           "--freeze_layers", "2"])
+    >>> args.freeze_layers
+    2
+    ```
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0].endswith((".yaml", ".yml", ".json")):
+        values = load_config_file(args[0])
+        unknown = unknown_keys(values, parser.dataclass_types)
+        if unknown:
+            raise FreezeConfigError(f"{args[0]}: " + "; ".join(map(str, unknown)) + ".")
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False  # the file gives it
+        parser.set_defaults(**values)
+        args = args[1:]
+    return parser.parse_args_into_dataclasses(args=args)
+

@@ -1,0 +1,7 @@
+"""Integrations: the flow plugged into a training loop. `LayerFreezer` for any loop, `FreezeCallback` for the
+Trainer (thin glue over it), and the checks against the distributed backend the Trainer wraps the model with."""
+
+from .callback import FreezeCallback
+from .freezer import LayerFreezer
+
+__all__ = ["FreezeCallback", "LayerFreezer"]

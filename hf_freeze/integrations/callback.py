@@ -1,0 +1,167 @@
+"""`FreezeCallback`: thin glue from Trainer events to `LayerFreezer`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..config import FreezeArguments, arguments_from, resolve_arguments
+from ..errors import FreezeConfigError
+from ..logging import follow_training_log_level, get_logger
+from ..processes import raise_if_ranks_disagree
+from ..report import TIMELINE_JSON
+from .freezer import LayerFreezer
+from .support import check_backend, raise_if_changed_after_wrap
+from .trainer_state import move_before_reporters, progress_of, saved_callback_state
+
+logger = get_logger(__name__)
+
+__all__ = ["FreezeCallback"]
+
+
+class FreezeCallback(TrainerCallback, ExportableState):
+    """Freeze model layers by policy inside a `transformers.Trainer`.
+
+    The policy comes from the constructor (a `FreezeArguments` or `freeze_*` keywords) or, when the constructor
+    gets none, from the `TrainingArguments` when they carry `freeze_*` fields (`FreezeTrainingArguments`).
+
+    A static policy is applied in `on_init_end`, inside `Trainer.__init__`: before the Trainer builds its optimizer
+    (which then holds trainable parameters only) and before DDP wraps the model (which then all-reduces trainable
+    parameters only). The policy is first checked against the backend (DDP, FSDP, DeepSpeed) and a combination that
+    would crash mid-run or let the processes drift apart is refused, with the setting that fixes it.
+
+    A schedule or an adaptive policy makes every parameter it may ever train trainable in `on_init_end`, so that the
+    optimizer and DDP register them all, then applies each step's frozen set from `on_train_begin` on. A resumed run
+    takes the freezer's state (`LayerFreezer.state_dict`) from the checkpoint. The timeline is written to
+    ``args.output_dir`` as ``freeze_timeline.json`` and ``freeze_timeline.png``.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments
+    >>> from hf_freeze import FreezeCallback
+    >>> config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    ...                               intermediate_size=64, vocab_size=100)
+    >>> model = AutoModelForSequenceClassification.from_config(config)
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out", report_to="none"),
+    ...                   callbacks=[FreezeCallback(freeze_strategy="bottom", freeze_layers=0.5)])
+    >>> model.bert.encoder.layer[0].attention.self.query.weight.requires_grad
+    False
+    ```
+    """
+
+    def __init__(self, arguments: Optional[FreezeArguments] = None, **options: Any):
+        self._given = arguments_from(arguments, options)
+        self.freezer: Optional[LayerFreezer] = None
+        self._setup = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        move_before_reporters(self)
+        self._set_up(args, state, model, late=False)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        move_before_reporters(self)
+        late = self.freezer is None  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
+        if late:
+            self._set_up(args, state, model, late=True)
+        if self.freezer.skipped:
+            return
+        progress = progress_of(args, state)
+        if self.freezer.dynamic:
+            self.freezer.restart()  # a second `train()` on the same Trainer starts over
+            saved = saved_callback_state(state, type(self).__name__, self.freezer.arguments.freeze_options())
+            if saved is not None and progress.step > 0:
+                self.freezer.load_state_dict(saved, step=progress.step)
+            self.freezer.check_training_length(progress.max_steps)
+            change = self.freezer.update(progress, optimizer)
+            self._log(state, self.freezer.describe_update(change, always=True) + self.freezer.report_lines(summary=False))
+        else:
+            raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress))
+            change = self.freezer.apply(progress, optimizer)
+            if late:
+                self._log(state, self.freezer.report_lines())
+            elif change.changed:
+                self._log(state, [
+                    f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy "
+                    "when training began (something changed requires_grad after the Trainer was built); re-applied."
+                ], warning=True)
+        raise_if_ranks_disagree(self.freezer.frozen_names())
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self._drives_steps():
+            self._log(state, self.freezer.describe_update(self.freezer.update(progress_of(args, state), optimizer)))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._drives_steps():
+            self.freezer.before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._drives_steps():
+            self.freezer.after_optimizer_step()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write_timeline(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write_timeline(args, state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.freezer is None or logs is None:
+            return
+        metrics = self.freezer.metrics()
+        logs.update(metrics)
+        # The Trainer stored its copy of `logs` before calling us: keep `log_history` in step.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    def state(self) -> Dict[str, Any]:
+        """For checkpoints (`ExportableState`): the constructor's arguments and the freezer's state."""
+        arguments = self.freezer.arguments if self.freezer is not None else (self._given or FreezeArguments())
+        # `ExportableState.from_state` sets each attribute on a new instance: this name must not be one of ours.
+        attributes = {"freezer_state": self.freezer.state_dict()} if self.freezer is not None else {}
+        return {"args": arguments.freeze_options(), "attributes": attributes}
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _set_up(self, args, state, model, late: bool) -> None:
+        follow_training_log_level(args)
+        if model is None:
+            raise FreezeConfigError("FreezeCallback needs the model: the Trainer passes it to its callbacks.")
+        self.freezer = LayerFreezer(model, resolve_arguments(self._given, args))
+        if self.freezer.skipped:
+            self._log(state, [
+                f"FreezeCallback: freezing is skipped and nothing is changed, because {self.freezer.peft_reason}: "
+                "the adapter already decides what trains. To train extra modules, list them in the PEFT config's "
+                "`modules_to_save`."
+            ], warning=True)
+            return
+        decision = self.freezer.decide(progress_of(args, state))
+        self._setup = check_backend(args, self.freezer.model, self.freezer.strategy.name, self.freezer.dynamic, decision)
+        if self.freezer.dynamic:
+            # Every parameter the schedule may ever train stays trainable until the optimizer and DDP have
+            # registered it; each step's frozen set then applies from on_train_begin on.
+            self.freezer.prepare()
+            self._log(state, [
+                f"strategy {self.freezer.strategy.name!r} changes the frozen set during training: every parameter it "
+                f"may train stays trainable until {self._setup.describe()} registered it, then each step's frozen set "
+                f"applies; changes are logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
+            ])
+        elif not late:  # added late, the model may be wrapped already: on_train_begin checks before applying
+            self.freezer.apply(decision=decision)
+            self._log(state, self.freezer.report_lines())
+
+    def _drives_steps(self) -> bool:
+        return self.freezer is not None and self.freezer.dynamic
+
+    def _write_timeline(self, args, state) -> None:
+        if self.freezer is not None and state.is_world_process_zero:
+            self.freezer.write_timeline(getattr(args, "output_dir", None), end_step=state.global_step)
+
+    @staticmethod
+    def _log(state, lines, warning: bool = False) -> None:
+        if state is None or state.is_world_process_zero:
+            for line in lines:
+                (logger.warning if warning else logger.info)(line)

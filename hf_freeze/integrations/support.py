@@ -1,0 +1,208 @@
+"""Multi-process training: which freezing policies each backend (DDP, FSDP1, FSDP2, DeepSpeed ZeRO) can run.
+
+Facts about the backend (`DistributedSetup`) and about the policy (`PolicyFacts`) go into one pure function,
+`check_support`, which says "ok" (``None``) or why the combination cannot work and which setting fixes it. The
+callback asks it before training starts, so that a combination that would crash mid-run or, worse, let the ranks
+drift apart silently is refused with a clear message instead. What the wrappers do, measured on this stack:
+
+- DDP registers only the parameters that require grad when it wraps the model; only those are all-reduced
+  (frozen parameters cost no communication). A parameter unfrozen after the wrap is never all-reduced: the ranks
+  drift apart without an error. Freezing after the wrap works only with ``find_unused_parameters=True`` and no
+  ``static_graph`` (the frozen parameters then stay registered and are all-reduced as zeros); with
+  ``find_unused_parameters=False`` the next step silently skips the all-reduce and the one after raises
+  "Expected to have finished reduction in the prior iteration".
+- FSDP1 with ``use_orig_params=False`` flattens each wrapped unit into one `FlatParameter`, which must be all
+  frozen or all trainable (torch raises "Must flatten tensors with uniform `requires_grad`" at the wrap).
+- FSDP1 with ``use_orig_params=True`` accepts mixed units; frozen parameters are still reduce-scattered (as zeros).
+- FSDP2 (`fully_shard`) shards each parameter on its own; it accepts frozen parameters, and `requires_grad`
+  changes after the wrap, but it replaces the parameter objects, so a policy that changes during training would
+  need its applier to look them up again after the wrap (not done yet: refused).
+- DeepSpeed ZeRO builds its optimizer partitions from the trainable parameters at `deepspeed.initialize`: frozen
+  parameters get no optimizer state and no gradient partition; the trainable set is fixed from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..errors import FreezeConfigError
+from .backends import DDP, DEEPSPEED, FSDP, SINGLE, DistributedSetup, detect_setup
+
+__all__ = [
+    "PolicyFacts",
+    "applies_before_wrap",
+    "check_backend",
+    "check_support",
+    "flat_parameter_units",
+    "mixed_units",
+    "raise_if_changed_after_wrap",
+]
+
+
+@dataclass(frozen=True)
+class PolicyFacts:
+    """What a policy does to the trainable set, as far as the backend is concerned.
+
+    Args:
+        strategy: The `freeze_strategy` value (for messages).
+        dynamic: True when the trainable set changes during training (schedules, adaptive selection).
+        trainable: Number of parameter tensors the first decision leaves trainable.
+        frozen: Number of parameter tensors it freezes.
+        mixed_units: FSDP1 units that the first decision would leave partly frozen, as
+            ``(unit, a frozen parameter, a trainable parameter)``.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.integrations.backends import DistributedSetup
+    >>> from hf_freeze.integrations.support import PolicyFacts, check_support
+    >>> ddp = DistributedSetup("ddp", world_size=2, find_unused_parameters=False)
+    >>> check_support(ddp, PolicyFacts("bottom", dynamic=False, trainable=10, frozen=5)) is None
+    True
+    >>> "`ddp_find_unused_parameters: true`" in check_support(ddp, PolicyFacts("lisa", dynamic=True, trainable=10, frozen=5))
+    True
+    ```
+    """
+
+    strategy: str
+    dynamic: bool
+    trainable: int
+    frozen: int
+    mixed_units: Tuple[Tuple[str, str, str], ...] = ()
+
+
+def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
+    """``None`` when the policy can run on this backend, otherwise why not and the setting that fixes it."""
+    name = f"`freeze_strategy` {policy.strategy!r}"
+    if policy.trainable == 0 and policy.frozen > 0:
+        return (
+            f"{name} freezes every parameter, so nothing would train: the first backward pass fails, and under "
+            "multi-process training accelerate skips (GPU) or fails (CPU) the DDP wrap. Leave something "
+            "trainable, e.g. `freeze_head: false`."
+        )
+    if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
+        if policy.mixed_units:
+            unit, frozen, trainable = policy.mixed_units[0]
+            where = "the root unit" if unit == "" else f"unit {unit!r}"
+            return (
+                f"{name} freezes part of a unit that FSDP1 flattens into one FlatParameter, which must be all "
+                f"frozen or all trainable with `use_orig_params=False` (in {where}: {frozen!r} is frozen, "
+                f"{trainable!r} trains; {len(policy.mixed_units)} unit(s) mixed; PEFT #1702). Set "
+                "`fsdp_config: {use_orig_params: true}` in the TrainingArguments (`fsdp_use_orig_params: true` in "
+                "an accelerate config), or use FSDP2 (`fsdp_version: 2`)."
+            )
+    if policy.dynamic:
+        if setup.backend in (FSDP, DEEPSPEED):
+            return (
+                f"{name} changes the trainable parameters during training, which {setup.describe()} does not "
+                f"support: {_FIXED_AT_WRAP[(setup.backend, setup.fsdp_version)]} Train with DDP (`accelerate "
+                "launch` without an FSDP/DeepSpeed config, and `ddp_find_unused_parameters: true`), or use a "
+                "static strategy."
+            )
+        if setup.backend == DDP and setup.multi_process:
+            if setup.static_graph:
+                return (
+                    f"{name} changes the trainable parameters during training, and DDP's `static_graph` assumes "
+                    "the set of parameters that get gradients never changes (the step after a change raises). "
+                    "Set `ddp_static_graph: false`."
+                )
+            if not setup.find_unused_parameters:
+                because = (
+                    " (the Trainer turns it off by default when gradient checkpointing is on)"
+                    if setup.gradient_checkpointing
+                    else ""
+                )
+                return (
+                    f"{name} changes the trainable parameters during training, and under DDP a parameter frozen "
+                    "after the wrap needs `find_unused_parameters=True`: without it the next step skips the "
+                    "gradient all-reduce silently and the one after raises. `ddp_find_unused_parameters` resolves "
+                    f"to False here{because}. Set `ddp_find_unused_parameters: true` (it works with the default "
+                    "non-reentrant gradient checkpointing)."
+                )
+    return None
+
+
+_FIXED_AT_WRAP = {
+    (DEEPSPEED, None): "ZeRO builds its optimizer partitions and gradient hooks from the parameters that are "
+    "trainable at `deepspeed.initialize`, so a parameter unfrozen later is never updated.",
+    (FSDP, 1): "FSDP1 fixes at the wrap whether each flat parameter needs a gradient, so a unit that was wholly "
+    "frozen then never trains when it is unfrozen later.",
+    (FSDP, 2): "FSDP2 replaces every parameter object when it shards the model, and hf_freeze does not yet look "
+    "them up again after the wrap, so changes after the wrap would miss the sharded parameters.",
+}
+
+
+def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:
+    """Whether the first decision is applied before the model is wrapped (`on_init_end`) or after (`on_train_begin`).
+
+    Static policies are applied before the wrap, so that DDP registers (and all-reduces) the trainable parameters
+    only. A policy that changes the trainable set under DDP must leave every parameter trainable at the wrap, so
+    that DDP registers them all: a parameter DDP did not register is never all-reduced once it is unfrozen.
+    """
+    return not (policy.dynamic and setup.backend == DDP and setup.multi_process)
+
+
+def check_backend(args: Any, model: nn.Module, strategy: str, dynamic: bool, decision: Any) -> DistributedSetup:
+    """Check the first decision against the backend the Trainer will use; return that backend's facts.
+
+    Raises:
+        FreezeConfigError: the policy cannot run on this backend (the message names the setting that fixes it).
+    """
+    setup = detect_setup(args, model)
+    names = [name for name, _ in model.named_parameters()]
+    frozen = [name for name in names if decision.is_frozen(name)]
+    units = ()
+    if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
+        units = mixed_units(flat_parameter_units(model, setup.fsdp_wrap_classes), frozen)
+    error = check_support(setup, PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units))
+    if error:
+        raise FreezeConfigError(error)
+    return setup
+
+
+def raise_if_changed_after_wrap(setup: DistributedSetup, flips: Sequence[str]) -> None:
+    """Refuse to flip `requires_grad` of the parameters ``flips`` once a backend has wrapped the model (the policy
+    is static here).
+
+    DDP, FSDP and DeepSpeed fixed what they synchronise at the wrap; flipping flags now leaves a parameter that
+    is never synchronised, or makes the next steps skip or fail the gradient reduction.
+    """
+    if setup.backend == SINGLE:
+        return
+    if flips:
+        raise FreezeConfigError(
+            f"{len(flips)} parameter(s) would change `requires_grad` after {setup.describe()} wrapped the model "
+            f"(e.g. {flips[:3]}), and the wrapper fixed at the wrap which gradients it synchronises. Pass the "
+            "callback to the Trainer, `Trainer(..., callbacks=[FreezeCallback(...)])`, not `add_callback` after "
+            "it is built, and do not change `requires_grad` between building the Trainer and `train()`."
+        )
+
+
+def flat_parameter_units(model: nn.Module, wrap_classes: Optional[Sequence[str]]) -> Dict[str, str]:
+    """Map each parameter name to the FSDP1 unit that flattens it: the innermost wrapped module's path ('' = root).
+
+    Unknown wrapping (``None``) is treated as one unit, the strictest assumption.
+    """
+    wrapped = set(wrap_classes or ())
+    unit_paths = [name for name, module in model.named_modules() if name and type(module).__name__ in wrapped]
+    units = {}
+    for name, _ in model.named_parameters():
+        owners = [path for path in unit_paths if name.startswith(path + ".")]
+        units[name] = max(owners, key=len) if owners else ""
+    return units
+
+
+def mixed_units(units: Mapping[str, str], frozen: Iterable[str]) -> Tuple[Tuple[str, str, str], ...]:
+    """Units holding both frozen and trainable parameters, as ``(unit, a frozen name, a trainable name)``."""
+    frozen = set(frozen)
+    by_unit: Dict[str, Tuple[list, list]] = {}
+    for name, unit in units.items():
+        by_unit.setdefault(unit, ([], []))[0 if name in frozen else 1].append(name)
+    return tuple(
+        (unit, frozen_names[0], trainable_names[0])
+        for unit, (frozen_names, trainable_names) in sorted(by_unit.items())
+        if frozen_names and trainable_names
+    )

@@ -1,0 +1,323 @@
+"""What every policy shares: the progress and decision types, the strategy registry, and `decide`.
+
+A policy is pure: from a `ModelLayout`, the options, and the training progress to the set of parameter names to
+freeze. No torch, no side effects; the applier does the rest. Options arrive as any object with ``freeze_*``
+attributes (a `FreezeArguments`, or a `SimpleNamespace` in a test): policies never import the configuration.
+Options are checked once, by `check_options`, when the configuration is built; `decide` trusts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
+
+from ..errors import FreezeConfigError, invalid
+from ..model.layout import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelLayout
+from ..registry import Registry
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "STRATEGIES",
+    "FreezeDecision",
+    "Strategy",
+    "TrainingProgress",
+    "check_options",
+    "decide",
+    "register_strategy",
+]
+
+# Options every strategy accepts; the rest belong to the strategies that name them.
+COMMON_OPTIONS = ("freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths")
+# The options that settle the blocks outside the layers, and the block kinds each one covers.
+NON_LAYER_OPTIONS = {"freeze_embeddings": (EMBEDDINGS,), "freeze_norm": (NORM, OTHER), "freeze_head": (HEAD,)}
+
+Selection = Tuple[List[str], List[str]]
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training stands, for policies that change over time (static ones ignore it).
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import TrainingProgress
+    >>> TrainingProgress(step=50, max_steps=100).fraction
+    0.5
+    ```
+    """
+
+    step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    num_epochs: float = 0.0
+    seed: int = 0
+    # Per-layer scores measured for the current selection (adaptive policies), in layer order.
+    layer_scores: Optional[Tuple[float, ...]] = None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.max_steps if self.max_steps else 0.0
+
+
+@dataclass(frozen=True)
+class FreezeDecision:
+    """The outcome of a policy: which parameters are frozen, and what the user should be told about it.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeDecision
+    >>> decision = FreezeDecision(frozenset({"h.0.w"}))
+    >>> decision.is_frozen("h.0.w"), decision.is_frozen("h.1.w")
+    (True, False)
+    ```
+    """
+
+    frozen: FrozenSet[str]
+    notes: Tuple[str, ...] = ()
+    # Trainable parameters whose optimizer update is multiplied by a factor (a per-layer learning-rate factor).
+    update_factors: Dict[str, float] = field(default_factory=dict, compare=False)
+
+    def is_frozen(self, parameter_name: str) -> bool:
+        return parameter_name in self.frozen
+
+    def frozen_layers(self, layout: ModelLayout) -> List[int]:
+        return layout.frozen_layer_indices(self.frozen)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered policy: what `freeze_strategy: <name>` runs.
+
+    Args:
+        name: The `freeze_strategy` value.
+        select: ``(layout, options, progress) -> (frozen parameter names, notes)`` for the layer part of the
+            policy; the non-layer blocks are then settled by `defaults` and the user's overrides.
+        options: `freeze_*` fields this strategy reads besides the common ones.
+        defaults: Whether embeddings / norms / head are frozen when the user leaves them unset.
+        check: Configuration-time validation that needs no model; raises `FreezeConfigError`.
+        dynamic: True when the decision depends on the training progress.
+        description: One line for docs and `--help`.
+        update_factors: ``(layout, options, progress) -> {parameter name: factor}`` for strategies that scale the
+            optimizer update of some trainable parameters (a learning-rate factor); factors of 1 can be left out.
+        fixed_overrides: Non-layer options (`freeze_head`, ...) the strategy decides itself and refuses.
+        needs_scores: True when the decision reads measured per-layer scores (`TrainingProgress.layer_scores`),
+            which `LayerFreezer` measures with a `hf_freeze.scores.LayerProbe`.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import ModelLayout, Strategy
+    >>> def odd_layers(layout, options, progress):
+    ...     return [n for b in layout.layers if b.layer_index % 2 for n in b.parameters], []
+    >>> strategy = Strategy("odd_layers", odd_layers, description="Freeze odd layers.")
+    >>> # register_strategy(strategy) makes it available as `freeze_strategy: odd_layers`
+    >>> strategy.select(ModelLayout.from_layer_sizes([1, 1, 1, 1]), None, None)[0]
+    ['layers.1.weight', 'layers.3.weight']
+    ```
+    """
+
+    name: str
+    select: Callable[[ModelLayout, Any, TrainingProgress], Tuple[Iterable[str], Iterable[str]]]
+    options: Tuple[str, ...] = ()
+    defaults: Dict[str, bool] = field(default_factory=dict)
+    check: Optional[Callable[[Any], None]] = None
+    dynamic: bool = False
+    description: str = ""
+    fixed_overrides: Tuple[str, ...] = ()
+    update_factors: Optional[Callable[[ModelLayout, Any, TrainingProgress], Dict[str, float]]] = None
+    needs_scores: bool = False
+
+
+STRATEGIES: Registry[Strategy] = Registry("strategy", field="freeze_strategy")
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    """Make ``strategy`` available as ``freeze_strategy: <strategy.name>`` (in YAML, on the command line, in code).
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import STRATEGIES, Strategy, register_strategy
+    >>> def first_layer(layout, options, progress):
+    ...     return list(layout.layers[0].parameters), []
+    >>> _ = register_strategy(Strategy("first_layer_example", first_layer, description="Freeze layer 0."))
+    >>> "first_layer_example" in STRATEGIES
+    True
+    ```
+    """
+    return STRATEGIES.add(strategy.name, strategy)
+
+
+def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
+    """Configuration-time checks shared by every strategy, then the strategy's own; returns the strategy.
+
+    Args:
+        options: An object with the ``freeze_*`` attributes.
+        field_names: Every ``freeze_*`` field there is (an option set that its strategy does not read is refused).
+    """
+    strategy = STRATEGIES.get(options.freeze_strategy)
+    allowed = set(COMMON_OPTIONS) | set(strategy.options)
+    unused = [name for name in field_names if name not in allowed and getattr(options, name) is not None]
+    if unused:
+        readers = {name: [s for s in STRATEGIES.names() if name in STRATEGIES.get(s).options] for name in unused}
+        detail = "; ".join(f"`{name}` is read by {readers[name] or 'no strategy'}" for name in unused)
+        raise FreezeConfigError(
+            f"`freeze_strategy` {options.freeze_strategy!r} does not use {', '.join(f'`{n}`' for n in unused)} "
+            f"(set to {', '.join(repr(getattr(options, n)) for n in unused)}): {detail}. Remove them or change the "
+            "strategy.",
+            fields=["freeze_strategy", *unused],
+        )
+    for name in strategy.fixed_overrides:
+        if getattr(options, name) is not None:
+            raise FreezeConfigError(
+                f"`{name}` cannot be set with `freeze_strategy` {strategy.name!r} (got {getattr(options, name)!r}): "
+                f"{strategy.name!r} decides it itself. Remove `{name}`.",
+                fields=[name],
+            )
+    if strategy.check is not None:
+        strategy.check(options)
+    return strategy
+
+
+def decide(layout: ModelLayout, options: Any, progress: Optional[TrainingProgress] = None) -> FreezeDecision:
+    """Run the configured policy on a layout: the one entry point from options to a `FreezeDecision`.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeArguments, ModelLayout, decide
+    >>> layout = ModelLayout.from_layer_sizes([10, 10, 10, 10], embeddings=5, head=3)
+    >>> sorted(decide(layout, FreezeArguments(freeze_strategy="bottom", freeze_layers=0.5)).frozen)
+    ['embeddings.weight', 'layers.0.weight', 'layers.1.weight']
+    ```
+    """
+    strategy = STRATEGIES.get(options.freeze_strategy)
+    progress = progress or TrainingProgress()
+    selected, notes = strategy.select(layout, options, progress)
+    frozen = set(selected)
+    pinned_frozen, pinned_trainable = _non_layer_settings(layout, options, strategy)
+    frozen = (frozen | pinned_frozen) - pinned_trainable
+    notes = list(notes) + _tied_embedding_notes(layout, frozen, options)
+    factors = {}
+    if strategy.update_factors is not None:
+        factors = {
+            name: factor
+            for name, factor in strategy.update_factors(layout, options, progress).items()
+            if factor != 1.0 and name not in frozen
+        }
+    return FreezeDecision(frozenset(frozen), tuple(notes), update_factors=factors)
+
+
+def registration_decision(layout: ModelLayout, options: Any) -> FreezeDecision:
+    """What a dynamic strategy applies before the optimizer and DDP exist: every parameter it may ever train is
+    trainable, so the Trainer's optimizer (built from trainable parameters only) and DDP register them all.
+
+    Only the non-layer blocks that the options (or the strategy's defaults) pin as frozen stay frozen. The step's
+    own frozen set is applied once the optimizer exists; a registered but frozen parameter has ``grad=None``, which
+    every torch optimizer skips, and gets no optimizer state.
+    """
+    pinned_frozen, _ = _non_layer_settings(layout, options, STRATEGIES.get(options.freeze_strategy))
+    return FreezeDecision(frozenset(pinned_frozen))
+
+
+def _non_layer_settings(layout: ModelLayout, options: Any, strategy: Strategy) -> Tuple[set, set]:
+    """The non-layer parameters pinned frozen (by the user or the strategy's defaults) and pinned trainable (by the
+    user only: a strategy's own choice for a block it leaves unset is whatever its `select` decided)."""
+    frozen, trainable = set(), set()
+    for option, kinds in NON_LAYER_OPTIONS.items():
+        if option in strategy.fixed_overrides:
+            continue
+        value = getattr(options, option)
+        names = set(layout.parameters_of(layout.blocks_of_kind(*kinds)))
+        if value is None and strategy.defaults.get(option, False):
+            frozen |= names
+        elif value is True:
+            frozen |= names
+        elif value is False:
+            trainable |= names
+    return frozen, trainable
+
+
+def _tied_embedding_notes(layout: ModelLayout, frozen: set, options: Any) -> List[str]:
+    shared = set(layout.input_embedding_parameters) & set(layout.output_embedding_parameters)
+    if not shared:
+        return []
+    embeddings, head = options.freeze_embeddings, options.freeze_head
+    if embeddings is not None and head is not None and embeddings != head:
+        raise FreezeConfigError(
+            f"`freeze_embeddings` ({embeddings!r}) and `freeze_head` ({head!r}) contradict each other: this "
+            f"model's output embeddings are its input embeddings ({', '.join(sorted(shared))}). Set both to the same "
+            "value, or leave one unset.",
+            fields=["freeze_embeddings", "freeze_head"],
+        )
+    state = "frozen" if shared <= frozen else "trainable"
+    aliases = sorted(alias for alias, name in layout.tied_parameters.items() if name in shared)
+    return [f"{', '.join(sorted(shared))} is shared with {', '.join(aliases) or 'the output embeddings'} (tied weights): {state}."]
+
+
+# -- pieces the strategies share -----------------------------------------------------------------------------------
+
+
+def resolve_count(value: Any, num_layers: int, field_name: str = "freeze_layers") -> int:
+    """Turn a count or a fraction of layers into a count, refusing values the model cannot honour."""
+    if value is None:
+        raise invalid(field_name, value, f"set: a count of layers (1..{num_layers}) or a fraction in (0, 1)")
+    if isinstance(value, float) and not value.is_integer():
+        if not 0 < value < 1:
+            raise invalid(field_name, value, f"a whole count of layers (0..{num_layers}) or a fraction in (0, 1)")
+        count = int(value * num_layers + 0.5)
+        if count == 0:
+            raise invalid(
+                field_name, value, f"a fraction that selects at least one of the {num_layers} layers (>= {0.5 / num_layers:.3g})"
+            )
+        return count
+    count = int(value)
+    if not 0 <= count <= num_layers:
+        raise invalid(field_name, value, f"between 0 and the model's {num_layers} layers")
+    return count
+
+
+def layer_parameters(layout: ModelLayout, indices: Iterable[int]) -> List[str]:
+    """The parameter names of the layers at ``indices``."""
+    wanted = set(indices)
+    return [name for block in layout.layers if block.layer_index in wanted for name in block.parameters]
+
+
+def require_layers(layout: ModelLayout, strategy: str) -> int:
+    if layout.num_layers == 0:
+        raise FreezeConfigError(
+            f"`freeze_strategy` {strategy!r} needs layers, and this model has none discovered. Name the layer "
+            "containers with `freeze_layer_paths`, or choose 'pattern'.",
+            fields=["freeze_strategy"],
+        )
+    return layout.num_layers
+
+
+def bottom_prefix(layout: ModelLayout, options: Any, layers: Iterable[int], embeddings: bool = True) -> List[str]:
+    """The frozen-prefix rule: the given layers, and what sits below them when they include layer 0.
+
+    While anything below a frozen layer trains, backward runs through the frozen layers anyway and freezing them
+    saves nothing; so the input embeddings freeze with layer 0 (when ``embeddings`` and the user left
+    `freeze_embeddings` unset), and a norm between two stacks (T5's ``encoder.final_layer_norm`` when the whole
+    encoder is frozen) freezes with the layers around it (when `freeze_norm` is unset).
+    """
+    chosen = sorted(set(layers))
+    if not chosen:
+        return []
+    frozen = layer_parameters(layout, chosen)
+    if chosen[0] != 0:
+        return frozen
+    if embeddings and options.freeze_embeddings is None:
+        frozen += layout.parameters_of(layout.blocks_of_kind(EMBEDDINGS))
+    if options.freeze_norm is None:
+        contiguous = 0
+        while contiguous < len(chosen) and chosen[contiguous] == contiguous:
+            contiguous += 1
+        for block in layout.blocks:
+            if block.kind == LAYER and block.layer_index >= contiguous:
+                break
+            if block.kind in (NORM, OTHER):
+                frozen += block.parameters
+    return frozen

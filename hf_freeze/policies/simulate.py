@@ -1,0 +1,107 @@
+"""Run a policy over a whole training run without a model or a run: the frozen set at every change.
+
+The one simulator: `hf-freeze plan` shows its result, `hf_freeze.report.simulate_timeline` draws it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, FrozenSet, List, Optional, Sequence
+
+from ..errors import invalid
+from ..model.layout import ModelLayout
+from .core import STRATEGIES, TrainingProgress, decide
+
+__all__ = ["FrozenSetChange", "check_against_layout", "frozen_sets_over_training", "placeholder_scores"]
+
+
+@dataclass(frozen=True)
+class FrozenSetChange:
+    """The frozen set from `step` on (until the next change)."""
+
+    step: int
+    epoch: float
+    frozen: FrozenSet[str]
+
+
+def placeholder_scores(layout: ModelLayout) -> Sequence[float]:
+    """Equal scores for every layer: what a simulation selects from in place of scores measured during training
+    (the selection then takes the first layers)."""
+    return (0.0,) * layout.num_layers
+
+
+def frozen_sets_over_training(
+    layout: ModelLayout,
+    options: Any,
+    max_steps: int,
+    num_epochs: Optional[float] = None,
+    steps_per_epoch: Optional[int] = None,
+    seed: int = 0,
+    layer_scores: Optional[Sequence[float]] = None,
+    checkpoints: int = 1000,
+) -> List[FrozenSetChange]:
+    """Run the policy over ``max_steps`` optimizer steps; one entry per change of the frozen set (the first at 0).
+
+    The length of an epoch comes from ``steps_per_epoch`` or, without it, from ``num_epochs`` over ``max_steps``
+    (default: one epoch). An adaptive policy selects from ``layer_scores`` (one per layer) in every round; without
+    them only its probes show (nothing is frozen).
+
+    The policy is asked at every step when ``max_steps <= checkpoints``, else at ``checkpoints`` evenly spaced
+    steps, with bisection between two that differ to find the exact step of each change (a change undone before
+    the next checkpoint is not seen then). A static policy gives one entry.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeArguments, ModelLayout
+    >>> from hf_freeze.policies import frozen_sets_over_training
+    >>> layout = ModelLayout.from_layer_sizes([10, 10, 10, 10], embeddings=5, head=3)
+    >>> options = FreezeArguments(freeze_strategy="progressive", freeze_start=0.5)
+    >>> [(change.step, layout.frozen_layer_indices(change.frozen))
+    ...  for change in frozen_sets_over_training(layout, options, 8)]
+    [(0, []), (5, [0]), (6, [0, 1]), (7, [0, 1, 2])]
+    ```
+    """
+    if max_steps < 1:
+        raise invalid("max_steps", max_steps, "a number of training steps >= 1")
+    if steps_per_epoch:
+        num_epochs = float(math.ceil(max_steps / steps_per_epoch))
+        epoch_of = lambda step: step / steps_per_epoch  # noqa: E731
+    else:
+        num_epochs = 1.0 if num_epochs is None else float(num_epochs)
+        epoch_of = lambda step: num_epochs * step / max_steps  # noqa: E731
+    scores = tuple(layer_scores) if layer_scores is not None else None
+
+    def at(step: int) -> FrozenSetChange:
+        progress = TrainingProgress(step, max_steps, epoch_of(step), num_epochs, seed, scores)
+        return FrozenSetChange(step, epoch_of(step), decide(layout, options, progress).frozen)
+
+    if not STRATEGIES.get(options.freeze_strategy).dynamic:  # a static policy ignores the progress by definition
+        return [at(0)]
+    stride = max(1, math.ceil(max_steps / checkpoints))
+    changes = [at(0)]
+    for step in list(range(stride, max_steps, stride)) + [max_steps - 1]:
+        current = at(step)
+        # Every change in (previous step, step]: bisect to the first, then look again after it.
+        while current.frozen != changes[-1].frozen:
+            low, high = changes[-1].step, current.step
+            while high - low > 1:
+                middle = (low + high) // 2
+                if at(middle).frozen == changes[-1].frozen:
+                    low = middle
+                else:
+                    high = middle
+            changes.append(at(high) if high != current.step else current)
+    return changes
+
+
+def check_against_layout(layout: ModelLayout, options: Any, max_steps: Optional[int] = None) -> None:
+    """Raise now what the policy would raise on this model during training (a count above the number of layers, an
+    index past the last layer, a pattern that matches nothing): it is asked at the start of training and, when it
+    changes during training, at the quarter points and the end too.
+    """
+    steps = max_steps or 100
+    fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if STRATEGIES.get(options.freeze_strategy).dynamic else (0.0,)
+    for fraction in fractions:
+        decide(layout, options, TrainingProgress(step=int(fraction * steps), max_steps=steps))

@@ -1,0 +1,25 @@
+"""Reporting: counts and `freeze/...` metrics, the per-block table, log lines, the timeline record and its chart."""
+
+from .chart import plot_timeline
+from .lines import compact_blocks, describe_change, describe_selection, layer_ranges
+from .metrics import block_rows, count_metrics, format_block_table, freeze_metrics, model_metrics, summary_line
+from .timeline import TIMELINE_JSON, TIMELINE_PNG, FreezeTimeline, simulate_timeline
+
+
+__all__ = [
+    "TIMELINE_JSON",
+    "TIMELINE_PNG",
+    "FreezeTimeline",
+    "block_rows",
+    "compact_blocks",
+    "count_metrics",
+    "describe_change",
+    "describe_selection",
+    "format_block_table",
+    "freeze_metrics",
+    "layer_ranges",
+    "model_metrics",
+    "plot_timeline",
+    "simulate_timeline",
+    "summary_line",
+]

@@ -1,0 +1,101 @@
+"""Counts: trainable and total parameters, the `freeze/...` log metrics, the one-line summary, the block table."""
+
+from __future__ import annotations
+
+from typing import Collection, Dict, List, Optional
+
+from torch import nn
+
+from ..model.layout import ModelLayout
+
+__all__ = ["block_rows", "count_metrics", "format_block_table", "freeze_metrics", "model_metrics", "summary_line"]
+
+
+def count_metrics(trainable: int, total: int) -> Dict[str, float]:
+    """The count metrics every report shares."""
+    return {
+        "freeze/trainable_params": trainable,
+        "freeze/total_params": total,
+        "freeze/trainable_fraction": round(trainable / total, 6) if total else 0.0,
+    }
+
+
+def model_metrics(model: nn.Module) -> Dict[str, float]:
+    """Count metrics read off a model's own `requires_grad` flags (tied weights counted once), for models whose
+    blocks were not discovered (a PEFT model, which hf_freeze leaves alone)."""
+    parameters = list(model.parameters())
+    return count_metrics(sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
+
+
+def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, object]]:
+    """One row per block: position, name, kind, layer index, parameter count, state."""
+    frozen = set(frozen)
+    rows = []
+    for position, block in enumerate(layout.blocks):
+        frozen_count = sum(size for name, size in zip(block.parameters, block.sizes) if name in frozen)
+        if frozen_count == 0:
+            state = "trainable"
+        elif frozen_count == block.num_parameters:
+            state = "frozen"
+        else:
+            state = f"partial ({100 * (block.num_parameters - frozen_count) / block.num_parameters:.1f}% trainable)"
+        rows.append(
+            {
+                "position": position,
+                "name": block.name,
+                "kind": block.kind,
+                "layer": "" if block.layer_index is None else block.layer_index,
+                "parameters": block.num_parameters,
+                "trainable_parameters": block.num_parameters - frozen_count,
+                "state": state,
+            }
+        )
+    return rows
+
+
+def freeze_metrics(layout: ModelLayout, frozen: Collection[str]) -> Dict[str, float]:
+    """The `freeze/...` metrics the callback adds to the Trainer's logs.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import ModelLayout
+    >>> from hf_freeze.report import freeze_metrics
+    >>> freeze_metrics(ModelLayout.from_layer_sizes([10, 10]), {"layers.0.weight"})["freeze/trainable_fraction"]
+    0.5
+    ```
+    """
+    sizes = layout.parameter_sizes
+    frozen = set(frozen)
+    total = sum(sizes.values())
+    trainable = total - sum(size for name, size in sizes.items() if name in frozen)
+    return {**count_metrics(trainable, total), "freeze/frozen_layers": len(layout.frozen_layer_indices(frozen))}
+
+
+def summary_line(metrics: Dict[str, float], num_layers: Optional[int] = None) -> str:
+    """``trainable params: ... || all params: ... || trainable%: ... || frozen layers: i/n`` from the metrics."""
+    line = f"trainable params: {metrics['freeze/trainable_params']:,} || all params: {metrics['freeze/total_params']:,}"
+    if num_layers is None:
+        return line
+    return (
+        f"{line} || trainable%: {100 * metrics['freeze/trainable_fraction']:.4f} "
+        f"|| frozen layers: {metrics['freeze/frozen_layers']}/{num_layers}"
+    )
+
+
+def format_block_table(layout: ModelLayout, frozen: Collection[str]) -> str:
+    """A fixed-width table a person can read in a log."""
+    rows = block_rows(layout, frozen)
+    headers = ["#", "block", "kind", "layer", "params", "state"]
+    cells = [
+        [str(row["position"]), str(row["name"]), str(row["kind"]), str(row["layer"]), f"{row['parameters']:,}", str(row["state"])]
+        for row in rows
+    ]
+    widths = [max(len(header), *(len(line[i]) for line in cells)) if cells else len(header) for i, header in enumerate(headers)]
+    right = {0, 3, 4}
+
+    def render(values: List[str]) -> str:
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    lines = [render(headers), render(["-" * w for w in widths])] + [render(line) for line in cells]
+    return "\n".join(lines)

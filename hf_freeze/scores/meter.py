@@ -1,0 +1,66 @@
+"""`ScoreMeter`: the interface a per-layer score is measured through, during an adaptive policy's probe.
+
+A meter is told when the probe begins (`start`), sees the gradients before each optimizer step of the probe
+(`observe_gradients`), and returns one number per layer when it ends (`finish`): higher = changed more, larger
+gradients, more signal. Its state is JSON-safe and keyed by parameter name, so a checkpoint taken in the middle of
+a probe resumes it exactly. Register a new score with `hf_freeze.register_score(Score(name, meter=YourMeter))`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["Layers", "ScoreMeter"]
+
+# Layers in forward order: (block name, [(parameter name, parameter), ...]).
+Layers = Sequence[Tuple[str, Sequence[Tuple[str, nn.Parameter]]]]
+
+
+class ScoreMeter:
+    """Measures one score for every layer. Subclasses override what they need.
+
+    Example:
+
+    ```python
+    >>> from torch import nn
+    >>> from hf_freeze import SCORES
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    >>> layers = [(f"{i}", [(f"{i}.{name}", p) for name, p in module.named_parameters()]) for i, module in enumerate(net)]
+    >>> meter = SCORES.get("weight_change").meter(layers, 0)
+    >>> meter.start()
+    >>> _ = net[1].weight.data.mul_(2.0)
+    >>> [round(score, 2) for score in meter.finish()][0]
+    0.0
+    ```
+    """
+
+    def __init__(self, layers: Layers, seed: int = 0):
+        self.layers = [(name, list(parameters)) for name, parameters in layers]
+        self.seed = seed
+
+    def start(self) -> None:
+        """The probe begins."""
+
+    def observe_gradients(self) -> None:
+        """Before an optimizer step of the probe (gradients are final)."""
+
+    def finish(self) -> List[float]:
+        """The probe ends: one score per layer."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        for _, parameters in self.layers:
+            for _, parameter in parameters:
+                return parameter.device
+        return torch.device("cpu")
+

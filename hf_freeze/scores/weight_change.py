@@ -1,0 +1,92 @@
+"""``weight_change``: relative weight change ‖w_end − w_start‖ / ‖w_start‖ of each layer over the probe.
+
+Instead of a copy of the whole model, the meter keeps a fixed random sample of each parameter's entries
+(`WEIGHT_SAMPLE_SIZE`; smaller tensors are kept whole): the sums of squares of the sampled entries, scaled by
+numel / sample size, estimate the full ones, so the ratio does too (about 1% error per layer at the default).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..policies.scoring import Score, register_score
+from .meter import Layers, ScoreMeter
+
+__all__ = ["WEIGHT_SAMPLE_SIZE", "WeightChangeMeter"]
+
+# Entries of each parameter that the weight-change meter keeps (4 bytes each).
+WEIGHT_SAMPLE_SIZE = 4096
+
+
+def _sample_indices(name: str, numel: int, seed: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The entries of a parameter the weight-change meter keeps: all of a small one, else a fixed random sample."""
+    if numel <= WEIGHT_SAMPLE_SIZE:
+        return None
+    key = int.from_bytes(hashlib.sha256(f"hf_freeze.sample:{seed}:{name}".encode()).digest()[:8], "little")
+    generator = torch.Generator().manual_seed(key)
+    return torch.randint(numel, (WEIGHT_SAMPLE_SIZE,), generator=generator).to(device)
+
+
+def _encode(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.detach().float().cpu().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def _decode(text: str, device: torch.device) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.float32).copy()).to(device)
+
+
+class WeightChangeMeter(ScoreMeter):
+    """‖Δw‖ / ‖w‖ of each layer over the probe, from a fixed sample of each parameter's entries."""
+
+    def __init__(self, layers: Layers, seed: int = 0):
+        super().__init__(layers, seed)
+        self._indices: Dict[str, Optional[torch.Tensor]] = {}
+        self._start: Dict[str, torch.Tensor] = {}
+
+    def _sample(self, name: str, parameter: nn.Parameter) -> torch.Tensor:
+        if name not in self._indices:
+            self._indices[name] = _sample_indices(name, parameter.numel(), self.seed, parameter.device)
+        flat = parameter.detach().reshape(-1)
+        indices = self._indices[name]
+        return (flat if indices is None else flat[indices]).float()
+
+    def start(self) -> None:
+        self._start = {
+            name: self._sample(name, parameter).clone() for _, parameters in self.layers for name, parameter in parameters
+        }
+
+    def finish(self) -> List[float]:
+        change, size = [], []
+        for _, parameters in self.layers:
+            layer_change = layer_size = torch.zeros((), device=self.device)
+            for name, parameter in parameters:
+                before = self._start[name].to(parameter.device)
+                # Sums over a sample stand for sums over numel entries.
+                scale = parameter.numel() / before.numel()
+                layer_change = layer_change + scale * (self._sample(name, parameter) - before).square().sum().to(self.device)
+                layer_size = layer_size + scale * before.square().sum().to(self.device)
+            change.append(layer_change)
+            size.append(layer_size)
+        change, size = torch.stack(change), torch.stack(size)
+        ratios = (change.sqrt() / size.sqrt().clamp_min(torch.finfo(torch.float32).tiny)).tolist()
+        self._start = {}
+        return ratios
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"start": {name: _encode(values) for name, values in self._start.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._start = {name: _decode(text, self.device) for name, text in (state.get("start") or {}).items()}
+
+
+
+register_score(
+    Score("weight_change", WeightChangeMeter, True, "Relative weight change |dw|/|w| over the probe (seed 002).")
+)

@@ -1,0 +1,228 @@
+"""The `hf-freeze` command: see a policy before training (`plan`), check a training YAML (`validate`).
+
+    hf-freeze plan path/to/model --strategy bottom --layers 0.5 --batch-size 8 --seq-len 2048 --precision bf16-mixed
+    hf-freeze plan path/to/config.json --config configs/bottom.yaml
+    hf-freeze validate configs/bottom.yaml [--model path/to/model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..config import FreezeArguments, FreezeTrainingArguments, check_config_file, freeze_fields, load_config_file
+from ..config import raise_if_unknown
+from ..errors import FreezeConfigError
+from .memory import OPTIMIZERS, PRECISIONS
+from .plan import TASKS, load_model_on_meta, make_plan
+from .plan_report import format_plan, plan_as_dict
+
+__all__ = ["main"]
+
+# Markers in the Trainer's `optim` names -> `plan --optimizer`, so a training YAML describes the run to plan.
+_OPTIMIZER_NAMES = {"adamw": "adamw", "adam": "adamw", "sgd": "sgd", "8bit": "adamw-8bit"}
+
+
+def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    from transformers import HfArgumentParser
+
+    parser = argparse.ArgumentParser(prog="hf-freeze", description="Plan and check layer-freezing policies.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    plan = commands.add_parser(
+        "plan",
+        dataclass_types=FreezeArguments,
+        help="show what a policy freezes, when, and the training memory it saves (no weights are loaded)",
+        description="Show the blocks a policy freezes, its timeline and an estimate of the training memory, "
+        "from the model's config alone (the model is built on the meta device: no weights, no memory).",
+        epilog="Every --freeze_* option also works without its prefix: --strategy bottom --layers 0.5.",
+    )
+    plan.add_argument("model", help="a local model folder or a config.json")
+    plan.add_argument("--config", help="a training YAML: its freeze_* keys give the policy (the command line wins), "
+                      "and per_device_train_batch_size, max_steps, num_train_epochs, bf16/fp16, "
+                      "gradient_checkpointing and optim set the options below")
+    plan.add_argument("--task", default="auto", choices=["auto", *TASKS], help="which head to build")
+    plan.add_argument("--num-labels", type=int, default=None, help="labels of a classification head")
+    plan.add_argument("--batch-size", type=int, default=8, help="sequences per device and step")
+    plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    plan.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                      help="; ".join(f"{name}: {item.description}" for name, item in PRECISIONS.items()))
+    plan.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="sets the optimizer state size")
+    plan.add_argument("--gradient-checkpointing", action="store_true", help="keep only layer inputs, recompute")
+    plan.add_argument("--max-steps", type=int, default=None, help="steps of the run (needed for a schedule's timeline)")
+    plan.add_argument("--num-epochs", type=float, default=1.0, help="epochs over --max-steps, for epoch-based schedules")
+    plan.add_argument("--seed", type=int, default=0, help="seed handed to policies that draw at random")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a training YAML and report every problem (exit status 1 if any)",
+        description="Parse a YAML file as HfArgumentParser(FreezeTrainingArguments) would for training, and report "
+        "every problem: unknown keys, values of the wrong type, each bad freeze_* value with what is valid.",
+    )
+    validate.add_argument("file", help="the YAML file")
+    validate.add_argument("--model", default=None, help="also check the values that depend on this model "
+                          "(a local folder or config.json, built on the meta device)")
+    validate.add_argument("--task", default="auto", choices=["auto", *TASKS], help="which head to build for --model")
+    validate.add_argument("--arguments-from", default=None, metavar="SCRIPT[:Class,...]",
+                          help="a training script (file or module) whose own argument dataclasses the YAML also "
+                          "fills, e.g. examples/run_classification.py")
+    return parser, plan, validate
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, plan_parser, _ = build_parser()
+    try:
+        if argv[:1] == ["plan"]:
+            argv = _expand_short_freeze_options(argv, plan_parser)
+            _defaults_from_config_file(argv, plan_parser)
+        namespace = parser.parse_args(argv)
+        if namespace.command == "plan":
+            return _plan(namespace)
+        return _validate(namespace)
+    except FreezeConfigError as error:
+        print(f"hf-freeze: error: {error}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan
+
+
+def _expand_short_freeze_options(argv: List[str], plan_parser) -> List[str]:
+    """``--strategy`` -> ``--freeze_strategy``: every freeze_* field, without its prefix."""
+    own = {option for action in plan_parser._actions for option in action.option_strings}
+    fields = set(freeze_fields())
+    expanded = []
+    for token in argv:
+        option, equals, value = token.partition("=")
+        name = "freeze_" + option[2:].replace("-", "_") if option.startswith("--") else ""
+        if name in fields and option not in own:
+            token = f"--{name}" + (equals + value if equals else "")
+        expanded.append(token)
+    return expanded
+
+
+def _defaults_from_config_file(argv: List[str], plan_parser) -> None:
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    known, _ = finder.parse_known_args(argv[1:])
+    if not known.config:
+        return
+    values = load_config_file(known.config)
+    freeze_values = {key: value for key, value in values.items() if key.startswith("freeze_")}
+    raise_if_unknown(freeze_values)
+    defaults: Dict[str, Any] = dict(freeze_values)
+    if isinstance(values.get("per_device_train_batch_size"), int):
+        defaults["batch_size"] = values["per_device_train_batch_size"]
+    if isinstance(values.get("max_steps"), int) and values["max_steps"] > 0:
+        defaults["max_steps"] = values["max_steps"]
+    if isinstance(values.get("num_train_epochs"), (int, float)):
+        defaults["num_epochs"] = float(values["num_train_epochs"])
+    if isinstance(values.get("seed"), int):
+        defaults["seed"] = values["seed"]
+    for flag, precision in (("bf16", "bf16-mixed"), ("fp16", "fp16-mixed")):
+        if values.get(flag) is True:
+            defaults["precision"] = precision
+    if values.get("gradient_checkpointing") is True:
+        defaults["gradient_checkpointing"] = True
+    optim = str(values.get("optim", ""))
+    for marker, optimizer in _OPTIMIZER_NAMES.items():
+        if marker in optim:
+            defaults["optimizer"] = optimizer
+    plan_parser.set_defaults(**defaults)
+
+
+def _plan(namespace) -> int:
+    arguments = FreezeArguments(**{name: getattr(namespace, name) for name in freeze_fields()})
+    model = _meta_model(namespace.model, namespace.task, namespace.num_labels)
+    plan = make_plan(
+        model, arguments, batch_size=namespace.batch_size, sequence_length=namespace.seq_len,
+        precision=namespace.precision, optimizer=namespace.optimizer,
+        gradient_checkpointing=namespace.gradient_checkpointing, max_steps=namespace.max_steps,
+        num_epochs=namespace.num_epochs, seed=namespace.seed,
+    )
+    if namespace.json:
+        print(json.dumps(plan_as_dict(plan, namespace.model), indent=2))
+    else:
+        print(format_plan(plan, namespace.model))
+    return 0
+
+
+def _meta_model(path: str, task: str, num_labels: Optional[int] = None):
+    try:
+        return load_model_on_meta(path, task, num_labels)
+    except (OSError, ValueError, KeyError) as error:
+        if isinstance(error, FreezeConfigError):
+            raise
+        raise FreezeConfigError(f"Could not build a model from {path!r} (task {task!r}): {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate
+
+
+def _validate(namespace) -> int:
+    dataclass_types = _dataclass_types(namespace.arguments_from)
+    model = _meta_model(namespace.model, namespace.task) if namespace.model else None
+    problems = check_config_file(namespace.file, dataclass_types, model)
+    names = ", ".join(dtype.__name__ for dtype in dataclass_types)
+    if not problems:
+        print(f"{namespace.file}: OK (as {names}" + (f", against {namespace.model}" if model is not None else "") + ")")
+        return 0
+    print(f"{namespace.file}: {len(problems)} problem{'s' if len(problems) > 1 else ''} (as {names}):")
+    for problem in problems:
+        print(f"  - {problem}")
+    return 1
+
+
+def _dataclass_types(source: Optional[str]) -> List[type]:
+    """FreezeTrainingArguments, plus the argument dataclasses a training script defines."""
+    if not source:
+        return [FreezeTrainingArguments]
+    target, _, class_names = source.partition(":")
+    module = _import_script(target)
+    if class_names:
+        try:
+            found = [getattr(module, name.strip()) for name in class_names.split(",")]
+        except AttributeError as error:
+            raise FreezeConfigError(f"--arguments-from {source!r}: {error}") from None
+    else:
+        found = [
+            value for value in vars(module).values()
+            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__
+        ]
+    from transformers import TrainingArguments
+
+    if not any(issubclass(dtype, TrainingArguments) for dtype in found):
+        found.append(FreezeTrainingArguments)
+    return found
+
+
+def _import_script(target: str):
+    if target.endswith(".py") or os.path.sep in target:
+        if not os.path.isfile(target):
+            raise FreezeConfigError(f"--arguments-from: {target!r} is not a file.")
+        folder = os.path.dirname(os.path.abspath(target))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # the script's sibling modules
+        name = "_hf_freeze_script_" + os.path.splitext(os.path.basename(target))[0]
+        spec = importlib.util.spec_from_file_location(name, target)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as error:
+        raise FreezeConfigError(f"--arguments-from: cannot import {target!r} ({error}).") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

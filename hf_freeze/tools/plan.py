@@ -1,0 +1,183 @@
+"""Plan a freezing policy before training: what it freezes, when, and what it saves.
+
+`load_model_on_meta` builds a model from its config on the meta device (shapes only, no weights, no memory: a
+70B-parameter config takes seconds); `make_plan` runs the policy over the training steps
+(`hf_freeze.policies.frozen_sets_over_training`) and puts the changes of the frozen set together with the memory
+estimate of `memory.py`. `plan_report.py` renders a plan as text or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, List, Optional
+
+from ..config import FreezeArguments
+from ..errors import FreezeConfigError
+from ..model import ModelLayout, discover_layout
+from ..policies import STRATEGIES
+from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
+from .memory import ActivationShape, MemoryEstimate, estimate_training_memory
+
+__all__ = ["TASKS", "FreezePlan", "load_model_on_meta", "make_plan"]
+
+# `--task` values -> transformers Auto class names.
+TASKS: Dict[str, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+    "image-classification": "AutoModelForImageClassification",
+    "base": "AutoModel",
+}
+
+
+def load_config(model_path: str):
+    """A transformers config from a model folder or a ``config.json`` file (local only)."""
+    from transformers import AutoConfig
+
+    if not os.path.exists(model_path):
+        raise FreezeConfigError(
+            f"MODEL must be a local model folder or a config.json file (got {model_path!r}, which does not exist)."
+        )
+    if os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FreezeConfigError(f"MODEL folder {model_path!r} has no config.json.")
+    if os.path.isfile(model_path):
+        with open(model_path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        if "model_type" not in values:
+            raise FreezeConfigError(f"{model_path!r} has no `model_type`: it is not a transformers config.json.")
+        return AutoConfig.for_model(**values)
+    return AutoConfig.from_pretrained(model_path, local_files_only=True)
+
+
+def load_model_on_meta(model_path: str, task: str = "auto", num_labels: Optional[int] = None):
+    """Build the model described by ``model_path`` on the meta device: every parameter has its shape, none has data.
+
+    Args:
+        model_path: A local model folder or a ``config.json``.
+        task: ``"auto"`` (the config's `architectures`; without it a seq2seq LM for encoder-decoders, the base
+            model for encoders, a causal LM for decoders) or one of `TASKS`.
+        num_labels: For classification heads.
+    """
+    import torch
+
+    config = load_config(model_path)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    model_class = _model_class(config, task)
+    # Auto classes build from a config with `from_config`, concrete ones (from `architectures`) with `_from_config`.
+    build = getattr(model_class, "from_config", None) or getattr(model_class, "_from_config", model_class)
+    with torch.device("meta"):
+        model = build(config)
+    return model
+
+
+def _model_class(config, task: str):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    if task != "auto":
+        if task not in TASKS:
+            raise invalid("task", task, one_of(["auto", *TASKS]))
+        return getattr(transformers, TASKS[task])
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    seq2seq = modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) and config.model_type in seq2seq:
+        return transformers.AutoModelForSeq2SeqLM
+    # Encoders (BERT, RoBERTa, ...) also have a causal-LM class; without `architectures`, plan their base model.
+    if config.model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return transformers.AutoModel
+    if config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+@dataclass
+class FreezePlan:
+    """What a policy does to a model, computed without weights: the layout, the timeline, the memory estimates."""
+
+    model_class: str
+    layout: ModelLayout
+    arguments: FreezeArguments
+    timeline: List[FrozenSetChange]
+    full_memory: MemoryEstimate
+    policy_memory: MemoryEstimate
+    peak_memory: MemoryEstimate
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dynamic(self) -> bool:
+        return STRATEGIES.get(self.arguments.freeze_strategy).dynamic
+
+    @property
+    def frozen(self) -> FrozenSet[str]:
+        return self.timeline[0].frozen
+
+
+def make_plan(
+    model,
+    arguments: FreezeArguments,
+    batch_size: int = 1,
+    sequence_length: int = 512,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    max_steps: Optional[int] = None,
+    num_epochs: float = 1.0,
+    seed: int = 0,
+) -> FreezePlan:
+    """Discover the blocks of ``model`` (real or on the meta device), run the policy and estimate the memory."""
+    layout = discover_layout(model, arguments.freeze_layer_paths)
+    strategy = STRATEGIES.get(arguments.freeze_strategy)
+    if strategy.dynamic and not max_steps:
+        raise FreezeConfigError(
+            f"`freeze_strategy` {arguments.freeze_strategy!r} changes the frozen set during training: give the "
+            "number of training steps (--max-steps, or max_steps in the YAML) to see its timeline."
+        )
+    # Scores are measured during training: the plan stands in equal ones (the selection then takes the first layers).
+    scores = placeholder_scores(layout) if strategy.needs_scores else None
+    timeline = frozen_sets_over_training(layout, arguments, max_steps or 1, num_epochs, seed=seed, layer_scores=scores)
+    shape = ActivationShape.from_config(getattr(model, "config", None), layout)
+    settings = dict(
+        batch_size=batch_size, sequence_length=sequence_length, precision=precision, optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing, max_steps=max_steps, num_epochs=num_epochs,
+    )
+    memory = dict(settings)
+    for key in ("max_steps", "num_epochs"):
+        memory.pop(key)
+
+    def estimate(frozen) -> MemoryEstimate:
+        return estimate_training_memory(layout, frozen, shape, **memory)
+
+    per_entry = [estimate(entry.frozen) for entry in timeline]
+    return FreezePlan(
+        model_class=type(model).__name__,
+        layout=layout,
+        arguments=arguments,
+        timeline=timeline,
+        full_memory=estimate(()),
+        # An adaptive policy starts with a probe that trains everything: its steady state is the selection.
+        policy_memory=min(per_entry, key=lambda item: item.total) if strategy.needs_scores else per_entry[0],
+        peak_memory=max(per_entry, key=lambda item: item.total),
+        settings=settings,
+    )
+
+
+def plan_notes(plan: "FreezePlan") -> List[str]:
+    """What the user should know about a plan beyond the layout's own notes."""
+    notes = list(plan.layout.notes)
+    if STRATEGIES.get(plan.arguments.freeze_strategy).needs_scores:
+        notes.append(
+            f"`freeze_strategy` {plan.arguments.freeze_strategy!r} chooses its layers from scores measured during "
+            "training: the timeline shows when each probe runs (every layer trains) and when the selection "
+            "applies; which layers it freezes is known only then, so the first layers stand in for them here. "
+            "Its peak memory is that of full fine-tuning, reached in every probe; in the 'policy' estimate, after "
+            "the selection, gradients and optimizer states hold for any layers of the same size, the activation "
+            "saving only when the first layers are chosen."
+        )
+    return notes

@@ -1,0 +1,106 @@
+"""A plan as a person reads it (`format_plan`) and as JSON (`plan_as_dict`): `hf-freeze plan`'s output."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from ..report import block_rows, format_block_table, freeze_metrics, layer_ranges, summary_line
+from .plan import FreezePlan, plan_notes
+
+__all__ = ["format_plan", "plan_as_dict"]
+
+# A periodic schedule (LISA-like) changes every few steps: the text shows the first and last changes only.
+_TIMELINE_LINES = 30
+
+
+def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
+    """The plan as JSON-safe data."""
+    return {
+        "model": source,
+        "model_class": plan.model_class,
+        "policy": {key: value for key, value in plan.arguments.freeze_options().items() if value is not None},
+        "dynamic": plan.dynamic,
+        "settings": plan.settings,
+        "blocks": block_rows(plan.layout, plan.frozen),
+        "totals": freeze_metrics(plan.layout, plan.frozen),
+        "memory": {
+            "full_finetuning": plan.full_memory.as_dict(),
+            "policy": plan.policy_memory.as_dict(),
+            "policy_peak": plan.peak_memory.as_dict(),
+        },
+        "timeline": [
+            {
+                "step": entry.step,
+                "epoch": round(entry.epoch, 4),
+                "frozen_layers": plan.layout.frozen_layer_indices(entry.frozen),
+                "trainable_params": freeze_metrics(plan.layout, entry.frozen)["freeze/trainable_params"],
+            }
+            for entry in plan.timeline
+        ],
+        "notes": plan_notes(plan),
+    }
+
+
+def format_plan(plan: FreezePlan, source: str = "") -> str:
+    policy = ", ".join(f"{key}={value!r}" for key, value in plan.arguments.freeze_options().items() if value is not None)
+    settings = plan.settings
+    lines = [
+        f"Model: {plan.model_class} from {source} (built on the meta device: no weights loaded)",
+        f"Policy: {policy}",
+        "",
+        format_block_table(plan.layout, plan.frozen),
+        "",
+        summary_line(freeze_metrics(plan.layout, plan.frozen), plan.layout.num_layers),
+    ]
+    lines += [f"Note: {note}" for note in plan_notes(plan)]
+    lines += ["", *_timeline_lines(plan), ""]
+    lines.append(
+        f"Estimated training memory per device (batch {settings['batch_size']} x {settings['sequence_length']} tokens, "
+        f"{settings['precision']}, {settings['optimizer']}, gradient checkpointing "
+        f"{'on' if settings['gradient_checkpointing'] else 'off'}):"
+    )
+    columns = [("full fine-tuning", plan.full_memory), ("policy", plan.policy_memory)]
+    if plan.dynamic and plan.peak_memory != plan.policy_memory:
+        columns.append(("policy, peak", plan.peak_memory))
+    lines.append(f"  {'':<18}" + "".join(f"{title:>18}" for title, _ in columns))
+    for kind in ("weights", "gradients", "optimizer_states", "activations", "total"):
+        cells = [_bytes(getattr(estimate, kind)) for _, estimate in columns]
+        lines.append(f"  {kind.replace('_', ' '):<18}" + "".join(f"{cell:>18}" for cell in cells))
+    full, policy = plan.full_memory.total, plan.peak_memory.total
+    if full:
+        lines.append(f"  saved by the policy: {_bytes(full - policy)} ({100 * (full - policy) / full:.1f}%)")
+    lines.append(
+        "  An estimate, not a measurement: no CUDA context, allocator slack or temporary buffers; fused attention "
+        "(no stored score matrix) assumed."
+    )
+    return "\n".join(lines)
+
+
+def _timeline_lines(plan: FreezePlan) -> List[str]:
+    if not plan.dynamic:
+        return ["Static policy: the frozen set is the same for the whole run."]
+    total = plan.layout.num_parameters
+    lines = [f"Timeline over {plan.settings['max_steps']} steps ({len(plan.timeline)} frozen sets):"]
+    shown = plan.timeline
+    if len(shown) > _TIMELINE_LINES:  # periodic schedules (LISA-like) change every few steps
+        shown = shown[: _TIMELINE_LINES - 5] + [None] + shown[-5:]
+    for entry in shown:
+        if entry is None:
+            lines.append(f"  ... {len(plan.timeline) - _TIMELINE_LINES} more changes (--json lists them all)")
+            continue
+        trainable = freeze_metrics(plan.layout, entry.frozen)["freeze/trainable_params"]
+        lines.append(
+            f"  step {entry.step:>7} (epoch {entry.epoch:.2f}): frozen layers "
+            f"{layer_ranges(plan.layout.frozen_layer_indices(entry.frozen))}; trainable {trainable:,} "
+            f"({100 * trainable / total:.1f}%)"
+        )
+    return lines
+
+
+def _bytes(value: Optional[int]) -> str:
+    if value is None:
+        return "n/a"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:,.1f} {unit}"
+    return f"{value} B"

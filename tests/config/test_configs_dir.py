@@ -1,0 +1,22 @@
+"""Every training YAML shipped in configs/ parses as a FreezeTrainingArguments file."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import HfArgumentParser
+
+from hf_freeze import FreezeTrainingArguments
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TRAINING_YAMLS = sorted(
+    path for path in CONFIGS.rglob("*.yaml")
+    # accelerate launch configs live beside them and are read by accelerate, not by HfArgumentParser
+    if "compute_environment" not in yaml.safe_load(path.read_text())
+)
+
+
+@pytest.mark.parametrize("path", TRAINING_YAMLS, ids=[p.name for p in TRAINING_YAMLS])
+def test_config_parses(path):
+    (args,) = HfArgumentParser(FreezeTrainingArguments).parse_yaml_file(str(path))
+    assert args.freeze_strategy != "none"

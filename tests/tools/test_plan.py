@@ -1,0 +1,219 @@
+"""`hf-freeze plan`: meta-device planning, the memory estimate, the timeline of dynamic strategies."""
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import tiny
+from hf_freeze import FreezeArguments, LayerFreezer, ModelLayout, Strategy, discover_layout
+from hf_freeze.tools.cli import main
+from hf_freeze.tools.memory import ActivationShape, estimate_training_memory
+from hf_freeze.policies import frozen_sets_over_training
+from hf_freeze.policies import STRATEGIES
+
+LLAMA_70B = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
+    num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+LLAMA_70B_PARAMETERS = 70_553_706_496
+
+
+def run_cli(capsys, *argv):
+    code = main([str(item) for item in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def llama_70b_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    AutoConfig.for_model("llama", **tiny.ARCHITECTURES["llama"][1], architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    return folder
+
+
+def test_plans_a_70b_config_in_seconds_without_weights(capsys, llama_70b_json):
+    began = time.perf_counter()
+    code, out, _ = run_cli(capsys, "plan", llama_70b_json, "--strategy", "bottom", "--layers", "60", "--batch-size", "1",
+                           "--seq-len", "4096", "--precision", "bf16-mixed", "--json")
+    assert code == 0
+    assert time.perf_counter() - began < 60  # 280 GB of float32 weights could not even be allocated here
+    plan = json.loads(out)
+    assert plan["model_class"] == "LlamaForCausalLM"
+    assert plan["totals"]["freeze/total_params"] == LLAMA_70B_PARAMETERS
+    assert plan["totals"]["freeze/frozen_layers"] == 60
+    states = {row["name"]: row["state"] for row in plan["blocks"]}
+    assert states["model.embed_tokens"] == "frozen" and states["model.layers.59"] == "frozen"
+    assert states["model.layers.60"] == "trainable" and states["lm_head"] == "trainable"
+    full, policy = plan["memory"]["full_finetuning"], plan["memory"]["policy"]
+    assert full["weights"] == policy["weights"] == LLAMA_70B_PARAMETERS * 4  # bf16-mixed keeps float32 weights
+    trainable = plan["totals"]["freeze/trainable_params"]
+    assert policy["gradients"] == trainable * 4 and policy["optimizer_states"] == trainable * 8
+    # Only the 20 layers after the frozen prefix keep activations (plus the logits).
+    assert policy["activations"] < 0.3 * full["activations"]
+
+
+def test_text_output_has_table_totals_and_memory(capsys, llama_70b_json):
+    code, out, _ = run_cli(capsys, "plan", llama_70b_json, "--freeze_strategy", "top", "--freeze_layers", "0.25")
+    assert code == 0
+    assert "model.layers.79" in out and "frozen layers: 20/80" in out
+    assert "all params: 70,553,706,496" in out
+    for row in ("weights", "gradients", "optimizer states", "activations", "total", "saved by the policy"):
+        assert row in out
+    assert "Static policy" in out
+
+
+def test_short_and_long_option_names_agree(capsys, tiny_llama_dir):
+    _, short, _ = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "layers", "--layer-indices", "0", "-1", "--json")
+    _, long, _ = run_cli(capsys, "plan", tiny_llama_dir, "--freeze_strategy", "layers", "--freeze_layer_indices", "0",
+                         "-1", "--json")
+    assert json.loads(short) == json.loads(long)
+    assert json.loads(short)["timeline"][0]["frozen_layers"] == [0, 3]
+
+
+def test_config_file_gives_policy_and_run_settings_and_command_line_wins(capsys, tmp_path, tiny_llama_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\nper_device_train_batch_size: 3\nbf16: true\nfreeze_strategy: top\n"
+                      "freeze_layers: 1\nlearning_rate: 1.0e-5\n")
+    _, out, _ = run_cli(capsys, "plan", tiny_llama_dir, "--config", config, "--json")
+    plan = json.loads(out)
+    assert plan["policy"] == {"freeze_strategy": "top", "freeze_layers": 1}
+    assert plan["settings"]["batch_size"] == 3 and plan["settings"]["precision"] == "bf16-mixed"
+    _, out, _ = run_cli(capsys, "plan", tiny_llama_dir, "--config", config, "--layers", "3", "--batch-size", "5", "--json")
+    plan = json.loads(out)
+    assert plan["policy"]["freeze_layers"] == 3 and plan["settings"]["batch_size"] == 5
+
+
+def test_errors_exit_2_with_the_field_and_valid_choices(capsys, tmp_path, tiny_llama_dir):
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "bottm")
+    assert code == 2 and "`freeze_strategy`" in err and "'bottom'" in err and "'bottm'" in err
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "layers", "--layer_indices", "7")
+    assert code == 2 and "freeze_layer_indices" in err and "4 layers" in err
+    code, _, err = run_cli(capsys, "plan", tmp_path / "missing", "--strategy", "top", "--layers", "1")
+    assert code == 2 and "does not exist" in err
+    config = tmp_path / "typo.yaml"
+    config.write_text("freeze_strategy: top\nfreeze_layer: 1\n")
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--config", config)
+    assert code == 2 and "did you mean 'freeze_layers'" in err
+
+
+def _every_tenth_step(layout, args, progress):
+    """A dynamic test policy: one more bottom layer frozen every 10 steps."""
+    count = min(progress.step // 10, layout.num_layers)
+    return [name for block in layout.layers[:count] for name in block.parameters], []
+
+
+@pytest.fixture
+def progressive_strategy(monkeypatch):
+    strategy = Strategy("test_progressive", _every_tenth_step, dynamic=True, description="test only")
+    monkeypatch.setitem(STRATEGIES._entries, strategy.name, strategy)
+    return strategy
+
+
+def test_timeline_finds_the_exact_steps_of_every_change(progressive_strategy):
+    layout = ModelLayout.from_layer_sizes([10] * 6)
+    arguments = FreezeArguments(freeze_strategy="test_progressive")
+    # Few checkpoints: the changes fall between them and bisection must find them.
+    timeline = frozen_sets_over_training(layout, arguments, max_steps=100, checkpoints=7)
+    assert [entry.step for entry in timeline] == [0, 10, 20, 30, 40, 50, 60]
+    assert [len(entry.frozen) for entry in timeline] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_cli_prints_the_timeline_of_a_dynamic_strategy(capsys, tiny_llama_dir, progressive_strategy):
+    code, out, _ = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "test_progressive", "--max-steps", "100")
+    assert code == 0
+    assert "Timeline over 100 steps (5 frozen sets)" in out
+    assert "step      30 (epoch 0.30): frozen layers 0-2" in out
+    assert "policy, peak" not in out or "full fine-tuning" in out
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "test_progressive")
+    assert code == 2 and "--max-steps" in err
+
+
+def _saved_activation_bytes(model, inputs):
+    parameters = {id(parameter) for parameter in model.parameters()}
+    seen, total = set(), [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if id(tensor) not in parameters and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**inputs)
+    return total[0]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert"])
+def test_activation_estimate_tracks_what_autograd_saves(model_type):
+    """The savings the estimate predicts for a policy match the saved tensors autograd really keeps."""
+    batch, length = 4, 32
+    measured, estimated = {}, {}
+    for name, policy in {"full": {}, "bottom": dict(freeze_strategy="bottom", freeze_layers=2),
+                         "top": dict(freeze_strategy="top", freeze_layers=2)}.items():
+        model = tiny.build(model_type, hidden_size=64, n_embd=64) if model_type == "gpt2" else tiny.build(model_type)
+        model.train()
+        if policy:
+            LayerFreezer(model, **policy).apply()
+        ids = torch.randint(1, 100, (batch, length))
+        labels = ids if model_type != "bert" else torch.zeros(batch, dtype=torch.long)
+        measured[name] = _saved_activation_bytes(model, dict(input_ids=ids, labels=labels))
+        layout = discover_layout(model)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        estimated[name] = estimate_training_memory(
+            layout, frozen, ActivationShape.from_config(model.config, layout), batch, length
+        ).activations
+    for name in ("bottom", "top"):
+        assert estimated[name] / estimated["full"] == pytest.approx(measured[name] / measured["full"], abs=0.12), name
+    assert measured["bottom"] < 0.75 * measured["full"] and estimated["bottom"] < 0.75 * estimated["full"]
+    # Absolute values: the same order of magnitude (CPU attention stores its score matrix, which is not estimated).
+    assert 0.25 < estimated["full"] / measured["full"] < 1.5
+
+
+def test_a_schedule_changing_every_step_is_summarised(capsys, monkeypatch, tiny_llama_dir):
+    def alternate(layout, args, progress):
+        return list(layout.layers[progress.step % 2].parameters), []
+
+    monkeypatch.setitem(STRATEGIES._entries, "test_alternate", Strategy("test_alternate", alternate, dynamic=True))
+    code, out, _ = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "test_alternate", "--max-steps", "100")
+    # Steps 0..99 train; the plan has no entry for step 100, which training never reaches.
+    assert code == 0 and "(100 frozen sets)" in out and "70 more changes (--json lists them all)" in out
+    assert len([line for line in out.splitlines() if line.startswith("  step ")]) == 30
+
+
+@pytest.mark.parametrize("model_type, expected", [("bert", "BertModel"), ("t5", "T5ForConditionalGeneration"),
+                                                  ("bart", "BartForConditionalGeneration"), ("qwen2", "Qwen2ForCausalLM")])
+def test_without_architectures_the_natural_model_class_is_planned(capsys, tmp_path, model_type, expected):
+    AutoConfig.for_model(model_type, **tiny.ARCHITECTURES[model_type][1]).save_pretrained(tmp_path)
+    code, out, _ = run_cli(capsys, "plan", tmp_path, "--strategy", "bottom", "--layers", "1", "--json")
+    assert code == 0 and json.loads(out)["model_class"] == expected
+    code, out, _ = run_cli(capsys, "plan", tmp_path, "--strategy", "bottom", "--layers", "1", "--json",
+                           "--task", "base")
+    assert json.loads(out)["model_class"].endswith("Model")
+
+
+def test_adaptive_plan_shows_the_probes_and_the_memory_after_the_selection(capsys, tiny_llama_dir):
+    code, out, _ = run_cli(
+        capsys, "plan", tiny_llama_dir, "--freeze_strategy", "adaptive", "--freeze_layers", "2",
+        "--freeze_probe_steps", "5", "--freeze_reselect_every", "40", "--max-steps", "100", "--json",
+    )
+    assert code == 0
+    plan = json.loads(out)
+    steps = [(entry["step"], entry["frozen_layers"]) for entry in plan["timeline"]]
+    assert steps[:5] == [(0, []), (5, [0, 1]), (40, []), (45, [0, 1]), (80, [])]  # probes train every layer
+    assert any("chooses its layers from scores measured during training" in note for note in plan["notes"])
+    memory = plan["memory"]
+    # The probes train everything: the peak is full fine-tuning; after the selection, 2 of 4 layers hold no state.
+    assert memory["policy_peak"]["total"] == memory["full_finetuning"]["total"] > memory["policy"]["total"]
+    assert memory["policy"]["optimizer_states"] < memory["full_finetuning"]["optimizer_states"]
