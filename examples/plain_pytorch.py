@@ -3,15 +3,25 @@
 
     python examples/plain_pytorch.py --freeze_strategy bottom --freeze_layers 4 --max_steps 60
 
+    # stop after 30 steps, then resume in a new process: the same weights as one uninterrupted run
+    python examples/plain_pytorch.py --freeze_strategy lisa --stop_after 30 --checkpoint_dir outputs/plain_ckpt
+    python examples/plain_pytorch.py --freeze_strategy lisa --resume_from outputs/plain_ckpt
+
 The loop asks the policy at every step and lets the applier bring the model and the optimizer in line: a static
 policy changes nothing after step 0, a schedule (a dynamic `freeze_strategy`) freezes or unfreezes layers as it
 goes, an adaptive policy probes and then freezes the layers its scores pick, and the applier drops the optimizer
 state of what it freezes and adds what it unfreezes. At the end the script
 checks that every parameter frozen for the whole run is bit-identical to where it started.
+
+A checkpoint holds the model, the optimizer, the freezer's state (`LayerFreezer.state_dict()`: JSON-safe, the
+timeline and an adaptive policy's scores and probe in progress) and the random state; resuming rebuilds the three
+in a new process (`prepare()` before the optimizer is built) and loads them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -25,7 +35,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfAr
 
 from hf_freeze import FreezeArguments, LayerFreezer, TrainingProgress  # noqa: E402
 from hf_freeze.config import parse_args_with_config_file  # noqa: E402
-from hf_freeze.report import describe_selection  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_classification import default_model_path, read_table  # noqa: E402
@@ -40,6 +49,35 @@ class LoopArguments:
     batch_size: int = field(default=32, metadata={"help": "Sentences per step."})
     learning_rate: float = field(default=1.0e-4, metadata={"help": "AdamW learning rate."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    stop_after: Optional[int] = field(default=None, metadata={"help": "Stop after this many steps (with checkpoint_dir)."})
+    checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "Write a checkpoint here when stopping."})
+    resume_from: Optional[str] = field(default=None, metadata={"help": "A checkpoint_dir to resume from."})
+
+
+def save_checkpoint(directory: str, step: int, model, optimizer, freezer: LayerFreezer) -> None:
+    os.makedirs(directory, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+               os.path.join(directory, "training_state.pt"))
+    with open(os.path.join(directory, "freezer_state.json"), "w") as handle:
+        json.dump({"step": step, "freezer": freezer.state_dict()}, handle)
+
+
+def load_checkpoint(directory: str, model, optimizer, freezer: LayerFreezer) -> int:
+    state = torch.load(os.path.join(directory, "training_state.pt"), weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    with open(os.path.join(directory, "freezer_state.json")) as handle:
+        saved = json.load(handle)
+    freezer.load_state_dict(saved["freezer"], step=saved["step"])
+    return saved["step"]
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.state_dict().items()):
+        digest.update(name.encode() + parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def batches(tokenizer, texts: List[str], labels: List[str], batch_size: int, generator: torch.Generator):
@@ -80,19 +118,21 @@ def main(args: Optional[List[str]] = None) -> Dict[str, float]:
     start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     ever_trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.learning_rate)
-    freezer.update(TrainingProgress(step=0, max_steps=loop.max_steps), optimizer)
+    first_step = load_checkpoint(loop.resume_from, model, optimizer, freezer) if loop.resume_from else 0
+    freezer.update(TrainingProgress(step=first_step, max_steps=loop.max_steps), optimizer)
     print(freezer.summary())
     print(freezer.table())
 
     stream = batches(tokenizer, train_texts, train_labels, loop.batch_size, torch.Generator().manual_seed(loop.seed))
+    for _ in range(first_step):  # the batches the interrupted run already trained on
+        next(stream)
+    last_step = min(loop.max_steps, loop.stop_after or loop.max_steps)
     began = time.perf_counter()
     model.train()
-    for step in range(loop.max_steps):
+    for step in range(first_step, last_step):
         change = freezer.update(TrainingProgress(step=step, max_steps=loop.max_steps), optimizer)
-        if freezer.probe is not None and freezer.probe.last_selection is not None:  # an adaptive selection
-            print(describe_selection(freezer.timeline.selections[-1], freezer.layout, freezer.probe))
-        if change.changed:
-            print(f"step {step}: froze {len(change.frozen)}, unfroze {len(change.unfrozen)} parameters")
+        for line in freezer.describe_update(change):  # an adaptive selection, a change of the frozen set
+            print(line)
         ever_trained |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
         inputs, labels = next(stream)
         loss = model(**inputs, labels=labels).loss
@@ -102,6 +142,10 @@ def main(args: Optional[List[str]] = None) -> Dict[str, float]:
         freezer.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
+    if last_step < loop.max_steps:
+        save_checkpoint(loop.checkpoint_dir or "outputs/plain_pytorch_checkpoint", last_step, model, optimizer, freezer)
+        print(f"stopped after step {last_step - 1}; checkpoint written (weights {weights_digest(model)})")
+        return {"stopped_after": last_step}
 
     moved = [name for name, parameter in model.named_parameters() if not torch.equal(parameter, start[name])]
     untouched = [name for name in start if name not in ever_trained]
@@ -113,11 +157,12 @@ def main(args: Optional[List[str]] = None) -> Dict[str, float]:
         "trainable_params": metrics["freeze/trainable_params"],
         "total_params": metrics["freeze/total_params"],
         "frozen_parameters_unchanged": len(untouched),
+        "weights": weights_digest(model),
     }
     print(
         f"accuracy {result['accuracy']:.4f} after {loop.max_steps} steps ({seconds:.1f} s); trainable parameters "
         f"{result['trainable_params']:,} of {result['total_params']:,}; {len(untouched)} frozen parameter tensors "
-        "bit-identical to the start"
+        f"bit-identical to the start{' (of this process)' if first_step else ''}; weights {result['weights']}"
     )
     return result
 

@@ -135,5 +135,23 @@ def test_plain_pytorch_loop_with_an_adaptive_policy(tmp_path, tiny_bert_dir):
                       "--freeze_score", "grad_norm", "--freeze_probe_steps", "2")
     before_selection, after_selection = out.split("adaptive round 0: grad_norm per layer from the probe of steps 0-1")
     assert "frozen layers: 0/6" in before_selection and "step 1: froze" not in before_selection  # the probe trains everything
-    assert after_selection.count(" frozen\n") == 2 and "step 2: froze" in after_selection
+    assert after_selection.count(" frozen\n") == 2 and "step 2 (epoch 0): froze layers" in after_selection
     assert "bit-identical to the start" in out
+
+
+def test_plain_pytorch_loop_resumes_in_a_new_process_mid_probe(tmp_path, tiny_bert_dir):
+    """Stopped inside an adaptive probe and resumed by a new process: the same weights as one uninterrupted run."""
+    policy = ["--freeze_strategy", "adaptive", "--freeze_layers", "2", "--freeze_score", "grad_norm",
+              "--freeze_probe_steps", "2", "--freeze_reselect_every", "3"]
+    common = ["--model_name_or_path", tiny_bert_dir, "--data_dir", tmp_path, "--max_steps", "6", "--batch_size", "8"]
+    whole = run_example("plain_pytorch.py", *common, *policy)
+    # Rounds start at steps 0 and 3, each with a 2-step probe: stopping after step 3 leaves round 1's probe half done.
+    first = run_example("plain_pytorch.py", *common, *policy, "--stop_after", "4", "--checkpoint_dir", tmp_path / "ckpt")
+    assert "stopped after step 3" in first
+    resumed = run_example("plain_pytorch.py", *common, *policy, "--resume_from", tmp_path / "ckpt")
+    digest = lambda out: out.split("weights ")[-1].split()[0]  # noqa: E731
+    assert digest(resumed) == digest(whole)
+    assert "adaptive round 1: grad_norm per layer from the probe of steps 3-4" in resumed
+    # Without the freezer's state the probe would start again at step 4 and choose from other scores.
+    state = json.loads((tmp_path / "ckpt" / "freezer_state.json").read_text())
+    assert state["step"] == 4 and state["freezer"]["probe"]["meter"]["start_step"] == 3

@@ -8,8 +8,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-import re
-
 from ..model.discovery import unwrap_model
 from ..model.layout import ModelLayout
 from ..policies import FreezeDecision
@@ -17,7 +15,8 @@ from .frozen_prefix import FrozenPrefixHooks
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
 
-# transformers' Trainer puts these in its no-weight-decay group (`Trainer.get_decay_parameter_names`).
+# transformers' Trainer keeps these out of weight decay (`Trainer.get_decay_parameter_names`): every parameter of an
+# `nn.LayerNorm`, and names matching these patterns once lower-cased.
 _NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
@@ -70,6 +69,7 @@ class FreezeApplier:
         self._before_step: Dict[str, Tuple[torch.Tensor, float]] = {}
         self.layout = layout
         self.prefix_hooks = FrozenPrefixHooks(self.model) if layout is not None else None
+        self._decay_names: Optional[set] = None  # the Trainer's weight-decay parameters, read when first needed
 
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
@@ -103,8 +103,29 @@ class FreezeApplier:
         for name in unfrozen:
             parameter = self.parameters[name]
             if id(parameter) not in known:
-                _group_for(inner, name)["params"].append(parameter)
+                self._group_for(inner, name)["params"].append(parameter)
                 known.add(id(parameter))
+
+    def _group_for(self, optimizer: torch.optim.Optimizer, name: str) -> dict:
+        """The existing group a parameter joins: the one holding parameters of its kind (weight decay or not, by the
+        Trainer's rule), else the group with the most (or least) weight decay.
+
+        Adding a new group instead would break LambdaLR-style schedulers, which keep one entry per group.
+        """
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            return groups[0]
+        if self._decay_names is None:
+            from transformers.trainer_pt_utils import get_parameter_names
+
+            self._decay_names = set(get_parameter_names(self.model, [nn.LayerNorm], _NO_DECAY_NAME_PATTERNS))
+        decays = name in self._decay_names
+        same_kind = {id(p) for other, p in self.parameters.items() if other != name and (other in self._decay_names) == decays}
+        for group in groups:
+            if any(id(parameter) in same_kind for parameter in group["params"]):
+                return group
+        by_decay = sorted(groups, key=lambda group: group.get("weight_decay", 0.0))
+        return by_decay[-1] if decays else by_decay[0]
 
     # -- learning-rate factors without new param groups -----------------------------------------------------------
     #
@@ -149,16 +170,3 @@ def _innermost_optimizer(optimizer):
     while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
-
-
-def _group_for(optimizer: torch.optim.Optimizer, name: str) -> dict:
-    """The existing group a parameter joins: the no-decay group for biases and norms, else the decay group.
-
-    Adding a new group instead would break LambdaLR-style schedulers, which keep one entry per group.
-    """
-    groups = optimizer.param_groups
-    if len(groups) == 1:
-        return groups[0]
-    no_decay = any(re.search(pattern, name) for pattern in _NO_DECAY_NAME_PATTERNS)
-    by_decay = sorted(groups, key=lambda group: group.get("weight_decay", 0.0))
-    return by_decay[0] if no_decay else by_decay[-1]

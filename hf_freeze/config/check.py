@@ -133,11 +133,6 @@ def _strategy_reading(option: str) -> str:
     return next((name for name in STRATEGIES.names() if option in STRATEGIES.get(name).options), "none")
 
 
-def _strategy_reading(option: str) -> str:
-    """A strategy that reads ``option``, to check its value alone."""
-    return next((name for name in STRATEGIES.names() if option in STRATEGIES.get(name).options), "none")
-
-
 def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
     check_against_layout(discover_layout(model, arguments.freeze_layer_paths), arguments, max_steps)
 

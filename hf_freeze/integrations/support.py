@@ -24,7 +24,7 @@ drift apart silently is refused with a clear message instead. What the wrappers 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 

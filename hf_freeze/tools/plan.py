@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional
 
 from ..config import FreezeArguments
-from ..errors import FreezeConfigError
+from ..errors import FreezeConfigError, invalid, one_of
 from ..model import ModelLayout, discover_layout
 from ..policies import STRATEGIES
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores

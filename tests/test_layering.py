@@ -1,0 +1,102 @@
+"""The package's folders are its flow: no module imports from a stage after its own, and no import circle.
+
+Every import counts, including those inside functions: a lazy import is still a dependency.
+"""
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_freeze"
+
+# Stages in dependency order: a module may import from its own stage and the ones before it. The modules at the
+# top of the package (errors, registry, logging, processes) are shared by every stage and import none of them.
+STAGES = ["shared", "model", "policies", "config", "scores", "apply", "report", "integrations", "tools"]
+ENTRY_POINTS = {"hf_freeze", "hf_freeze.__main__"}  # the package's front door re-exports from every stage
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else "shared"
+
+
+def _imports() -> Dict[str, Set[str]]:
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: Dict[str, Set[str]] = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        found: Set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {name for name in candidates if name in modules and name != module}
+        graph[module] = found
+    return graph
+
+
+def test_no_module_imports_from_a_later_stage():
+    rank = {stage: index for index, stage in enumerate(STAGES)}
+    upward: List[str] = []
+    for module, targets in _imports().items():
+        if module in ENTRY_POINTS:
+            continue
+        for target in targets:
+            if target not in ENTRY_POINTS and rank[_stage(target)] > rank[_stage(module)]:
+                upward.append(f"{module} ({_stage(module)}) imports {target} ({_stage(target)})")
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_policies_never_import_torch_or_the_configuration():
+    for path in (PACKAGE / "policies").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not {name for name in names if name.split(".")[0] == "torch" or name.endswith("config")}, path.name
+
+
+def test_there_is_no_import_circle():
+    graph = _imports()
+    # A package imports its submodules through its __init__; the edge from a submodule to its own package's
+    # __init__ is Python's import order, not a dependency of the code.
+    graph = {
+        module: {target for target in targets if not (module.startswith(target + ".") and target != "hf_freeze")}
+        for module, targets in graph.items()
+    }
+    graph = {module: {t for t in targets if t != "hf_freeze"} for module, targets in graph.items() if module != "hf_freeze"}
+    state: Dict[str, int] = {}
+    cycles: List[List[str]] = []
+
+    def visit(module: str, trail: List[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                cycles.append(trail[trail.index(target):] + [target] if target in trail else [module, target])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def test_every_stage_is_a_folder_and_the_top_holds_only_shared_modules():
+    folders = sorted(path.name for path in PACKAGE.iterdir() if path.is_dir() and not path.name.startswith("__"))
+    assert folders == sorted(STAGES[1:])
+    top = sorted(path.stem for path in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "errors", "logging", "processes", "registry"]
