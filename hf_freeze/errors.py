@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
-__all__ = ["FreezeConfigError", "LayerDiscoveryError", "invalid", "one_of"]
+__all__ = ["FreezeConfigError", "LayerDiscoveryError", "invalid", "invalid_choice", "one_of"]
 
 _UNSET = object()
 
@@ -20,6 +20,7 @@ class FreezeConfigError(ValueError):
         expected: What would be valid ("a fraction in (0, 1)", "one of 'step', 'epoch'").
         hint: What to do about it, appended to the sentence.
         fields: Every option the problem concerns, when it is about several (``field`` is added first).
+        options: The valid values, when they are a list (``expected`` then reads "one of ...").
 
     Example:
 
@@ -40,11 +41,13 @@ class FreezeConfigError(ValueError):
         expected: Optional[str] = None,
         hint: Optional[str] = None,
         fields: Sequence[str] = (),
+        options: Sequence[Any] = (),
     ):
         self.field = field
         self.value = None if value is _UNSET else value
         self.expected = expected
         self.hint = hint
+        self.options: Tuple[Any, ...] = tuple(options)
         self.fields: Tuple[str, ...] = tuple(dict.fromkeys(([field] if field else []) + list(fields)))
         if message is None:
             if field is None or expected is None:
@@ -68,6 +71,12 @@ class LayerDiscoveryError(FreezeConfigError):
 def invalid(field: str, value: Any, expected: str, hint: Optional[str] = None) -> FreezeConfigError:
     """The one error format used everywhere: "`field` must be ... (got value)"."""
     return FreezeConfigError(field=field, value=value, expected=expected, hint=hint)
+
+
+def invalid_choice(field: str, value: Any, options: Iterable[Any], hint: Optional[str] = None) -> FreezeConfigError:
+    """"`field` must be one of 'a', 'b' (got value)", with the valid values kept on the error as ``options``."""
+    options = tuple(options)
+    return FreezeConfigError(field=field, value=value, expected=one_of(options), hint=hint, options=options)
 
 
 def one_of(names: Iterable[Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, List, TypeVar
 
-from .errors import invalid, one_of
+from .errors import invalid_choice
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise invalid(self.field, name, one_of(self.names()))
+            raise invalid_choice(self.field, name, self.names())
         return self._entries[name]
 
     def names(self) -> List[str]:

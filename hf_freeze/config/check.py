@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import FreezeConfigError
+from ..errors import FreezeConfigError, invalid_choice
 from ..model.discovery import discover_layout
 from ..policies import STRATEGIES
 from ..policies.adaptive import check_against_training
@@ -95,9 +95,7 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
     problems: List[ConfigProblem] = []
     strategy = values.get("freeze_strategy", "none")
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        message = f"`freeze_strategy` must be one of {', '.join(map(repr, STRATEGIES.names()))} (got {strategy!r})"
-        close = difflib.get_close_matches(str(strategy), STRATEGIES.names(), n=1)
-        problems.append(ConfigProblem(("freeze_strategy",), message + (f"; did you mean {close[0]!r}?" if close else "")))
+        problems.append(_problem(invalid_choice("freeze_strategy", strategy, STRATEGIES.names())))
         values = {key: value for key, value in values.items() if key != "freeze_strategy"}
         # Without a known strategy only the types of the other fields can be checked: one field at a time.
         for key, value in values.items():
@@ -105,7 +103,7 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
                 FreezeArguments(freeze_strategy=_strategy_reading(key), **{key: value})
             except FreezeConfigError as error:
                 if set(error.fields) <= {key}:
-                    problems.append(ConfigProblem((key,), error.sentence))
+                    problems.append(_problem(error))
         return problems, None
     removed: set = set()
     remaining = dict(values)
@@ -118,7 +116,7 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
             if mentioned & removed:
                 break  # a consequence of dropping a value already reported ("must be set")
             named = mentioned & set(remaining)
-            problems.append(ConfigProblem(tuple(sorted(named)), error.sentence))
+            problems.append(ConfigProblem(tuple(sorted(named)), _problem(error).message))
             removable = named - {"freeze_strategy"}
             if not removable:
                 break
@@ -142,8 +140,16 @@ def _problems_of(check: Callable[..., None], *args: Any, suffix: str = "") -> Li
     try:
         check(*args)
     except FreezeConfigError as error:
-        return [ConfigProblem(error.fields, error.sentence + suffix)]
+        return [_problem(error, suffix)]
     return []
+
+
+def _problem(error: FreezeConfigError, suffix: str = "") -> ConfigProblem:
+    """A refusal as a problem, with the closest valid value when the error lists them and the value is a near miss."""
+    text = error.sentence + suffix
+    choices = [option for option in error.options if isinstance(option, str)]
+    close = difflib.get_close_matches(error.value, choices, n=1) if isinstance(error.value, str) and choices else []
+    return ConfigProblem(error.fields, text + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def _construction_problems(dtype: type, typed: Dict[str, Any], freeze_names: set) -> List[ConfigProblem]:

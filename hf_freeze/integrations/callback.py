@@ -28,15 +28,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
     The policy comes from the constructor (a `FreezeArguments` or `freeze_*` keywords) or, when the constructor
     gets none, from the `TrainingArguments` when they carry `freeze_*` fields (`FreezeTrainingArguments`).
 
-    A static policy is applied in `on_init_end`, inside `Trainer.__init__`: before the Trainer builds its optimizer
-    (which then holds trainable parameters only) and before DDP wraps the model (which then all-reduces trainable
-    parameters only). The policy is first checked against the backend (DDP, FSDP, DeepSpeed) and a combination that
-    would crash mid-run or let the processes drift apart is refused, with the setting that fixes it.
-
-    A schedule or an adaptive policy makes every parameter it may ever train trainable in `on_init_end`, so that the
-    optimizer and DDP register them all, then applies each step's frozen set from `on_train_begin` on. A resumed run
-    takes the freezer's state (`LayerFreezer.state_dict`) from the checkpoint. The timeline is written to
-    ``args.output_dir`` as ``freeze_timeline.json`` and ``freeze_timeline.png``.
+    A static policy is applied in `on_init_end`, inside `Trainer.__init__`, before the optimizer and DDP see the
+    model, after a check against the backend (DDP, FSDP, DeepSpeed) that refuses what would crash or drift. A
+    schedule or an adaptive policy leaves trainable there everything it may train, then applies each step's frozen
+    set from `on_train_begin` on; checkpoints carry `LayerFreezer.state_dict()`, and the timeline is written to
+    ``args.output_dir`` (``freeze_timeline.json``, ``freeze_timeline.png``).
 
     Example:
 
@@ -70,13 +66,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self.freezer.skipped:
             return
         progress = progress_of(args, state)
-        if self.freezer.dynamic:
-            self.freezer.restart()  # a second `train()` on the same Trainer starts over
-            saved = saved_callback_state(state, type(self).__name__, self.freezer.arguments.freeze_options())
-            if saved is not None and progress.step > 0:
-                self.freezer.load_state_dict(saved, step=progress.step)
-            self.freezer.check_training_length(progress.max_steps)
-            change = self.freezer.update(progress, optimizer)
+        if self.freezer.dynamic:  # a fresh start, a second `train()` on this Trainer, or a resumed run
+            options = self.freezer.arguments.freeze_options()
+            saved = saved_callback_state(state, type(self).__name__, options) if progress.step > 0 else None
+            change = self.freezer.start(progress, optimizer, saved)
             self._log(state, self.freezer.describe_update(change, always=True) + self.freezer.report_lines(summary=False))
         else:
             raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress))
@@ -131,12 +124,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if model is None:
             raise FreezeConfigError("FreezeCallback needs the model: the Trainer passes it to its callbacks.")
         self.freezer = LayerFreezer(model, resolve_arguments(self._given, args))
-        if self.freezer.skipped:
-            self._log(state, [
-                f"FreezeCallback: freezing is skipped and nothing is changed, because {self.freezer.peft_reason}: "
-                "the adapter already decides what trains. To train extra modules, list them in the PEFT config's "
-                "`modules_to_save`."
-            ], warning=True)
+        if self.freezer.skipped:  # a PEFT adapter decides what trains; the freezer has said so
             return
         decision = self.freezer.decide(progress_of(args, state))
         self._setup = check_backend(args, self.freezer.model, self.freezer.strategy.name, self.freezer.dynamic, decision)
@@ -144,11 +132,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
             # Every parameter the schedule may ever train stays trainable until the optimizer and DDP have
             # registered it; each step's frozen set then applies from on_train_begin on.
             self.freezer.prepare()
-            self._log(state, [
-                f"strategy {self.freezer.strategy.name!r} changes the frozen set during training: every parameter it "
-                f"may train stays trainable until {self._setup.describe()} registered it, then each step's frozen set "
-                f"applies; changes are logged and written to {os.path.join(str(args.output_dir), TIMELINE_JSON)}."
-            ])
+            timeline = os.path.join(str(args.output_dir), TIMELINE_JSON)
+            self._log(state, [f"strategy {self.freezer.strategy.name!r} changes the frozen set during training: all it may "
+                              f"train stays trainable until {self._setup.describe()} registered it; changes go to {timeline}."])
         elif not late:  # added late, the model may be wrapped already: on_train_begin checks before applying
             self.freezer.apply(decision=decision)
             self._log(state, self.freezer.report_lines())

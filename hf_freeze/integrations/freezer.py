@@ -61,6 +61,11 @@ class LayerFreezer:
         self.arguments = arguments_from(arguments, options) or FreezeArguments()
         self.model = unwrap_model(model)
         self.peft_reason = peft_adapter_reason(self.model)
+        if self.peft_reason and is_main_process():
+            logger.warning(
+                f"hf_freeze: freezing is skipped and nothing is changed, because {self.peft_reason}: the adapter "
+                "already decides what trains. To train extra modules, list them in the PEFT config's `modules_to_save`."
+            )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
         self.applier = FreezeApplier(self.model, self.layout)
@@ -143,6 +148,19 @@ class LayerFreezer:
         after = optimizer_state_bytes(optimizer) if optimizer is not None else None
         self.timeline.record(progress, self.frozen_names(), after, held - (after or 0))
         return change
+
+    def start(
+        self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[Dict[str, Any]] = None
+    ) -> AppliedChange:
+        """Training begins at `progress`, or resumes there from a saved `state`: forget any earlier run, take over
+        the saved one, refuse a probe as long as training, and apply the frozen set in full."""
+        if not self.dynamic:
+            return self.apply(progress, optimizer)
+        self.restart()
+        if state is not None:
+            self.load_state_dict(state, step=progress.step)
+        self.check_training_length(progress.max_steps)
+        return self.update(progress, optimizer)
 
     def check_training_length(self, max_steps: int) -> None:
         """Refuse, before the first step, an adaptive probe that would last as long as training."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from ..errors import FreezeConfigError, invalid, one_of
+from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
 from .core import Selection, Strategy, TrainingProgress, bottom_prefix, register_strategy, require_layers, resolve_count
 from .scoring import SCORES
@@ -114,7 +114,7 @@ def _check(args) -> None:
     if args.freeze_score is not None:
         SCORES.get(args.freeze_score)
     if args.freeze_select is not None and args.freeze_select not in SELECT_ENDS:
-        raise invalid("freeze_select", args.freeze_select, one_of(SELECT_ENDS))
+        raise invalid_choice("freeze_select", args.freeze_select, SELECT_ENDS)
     check_count(args)
     probe = args.freeze_probe_steps
     if probe is not None:

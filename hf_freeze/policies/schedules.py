@@ -21,7 +21,7 @@ import math
 import random
 from typing import Dict, List
 
-from ..errors import FreezeConfigError, invalid, one_of
+from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
 from .core import (
     Selection,
@@ -93,7 +93,7 @@ def _rng(name: str, seed: int, index: int) -> random.Random:
 
 def _check_common(args) -> None:
     if args.freeze_schedule_unit is not None and args.freeze_schedule_unit not in SCHEDULE_UNITS:
-        raise invalid("freeze_schedule_unit", args.freeze_schedule_unit, one_of(SCHEDULE_UNITS))
+        raise invalid_choice("freeze_schedule_unit", args.freeze_schedule_unit, SCHEDULE_UNITS)
     if args.freeze_schedule_every is not None and args.freeze_schedule_every < 1:
         raise invalid("freeze_schedule_every", args.freeze_schedule_every, "an integer >= 1")
 
@@ -234,7 +234,7 @@ def active_block(args, progress: TrainingProgress, num_layers: int) -> List[int]
 def _check_badam(args) -> None:
     _check_active(args)
     if args.freeze_block_order is not None and args.freeze_block_order not in BLOCK_ORDERS:
-        raise invalid("freeze_block_order", args.freeze_block_order, one_of(BLOCK_ORDERS))
+        raise invalid_choice("freeze_block_order", args.freeze_block_order, BLOCK_ORDERS)
 
 
 def _badam(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:

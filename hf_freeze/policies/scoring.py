@@ -54,7 +54,7 @@ def register_score(score: Score) -> Score:
     >>> from hf_freeze import SCORES, Score, ScoreMeter, register_score
     >>> class WeightNorm(ScoreMeter):  # one number per layer; higher = more to learn
     ...     def finish(self):
-    ...         return [sum(float(p.norm()) for _, p in parameters) for _, parameters in self.layers]
+    ...         return [sum(float(p.detach().norm()) for _, p in parameters) for _, parameters in self.layers]
     >>> _ = register_score(Score("weight_norm_example", WeightNorm, needs_probe=False, description="Weight norm."))
     >>> SCORES.get("weight_norm_example").needs_probe
     False

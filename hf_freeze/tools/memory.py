@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Collection, Dict, Optional
 
-from ..errors import invalid, one_of
+from ..errors import invalid_choice
 from ..model.layout import LAYER, ModelLayout
 
 __all__ = [
@@ -175,9 +175,9 @@ def estimate_training_memory(
     ```
     """
     if precision not in PRECISIONS:
-        raise invalid("precision", precision, one_of(PRECISIONS))
+        raise invalid_choice("precision", precision, PRECISIONS)
     if optimizer not in OPTIMIZERS:
-        raise invalid("optimizer", optimizer, one_of(OPTIMIZERS))
+        raise invalid_choice("optimizer", optimizer, OPTIMIZERS)
     bytes_of = PRECISIONS[precision]
     states, state_bytes = OPTIMIZERS[optimizer]
     frozen = set(frozen)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional
 
 from ..config import FreezeArguments
-from ..errors import FreezeConfigError, invalid, one_of
+from ..errors import FreezeConfigError, invalid_choice
 from ..model import ModelLayout, discover_layout
 from ..policies import STRATEGIES
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
@@ -81,7 +81,7 @@ def _model_class(config, task: str):
 
     if task != "auto":
         if task not in TASKS:
-            raise invalid("task", task, one_of(["auto", *TASKS]))
+            raise invalid_choice("task", task, ["auto", *TASKS])
         return getattr(transformers, TASKS[task])
     for name in getattr(config, "architectures", None) or []:
         if hasattr(transformers, name):
