@@ -138,7 +138,7 @@ def measure(args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    frozen_layers = sum(1 for block in layout.layers if set(block.parameters) <= frozen) if not configuration.lora else 0
+    frozen_layers = len(layout.frozen_layer_indices(frozen)) if not configuration.lora else 0
     return dict(
         device=torch.cuda.get_device_name() if cuda else "cpu",
         clock="wall time (cuda synchronized)" if cuda else f"process CPU time, {torch.get_num_threads()} thread(s)",

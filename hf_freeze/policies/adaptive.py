@@ -36,26 +36,26 @@ DEFAULT_SCORE = "weight_change"
 # The probe covers this fraction of training when `freeze_probe_steps` is unset (seed 002 probed 5 steps).
 DEFAULT_PROBE_FRACTION = 0.05
 
-def score_name(args) -> str:
-    return args.freeze_score or DEFAULT_SCORE
+def score_name(options) -> str:
+    return options.freeze_score or DEFAULT_SCORE
 
 
-def _score(args):
-    return SCORES.get(score_name(args))
+def _score(options):
+    return SCORES.get(score_name(options))
 
 
-def _needs_probe(args) -> bool:
-    return _score(args).needs_probe
+def _needs_probe(options) -> bool:
+    return _score(options).needs_probe
 
 
-def probe_length(args, max_steps: int) -> int:
+def probe_length(options, max_steps: int) -> int:
     """Steps each probe lasts: 0 for a score read off the weights, else `freeze_probe_steps` (a count, or a
     fraction of `max_steps`, at least the score's minimum)."""
-    if not _needs_probe(args):
+    if not _needs_probe(options):
         return 0
-    value = DEFAULT_PROBE_FRACTION if args.freeze_probe_steps is None else args.freeze_probe_steps
+    value = DEFAULT_PROBE_FRACTION if options.freeze_probe_steps is None else options.freeze_probe_steps
     if isinstance(value, float) and not value.is_integer():
-        return max(_score(args).min_probe_steps, int(value * max_steps + 0.5))
+        return max(_score(options).min_probe_steps, int(value * max_steps + 0.5))
     return int(value)
 
 
@@ -68,11 +68,11 @@ class AdaptiveRound:
     ```python
     >>> from hf_freeze import FreezeArguments, TrainingProgress
     >>> from hf_freeze.policies.adaptive import adaptive_round
-    >>> args = FreezeArguments(freeze_strategy="adaptive", freeze_layers=2, freeze_probe_steps=5,
+    >>> options = FreezeArguments(freeze_strategy="adaptive", freeze_layers=2, freeze_probe_steps=5,
     ...                        freeze_reselect_every=50)
-    >>> adaptive_round(args, TrainingProgress(step=53, max_steps=100))
+    >>> adaptive_round(options, TrainingProgress(step=53, max_steps=100))
     AdaptiveRound(index=1, start=50, probe_end=55)
-    >>> adaptive_round(args, TrainingProgress(step=53, max_steps=100)).probing(53)
+    >>> adaptive_round(options, TrainingProgress(step=53, max_steps=100)).probing(53)
     True
     ```
     """
@@ -85,11 +85,11 @@ class AdaptiveRound:
         return step < self.probe_end
 
 
-def adaptive_round(args, progress: TrainingProgress) -> AdaptiveRound:
-    every = args.freeze_reselect_every
+def adaptive_round(options, progress: TrainingProgress) -> AdaptiveRound:
+    every = options.freeze_reselect_every
     index = progress.step // every if every else 0
     start = index * every if every else 0
-    return AdaptiveRound(index, start, start + probe_length(args, progress.max_steps))
+    return AdaptiveRound(index, start, start + probe_length(options, progress.max_steps))
 
 
 def select_layers(scores: Sequence[float], count: int, end: str = "lowest") -> List[int]:
@@ -110,30 +110,30 @@ def select_layers(scores: Sequence[float], count: int, end: str = "lowest") -> L
     return sorted(order[:count])
 
 
-def _check(args) -> None:
-    if args.freeze_score is not None:
-        SCORES.get(args.freeze_score)
-    if args.freeze_select is not None and args.freeze_select not in SELECT_ENDS:
-        raise invalid_choice("freeze_select", args.freeze_select, SELECT_ENDS)
-    check_count(args)
-    probe = args.freeze_probe_steps
+def _check(options) -> None:
+    if options.freeze_score is not None:
+        SCORES.get(options.freeze_score)
+    if options.freeze_select is not None and options.freeze_select not in SELECT_ENDS:
+        raise invalid_choice("freeze_select", options.freeze_select, SELECT_ENDS)
+    check_count(options)
+    probe = options.freeze_probe_steps
     if probe is not None:
-        if not _needs_probe(args):
+        if not _needs_probe(options):
             probed = [name for name in SCORES.names() if SCORES.get(name).needs_probe]
             raise FreezeConfigError(
-                f"`freeze_probe_steps` ({probe!r}) is not used by `freeze_score` {score_name(args)!r}, which is "
+                f"`freeze_probe_steps` ({probe!r}) is not used by `freeze_score` {score_name(options)!r}, which is "
                 "measured on the weights without a probe. Remove `freeze_probe_steps`, or choose a score measured "
                 f"by a probe ({', '.join(map(repr, probed))}).",
                 fields=["freeze_probe_steps", "freeze_score"],
             )
         if probe <= 0 or (isinstance(probe, float) and not probe.is_integer() and not probe < 1):
             raise invalid("freeze_probe_steps", probe, "a count of steps >= 1 or a fraction of training in (0, 1)")
-        shortest = _score(args).min_probe_steps
+        shortest = _score(options).min_probe_steps
         if isinstance(probe, int) and probe < shortest:
             raise invalid(
-                "freeze_probe_steps", probe, f"at least {shortest} steps for `freeze_score` {score_name(args)!r}"
+                "freeze_probe_steps", probe, f"at least {shortest} steps for `freeze_score` {score_name(options)!r}"
             )
-    every = args.freeze_reselect_every
+    every = options.freeze_reselect_every
     if every is not None:
         if every < 1:
             raise invalid("freeze_reselect_every", every, "a number of steps >= 1")
@@ -146,42 +146,42 @@ def _check(args) -> None:
             )
 
 
-def check_against_training(args, max_steps: int) -> None:
+def check_against_training(options, max_steps: int) -> None:
     """Checks that need the length of training, made before the first step (`FreezeCallback.on_train_begin`)."""
     if not max_steps:
         return
-    probe = probe_length(args, max_steps)
+    probe = probe_length(options, max_steps)
     if probe >= max_steps:
         raise FreezeConfigError(
-            f"`freeze_probe_steps` ({args.freeze_probe_steps!r}, {probe} steps) is not shorter than training "
+            f"`freeze_probe_steps` ({options.freeze_probe_steps!r}, {probe} steps) is not shorter than training "
             f"({max_steps} steps): no step would be left to train with the selected layers frozen. Use fewer probe "
             "steps (or a fraction such as 0.05), or train longer.",
             fields=["freeze_probe_steps"],
         )
-    every = args.freeze_reselect_every
+    every = options.freeze_reselect_every
     if every and probe >= every:
         raise FreezeConfigError(
-            f"`freeze_probe_steps` ({args.freeze_probe_steps!r}, {probe} steps of {max_steps}) must be shorter than "
+            f"`freeze_probe_steps` ({options.freeze_probe_steps!r}, {probe} steps of {max_steps}) must be shorter than "
             f"`freeze_reselect_every` ({every!r}). Lengthen the rounds or shorten the probe.",
             fields=["freeze_probe_steps", "freeze_reselect_every"],
         )
 
 
-def _adaptive(layout: ModelLayout, args, progress: TrainingProgress) -> Selection:
+def _adaptive(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "adaptive")
-    count = resolve_count(args.freeze_layers, total)
-    if adaptive_round(args, progress).probing(progress.step):
+    count = resolve_count(options.freeze_layers, total)
+    if adaptive_round(options, progress).probing(progress.step):
         return [], []
     scores: Optional[Sequence[float]] = progress.layer_scores
     if scores is None:
-        return [], [f"`freeze_strategy` 'adaptive': no {score_name(args)} scores measured yet, so nothing is frozen."]
+        return [], [f"`freeze_strategy` 'adaptive': no {score_name(options)} scores measured yet, so nothing is frozen."]
     if len(scores) != total:
         raise FreezeConfigError(
             f"`freeze_strategy` 'adaptive' got {len(scores)} layer scores for a model with {total} layers.",
             fields=["freeze_strategy"],
         )
     # As with 'bottom': when layer 0 is chosen, what sits below it freezes too.
-    return bottom_prefix(layout, args, select_layers(scores, count, args.freeze_select or "lowest")), []
+    return bottom_prefix(layout, options, select_layers(scores, count, options.freeze_select or "lowest")), []
 
 
 register_strategy(

@@ -23,85 +23,85 @@ def compile_name_pattern(pattern: str, field_name: str) -> "re.Pattern[str]":
         raise invalid(field_name, pattern, f"a valid regular expression ({error})") from None
 
 
-def check_count(args) -> None:
-    if args.freeze_layers is None:
+def check_count(options) -> None:
+    if options.freeze_layers is None:
         raise invalid("freeze_layers", None, "set for this strategy: a count of layers or a fraction in (0, 1)")
-    value = args.freeze_layers
+    value = options.freeze_layers
     if value < 0 or (isinstance(value, float) and not value < 1):
         raise invalid("freeze_layers", value, "a whole count of layers >= 0 or a fraction in (0, 1)")
 
 
-def _none(layout: ModelLayout, args, progress) -> Selection:
+def _none(layout: ModelLayout, options, progress) -> Selection:
     return [], []
 
 
-def _bottom(layout: ModelLayout, args, progress) -> Selection:
-    count = resolve_count(args.freeze_layers, require_layers(layout, "bottom"))
-    return bottom_prefix(layout, args, range(count)), []
+def _bottom(layout: ModelLayout, options, progress) -> Selection:
+    count = resolve_count(options.freeze_layers, require_layers(layout, "bottom"))
+    return bottom_prefix(layout, options, range(count)), []
 
 
-def _top(layout: ModelLayout, args, progress) -> Selection:
+def _top(layout: ModelLayout, options, progress) -> Selection:
     total = require_layers(layout, "top")
-    count = resolve_count(args.freeze_layers, total)
+    count = resolve_count(options.freeze_layers, total)
     return layer_parameters(layout, range(total - count, total)), []
 
 
-def _check_interval(args) -> None:
-    interval = 2 if args.freeze_interval is None else args.freeze_interval
-    offset = 0 if args.freeze_interval_offset is None else args.freeze_interval_offset
+def _check_interval(options) -> None:
+    interval = 2 if options.freeze_interval is None else options.freeze_interval
+    offset = 0 if options.freeze_interval_offset is None else options.freeze_interval_offset
     if interval < 1:
         raise invalid("freeze_interval", interval, "an integer >= 1")
     if not 0 <= offset < interval:
         raise invalid("freeze_interval_offset", offset, f"between 0 and freeze_interval - 1 = {interval - 1}")
 
 
-def _interval(layout: ModelLayout, args, progress) -> Selection:
+def _interval(layout: ModelLayout, options, progress) -> Selection:
     total = require_layers(layout, "interval")
-    interval = 2 if args.freeze_interval is None else args.freeze_interval
-    offset = 0 if args.freeze_interval_offset is None else args.freeze_interval_offset
+    interval = 2 if options.freeze_interval is None else options.freeze_interval
+    offset = 0 if options.freeze_interval_offset is None else options.freeze_interval_offset
     if offset >= total:
         raise invalid("freeze_interval_offset", offset, f"smaller than the model's {total} layers")
     return layer_parameters(layout, range(offset, total, interval)), []
 
 
-def _check_indices(args) -> None:
-    if not args.freeze_layer_indices:
-        raise invalid("freeze_layer_indices", args.freeze_layer_indices, "a non-empty list of layer indices")
+def _check_indices(options) -> None:
+    if not options.freeze_layer_indices:
+        raise invalid("freeze_layer_indices", options.freeze_layer_indices, "a non-empty list of layer indices")
 
 
-def _layers(layout: ModelLayout, args, progress) -> Selection:
+def _layers(layout: ModelLayout, options, progress) -> Selection:
     total = require_layers(layout, "layers")
     resolved = []
-    for index in args.freeze_layer_indices:
+    for index in options.freeze_layer_indices:
         if not -total <= index < total:
             raise invalid(
-                "freeze_layer_indices", args.freeze_layer_indices,
+                "freeze_layer_indices", options.freeze_layer_indices,
                 f"indices between {-total} and {total - 1} for this model's {total} layers ({index} is out of range)",
             )
         resolved.append(index % total)
     if len(set(resolved)) != len(resolved):
-        raise invalid("freeze_layer_indices", args.freeze_layer_indices, "indices that name each layer at most once")
+        raise invalid("freeze_layer_indices", options.freeze_layer_indices, "indices that name each layer at most once")
     return layer_parameters(layout, resolved), []
 
 
-def _check_patterns(args) -> None:
-    if not args.freeze_patterns and not args.freeze_trainable_patterns:
+def _check_patterns(options) -> None:
+    if not options.freeze_patterns and not options.freeze_trainable_patterns:
         raise FreezeConfigError(
             "`freeze_strategy` 'pattern' needs `freeze_patterns` (what to freeze), `freeze_trainable_patterns` "
             "(what stays trainable), or both (got neither).",
             fields=["freeze_patterns", "freeze_trainable_patterns"],
         )
     for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
-        for pattern in getattr(args, field_name) or []:
+        for pattern in getattr(options, field_name) or []:
             compile_name_pattern(pattern, field_name)
 
 
-def _pattern(layout: ModelLayout, args, progress) -> Selection:
+def _pattern(layout: ModelLayout, options, progress) -> Selection:
     names = layout.parameter_names
     matched = {}
     for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
         hits = set()
-        for pattern in getattr(args, field_name) or []:
+        for pattern in getattr(options, field_name) or []:
             regex = compile_name_pattern(pattern, field_name)
             found = {name for name in names if regex.match(name)}
             if not found:
@@ -111,11 +111,11 @@ def _pattern(layout: ModelLayout, args, progress) -> Selection:
                 )
             hits |= found
         matched[field_name] = hits
-    frozen = matched["freeze_patterns"] if args.freeze_patterns else set(names)
+    frozen = matched["freeze_patterns"] if options.freeze_patterns else set(names)
     return sorted(frozen - matched["freeze_trainable_patterns"]), []
 
 
-def _bitfit(layout: ModelLayout, args, progress) -> Selection:
+def _bitfit(layout: ModelLayout, options, progress) -> Selection:
     names = layout.parameter_names
     biases = [name for name in names if name.rsplit(".", 1)[-1] == "bias" or name.endswith("_bias")]
     head = set(layout.parameters_of(layout.blocks_of_kind(HEAD)))
@@ -129,7 +129,7 @@ def _bitfit(layout: ModelLayout, args, progress) -> Selection:
     return [name for name in names if name not in biases and name not in head], []
 
 
-def _head_only(layout: ModelLayout, args, progress) -> Selection:
+def _head_only(layout: ModelLayout, options, progress) -> Selection:
     head = set(layout.parameters_of(layout.blocks_of_kind(HEAD)))
     if not head:
         tied = [alias for alias, name in layout.tied_parameters.items() if name in layout.input_embedding_parameters]
@@ -146,37 +146,37 @@ def _head_only(layout: ModelLayout, args, progress) -> Selection:
     return [name for name in layout.parameter_names if name not in head], []
 
 
-def _check_trlx(args) -> None:
-    value = args.freeze_num_layers_unfrozen
+def _check_trlx(options) -> None:
+    value = options.freeze_num_layers_unfrozen
     if value is None or value < -1:
         raise invalid("freeze_num_layers_unfrozen", value, "-1 (freeze nothing), 0 (freeze all layers) or a count > 0")
 
 
-def _trlx(layout: ModelLayout, args, progress) -> Selection:
+def _trlx(layout: ModelLayout, options, progress) -> Selection:
     total = require_layers(layout, "trlx")
-    unfrozen = args.freeze_num_layers_unfrozen
+    unfrozen = options.freeze_num_layers_unfrozen
     if unfrozen == -1:
         return [], []
     if unfrozen > total:
         raise invalid("freeze_num_layers_unfrozen", unfrozen, f"at most the model's {total} layers")
     frozen = layer_parameters(layout, range(total - unfrozen))
-    if args.freeze_embeddings is None:
+    if options.freeze_embeddings is None:
         # trlx freezes `get_input_embeddings()` only: position embeddings keep training.
         frozen += list(layout.input_embedding_parameters)
-        if unfrozen == 0 and args.freeze_head is None:
+        if unfrozen == 0 and options.freeze_head is None:
             frozen += list(layout.output_embedding_parameters)
     return frozen, []
 
 
-def _check_llama_factory(args) -> None:
-    value = args.freeze_trainable_layers
+def _check_llama_factory(options) -> None:
+    value = options.freeze_trainable_layers
     if value is None or value == 0:
         raise invalid("freeze_trainable_layers", value, "a non-zero integer: N > 0 trains the last N, N < 0 the first |N|")
 
 
-def _llama_factory(layout: ModelLayout, args, progress) -> Selection:
+def _llama_factory(layout: ModelLayout, options, progress) -> Selection:
     total = require_layers(layout, "llama_factory")
-    count = args.freeze_trainable_layers
+    count = options.freeze_trainable_layers
     if abs(count) > total:
         raise invalid("freeze_trainable_layers", count, f"between -{total} and {total} for this model's {total} layers")
     trainable = range(total - count, total) if count > 0 else range(-count)

@@ -158,8 +158,8 @@ def simulate_timeline(
     >>> from hf_freeze import FreezeArguments, ModelLayout
     >>> from hf_freeze.report import simulate_timeline
     >>> layout = ModelLayout.from_layer_sizes([10, 10, 10, 10], embeddings=5, head=3)
-    >>> args = FreezeArguments(freeze_strategy="progressive", freeze_start=0.5)
-    >>> [(entry["step"], entry["frozen_layers"]) for entry in simulate_timeline(layout, args, 8).changes]
+    >>> options = FreezeArguments(freeze_strategy="progressive", freeze_start=0.5)
+    >>> [(entry["step"], entry["frozen_layers"]) for entry in simulate_timeline(layout, options, 8).changes]
     [(0, []), (5, [0]), (6, [0, 1]), (7, [0, 1, 2])]
     ```
     """

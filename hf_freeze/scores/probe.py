@@ -46,8 +46,8 @@ class LayerProbe:
     >>> from hf_freeze.scores import LayerProbe
     >>> config = AutoConfig.for_model("gpt2", n_layer=4, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
     >>> model = AutoModelForCausalLM.from_config(config)
-    >>> args = FreezeArguments(freeze_strategy="adaptive", freeze_layers=2, freeze_score="snr")
-    >>> probe = LayerProbe(model, discover_layout(model), args)
+    >>> options = FreezeArguments(freeze_strategy="adaptive", freeze_layers=2, freeze_score="snr")
+    >>> probe = LayerProbe(model, discover_layout(model), options)
     >>> len(probe.at(TrainingProgress(step=0, max_steps=10)).layer_scores)
     4
     ```

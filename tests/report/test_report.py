@@ -65,7 +65,9 @@ def test_partly_frozen_layer_is_not_frozen_and_tied_alias_counts_once():
 
 
 def test_count_metrics_of_nothing():
-    assert count_metrics(0, 0) == {"freeze/trainable_params": 0, "freeze/total_params": 0, "freeze/trainable_fraction": 0.0}
+    assert count_metrics(0, 0) == {
+        "freeze/trainable_params": 0, "freeze/total_params": 0, "freeze/trainable_fraction": 0.0,
+    }
 
 
 def test_model_metrics_reads_requires_grad_and_counts_tied_weights_once():
@@ -110,11 +112,11 @@ def test_format_block_table_lines_up():
     assert lines[2].split() == ["0", "emb", "embeddings", "8", "trainable"]
     assert lines[3].split() == ["1", "h.0", "layer", "0", "8", "partial", "(75.0%", "trainable)"]
     assert lines[4].split() == ["2", "h.1", "layer", "1", "1,000,000", "frozen"]
-    # Right-aligned: the header and every count end at the same column.
-    ends = {lines[0].index("params") + 6} | {line.rindex(n) + len(n) for line, n in zip(lines[2:], ["8", "8", "1,000,000"])}
-    assert len(ends) == 1
-    layer_end = lines[0].index("layer") + len("layer")
-    assert lines[3][layer_end - 1] == "0" and lines[4][layer_end - 1] == "1"
+    # Right-aligned: the rule and every count end where the header "params" ends, and so do the layer indices.
+    end, layer_end = lines[0].index("params") + len("params"), lines[0].index("layer") + len("layer")
+    assert [line[:end].split()[-1] for line in lines[2:]] == ["8", "8", "1,000,000"]
+    assert all(line[end - 1] != " " and line[end] == " " for line in lines[1:])
+    assert (lines[3][layer_end - 1], lines[4][layer_end - 1]) == ("0", "1")
 
 
 # -- log lines ----------------------------------------------------------------------------------------------------
@@ -169,11 +171,14 @@ def test_describe_selection():
 # -- timeline -----------------------------------------------------------------------------------------------------
 
 
+SELECTION = {"step": 8, "probe_start_step": 4, "round": 0, "scores": [0.1, 0.2], "frozen_layers": [1]}
+
+
 def recorded():
     timeline = FreezeTimeline(TWO_PARAMS, strategy="progressive", options={"freeze_start": 0.5, "freeze_level": None})
     timeline.record(TrainingProgress(step=0, max_steps=20, epoch=0.0, num_epochs=2.0), frozen=[])
     timeline.record(TrainingProgress(step=4, max_steps=20, epoch=0.4), {"h.0.a", "emb.weight"}, 1000, 24)
-    timeline.record_selection({"step": 8, "probe_start_step": 4, "round": 0, "scores": [0.1, 0.2], "frozen_layers": [1]})
+    timeline.record_selection(SELECTION)
     timeline.record(TrainingProgress(step=8, max_steps=20, epoch=0.8), {"h.0.a", "h.0.b", "h.1.a"})
     return timeline
 
@@ -190,7 +195,7 @@ def test_record_entries_and_no_entry_without_change():
         {"step": 8, "epoch": 0.8, "frozen_blocks": ["h.0", "h.1"], "partial_blocks": {}, "frozen_layers": [0, 1],
          "trainable_params": 8, "trainable_fraction": round(8 / 1_000_016, 6)},
     ]
-    assert timeline.selections == [{"step": 8, "probe_start_step": 4, "round": 0, "scores": [0.1, 0.2], "frozen_layers": [1]}]
+    assert timeline.selections == [SELECTION]
 
 
 def test_state_dict_round_trip_resume_and_clear():
@@ -202,17 +207,17 @@ def test_state_dict_round_trip_resume_and_clear():
     assert restored.state_dict() == timeline.state_dict()
     restored.load_state_dict(state, before_step=8)
     assert [entry["step"] for entry in restored.changes] == [0, 4] and restored.selections == []
-    restored.clear()
-    assert restored.state_dict() == {"changes": [], "selections": []}
+    timeline.clear()
+    assert timeline.state_dict() == {"changes": [], "selections": []}
 
 
 def test_to_dict_end_step():
     timeline = recorded()
     data = timeline.to_dict()
-    assert {key: data[key] for key in ("strategy", "options", "max_steps", "num_epochs", "end_step", "total_params")} == {
-        "strategy": "progressive", "options": {"freeze_start": 0.5}, "max_steps": 20, "num_epochs": 2.0,
-        "end_step": 20, "total_params": 1_000_016,
-    }
+    assert (data["strategy"], data["options"], data["max_steps"], data["num_epochs"], data["end_step"]) == (
+        "progressive", {"freeze_start": 0.5}, 20, 2.0, 20,  # options left unset (None) are not recorded
+    )
+    assert data["total_params"] == 1_000_016
     assert data["blocks"][1] == {"name": "h.0", "kind": "layer", "layer_index": 0, "parameters": 8}
     assert data["changes"] == timeline.changes and data["selections"] == timeline.selections
     assert timeline.to_dict(end_step=3)["end_step"] == 9  # never before the last change + 1
@@ -253,6 +258,7 @@ def test_simulate_progressive():
     assert timeline.changes[-1]["frozen_blocks"] == ["embeddings", "layers.0", "layers.1", "layers.2"]
     assert (timeline.max_steps, timeline.num_epochs, timeline.strategy) == (8, 4.0, "progressive")
     assert timeline.to_dict()["end_step"] == 8
+    assert simulate_timeline(LAYOUT, PROGRESSIVE, 8, steps_per_epoch=3).num_epochs == 3.0  # a partial epoch counts
     assert [e["epoch"] for e in simulate_timeline(LAYOUT, PROGRESSIVE, 8).changes] == [0.0, 0.625, 0.75, 0.875]
 
 
