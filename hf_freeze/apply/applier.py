@@ -15,6 +15,8 @@ from .frozen_prefix import FrozenPrefixHooks
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
 
+# The attribute of the model that lists the parameters an hf_freeze applier froze.
+_FROZEN_BY_POLICY = "_hf_freeze_frozen_by_policy"
 # transformers' Trainer keeps these out of weight decay (`Trainer.get_decay_parameter_names`): every parameter of an
 # `nn.LayerNorm`, and names matching these patterns once lower-cased.
 _NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -74,6 +76,11 @@ class FreezeApplier:
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
 
+    def frozen_by_user(self) -> List[str]:
+        """Frozen parameters that no hf_freeze applier froze: the user's own freezing, to be respected."""
+        ours = getattr(self.model, _FROZEN_BY_POLICY, set())
+        return [name for name in self.frozen_names() if name not in ours]
+
     def would_flip(self, decision: FreezeDecision) -> List[str]:
         """Parameters whose `requires_grad` applying ``decision`` would change."""
         return [name for name, parameter in self.parameters.items() if parameter.requires_grad == decision.is_frozen(name)]
@@ -87,6 +94,14 @@ class FreezeApplier:
                 (unfrozen if trainable else frozen).append(name)
             if not trainable:
                 parameter.grad = None
+        # Remembered on the model, so that a later freezer (a second Trainer, a resumed callback) can tell the
+        # user's own freezing from ours.
+        marked = getattr(self.model, _FROZEN_BY_POLICY, None)
+        if marked is None:
+            marked = set()
+            object.__setattr__(self.model, _FROZEN_BY_POLICY, marked)
+        marked.difference_update(unfrozen)
+        marked.update(frozen)
         if optimizer is not None:
             self.sync_optimizer(optimizer, frozen, unfrozen)
         if self.prefix_hooks is not None:

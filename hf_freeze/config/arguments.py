@@ -134,6 +134,15 @@ class FreezeArguments:
             "'llama_factory' and for 'trlx' with 0; else trained). A head tied to the input embeddings follows them."
         ),
     )
+    freeze_respect_existing: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Parameters frozen before hf_freeze sees the model (by your own code) stay frozen unless the options name "
+            "them as trainable (`freeze_trainable_patterns`, `freeze_trainable_layers`, `freeze_num_layers_unfrozen`, "
+            "or `freeze_embeddings`/`freeze_norm`/`freeze_head: false`); the log lists them. Default: true; false "
+            "lets the policy decide every parameter."
+        ),
+    )
     freeze_layer_paths: Optional[List[str]] = field(
         default=None,
         metadata=_help(

@@ -16,7 +16,7 @@ from ..logging import get_logger
 from ..model import discover_layout, peft_adapter_reason, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
-from ..policies.simulate import check_against_layout
+from ..policies.simulate import check_against_layout, describe_inaction
 from ..processes import is_main_process
 from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, freeze_metrics
 from ..report import model_metrics, summary_line
@@ -69,12 +69,16 @@ class LayerFreezer:
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
         self.applier = FreezeApplier(self.model, self.layout)
+        # Frozen by the user's own code before any policy ran: kept frozen unless the options name them.
+        respect = self.arguments.freeze_respect_existing is not False
+        self.kept_frozen = frozenset(self.applier.frozen_by_user()) if respect else frozenset()
         self.decision: Optional[FreezeDecision] = None
         self.timeline: Optional[FreezeTimeline] = None
         # Adaptive policies decide from per-layer scores, measured by probes during training.
         self.probe: Optional[LayerProbe] = None
+        self._warned = False
         if self.layout is not None:
-            check_against_layout(self.layout, self.arguments)
+            self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
             if self.strategy.needs_scores:
                 self.probe = LayerProbe(self.model, self.layout, self.arguments)
@@ -95,7 +99,15 @@ class LayerFreezer:
             return FreezeDecision(frozenset(self.frozen_names()))
         if self.probe is not None and progress is not None and progress.layer_scores is None:
             progress = self.probe.with_scores(progress)
-        return decide(self.layout, self.arguments, progress)
+        return decide(self.layout, self.arguments, progress, self.kept_frozen)
+
+    def check(self, max_steps: Optional[int] = None) -> None:
+        """Everything training would refuse about this policy on this model, raised now (the freezer runs it when it
+        is built; `hf-freeze validate --model` runs the same): values the model cannot honour, a policy that leaves
+        nothing to train, and with ``max_steps`` an adaptive probe as long as training."""
+        check_against_layout(self.layout, self.arguments, max_steps, self.kept_frozen)
+        if max_steps:
+            self.check_training_length(max_steps)
 
     def frozen_names(self) -> List[str]:
         """Names of the parameters that are frozen now."""
@@ -115,7 +127,21 @@ class LayerFreezer:
         if self.skipped:
             return AppliedChange([], [])
         self.decision = decision or self._decide_measured(progress)
+        self._warn_once(progress)
         return self.applier.apply(self.decision, optimizer)
+
+    def _warn_once(self, progress: Optional[TrainingProgress]) -> None:
+        """What the user must not miss, said once: an option that did more than it says, a policy that does nothing."""
+        if self._warned or not is_main_process():
+            return
+        if self.dynamic and not (progress and progress.max_steps):
+            return  # whether a schedule ever changes depends on the length of the run
+        self._warned = True
+        lines = list(self.decision.warnings)
+        inaction = describe_inaction(self.layout, self.arguments, progress or TrainingProgress(), self.kept_frozen)
+        lines += [inaction] if inaction else []
+        for line in lines:
+            logger.warning(line)
 
     # -- policies that change during training -------------------------------------------------------------------
 
@@ -128,7 +154,7 @@ class LayerFreezer:
         """
         if not self.dynamic:
             return self.apply(progress)
-        return self.applier.apply(registration_decision(self.layout, self.arguments))
+        return self.applier.apply(registration_decision(self.layout, self.arguments, self.kept_frozen))
 
     def update(self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None) -> AppliedChange:
         """Apply the policy at `progress` if it changes the frozen set; record the change in `timeline`.

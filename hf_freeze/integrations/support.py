@@ -76,13 +76,8 @@ class PolicyFacts:
 
 def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
     """``None`` when the policy can run on this backend, otherwise why not and the setting that fixes it."""
+    # A policy that freezes every parameter never gets here: `LayerFreezer` refuses it on any backend.
     name = f"`freeze_strategy` {policy.strategy!r}"
-    if policy.trainable == 0 and policy.frozen > 0:
-        return (
-            f"{name} freezes every parameter, so nothing would train: the first backward pass fails, and under "
-            "multi-process training accelerate skips (GPU) or fails (CPU) the DDP wrap. Leave something "
-            "trainable, e.g. `freeze_head: false`."
-        )
     if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
         if policy.mixed_units:
             unit, frozen, trainable = policy.mixed_units[0]

@@ -23,11 +23,14 @@ __all__ = [
     "TrainingProgress",
     "check_options",
     "decide",
+    "explicitly_trained",
     "register_strategy",
 ]
 
 # Options every strategy accepts; the rest belong to the strategies that name them.
-COMMON_OPTIONS = ("freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths")
+COMMON_OPTIONS = (
+    "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
+)
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
 NON_LAYER_OPTIONS = {"freeze_embeddings": (EMBEDDINGS,), "freeze_norm": (NORM, OTHER), "freeze_head": (HEAD,)}
 
@@ -76,6 +79,9 @@ class FreezeDecision:
 
     frozen: FrozenSet[str]
     notes: Tuple[str, ...] = ()
+    # What the user must not miss: an option that had to do more than it says (a tied head frozen with the
+    # embeddings), shown at WARNING.
+    warnings: Tuple[str, ...] = ()
     # Trainable parameters whose optimizer update is multiplied by a factor (a per-layer learning-rate factor).
     update_factors: Dict[str, float] = field(default_factory=dict, compare=False)
 
@@ -104,6 +110,9 @@ class Strategy:
         fixed_overrides: Non-layer options (`freeze_head`, ...) the strategy decides itself and refuses.
         needs_scores: True when the decision reads measured per-layer scores (`TrainingProgress.layer_scores`),
             which `LayerFreezer` measures with a `hf_freeze.scores.LayerProbe`.
+        trains: ``(layout, options) -> parameter names`` the options name as trainable (LLaMA-Factory's
+            `freeze_trainable_layers`, axolotl's patterns): the only parameters frozen by the user before hf_freeze
+            saw the model that the policy may unfreeze (`freeze_respect_existing`).
 
     Example:
 
@@ -128,6 +137,7 @@ class Strategy:
     fixed_overrides: Tuple[str, ...] = ()
     update_factors: Optional[Callable[[ModelLayout, Any, TrainingProgress], Dict[str, float]]] = None
     needs_scores: bool = False
+    trains: Optional[Callable[[ModelLayout, Any], Iterable[str]]] = None
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", field="freeze_strategy")
@@ -181,8 +191,13 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
     return strategy
 
 
-def decide(layout: ModelLayout, options: Any, progress: Optional[TrainingProgress] = None) -> FreezeDecision:
+def decide(
+    layout: ModelLayout, options: Any, progress: Optional[TrainingProgress] = None, kept_frozen: Iterable[str] = ()
+) -> FreezeDecision:
     """Run the configured policy on a layout: the one entry point from options to a `FreezeDecision`.
+
+    ``kept_frozen`` are parameters frozen before hf_freeze saw the model: they stay frozen unless the options name
+    them as trainable (`explicitly_trained`).
 
     Example:
 
@@ -199,7 +214,11 @@ def decide(layout: ModelLayout, options: Any, progress: Optional[TrainingProgres
     frozen = set(selected)
     pinned_frozen, pinned_trainable = _non_layer_settings(layout, options, strategy)
     frozen = (frozen | pinned_frozen) - pinned_trainable
+    frozen, warnings = _honour_ties(layout, frozen, options)
     notes = list(notes) + _tied_embedding_notes(layout, frozen, options)
+    kept, note = _keep_user_frozen(layout, options, strategy, frozen, kept_frozen)
+    frozen |= kept
+    notes += [note] if note else []
     factors = {}
     if strategy.update_factors is not None:
         factors = {
@@ -207,10 +226,64 @@ def decide(layout: ModelLayout, options: Any, progress: Optional[TrainingProgres
             for name, factor in strategy.update_factors(layout, options, progress).items()
             if factor != 1.0 and name not in frozen
         }
-    return FreezeDecision(frozenset(frozen), tuple(notes), update_factors=factors)
+    return FreezeDecision(frozenset(frozen), tuple(notes), tuple(warnings), factors)
 
 
-def registration_decision(layout: ModelLayout, options: Any) -> FreezeDecision:
+def explicitly_trained(layout: ModelLayout, options: Any) -> set:
+    """The parameters the options name as trainable: blocks set to ``false`` (`freeze_embeddings: false`, ...), and
+    what the strategy's own options name (`Strategy.trains`)."""
+    strategy = STRATEGIES.get(options.freeze_strategy)
+    named = set(_non_layer_settings(layout, options, strategy)[1])
+    if strategy.trains is not None:
+        named |= set(strategy.trains(layout, options))
+    return named
+
+
+def _keep_user_frozen(layout, options, strategy, frozen: set, kept_frozen: Iterable[str]) -> Tuple[set, Optional[str]]:
+    kept_frozen = set(kept_frozen)
+    if not kept_frozen:
+        return set(), None
+    released = kept_frozen & explicitly_trained(layout, options)
+    kept = kept_frozen - released
+    parts = []
+    if kept - frozen:
+        parts.append(
+            f"{len(kept - frozen)} parameter(s) frozen before hf_freeze saw the model stay frozen although "
+            f"{strategy.name!r} would train them ({_few(kept - frozen)}); `freeze_respect_existing: false` lets the "
+            "policy decide them."
+        )
+    if released:
+        parts.append(
+            f"{len(released)} parameter(s) frozen before hf_freeze saw the model train, because the options name them "
+            f"as trainable ({_few(released)})."
+        )
+    return kept, " ".join(parts) or None
+
+
+def _few(names: Iterable[str], shown: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _honour_ties(layout: ModelLayout, frozen: set, options: Any) -> Tuple[set, List[str]]:
+    """An explicit `freeze_head: true` on a head tied to the input embeddings (or `freeze_embeddings: true` with a
+    tied head) freezes the one shared parameter, so both: done, and said at WARNING, never silently ignored."""
+    shared = set(layout.input_embedding_parameters) & set(layout.output_embedding_parameters)
+    if not shared:
+        return frozen, []
+    if options.freeze_head is True and not shared <= frozen:
+        frozen = frozen | shared
+    if options.freeze_head is True or options.freeze_embeddings is True:
+        aliases = sorted(alias for alias, name in layout.tied_parameters.items() if name in shared)
+        set_by = "`freeze_head: true`" if options.freeze_head is True else "`freeze_embeddings: true`"
+        return frozen, [
+            f"{set_by} freezes {', '.join(sorted(shared))}, which the model ties to "
+            f"{', '.join(aliases) or 'its output embeddings'}: the input embeddings and the LM head are frozen together."
+        ]
+    return frozen, []
+
+
+def registration_decision(layout: ModelLayout, options: Any, kept_frozen: Iterable[str] = ()) -> FreezeDecision:
     """What a dynamic strategy applies before the optimizer and DDP exist: every parameter it may ever train is
     trainable, so the Trainer's optimizer (built from trainable parameters only) and DDP register them all.
 
@@ -218,8 +291,10 @@ def registration_decision(layout: ModelLayout, options: Any) -> FreezeDecision:
     own frozen set is applied once the optimizer exists; a registered but frozen parameter has ``grad=None``, which
     every torch optimizer skips, and gets no optimizer state.
     """
-    pinned_frozen, _ = _non_layer_settings(layout, options, STRATEGIES.get(options.freeze_strategy))
-    return FreezeDecision(frozenset(pinned_frozen))
+    strategy = STRATEGIES.get(options.freeze_strategy)
+    pinned_frozen, _ = _non_layer_settings(layout, options, strategy)
+    kept, _ = _keep_user_frozen(layout, options, strategy, set(pinned_frozen), kept_frozen)
+    return FreezeDecision(frozenset(pinned_frozen | kept))
 
 
 def _non_layer_settings(layout: ModelLayout, options: Any, strategy: Strategy) -> Tuple[set, set]:

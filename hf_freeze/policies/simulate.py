@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, FrozenSet, List, Optional, Sequence
+from typing import Any, FrozenSet, Iterable, List, Optional, Sequence
 
-from ..errors import invalid
+from ..errors import FreezeConfigError, invalid
 from ..model.layout import ModelLayout
 from .core import STRATEGIES, TrainingProgress, decide
 
-__all__ = ["FrozenSetChange", "check_against_layout", "frozen_sets_over_training", "placeholder_scores"]
+__all__ = [
+    "FrozenSetChange", "check_against_layout", "describe_inaction", "frozen_sets_over_training", "placeholder_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,61 @@ def frozen_sets_over_training(
     return changes
 
 
-def check_against_layout(layout: ModelLayout, options: Any, max_steps: Optional[int] = None) -> None:
+def check_against_layout(
+    layout: ModelLayout, options: Any, max_steps: Optional[int] = None, kept_frozen: Iterable[str] = ()
+) -> None:
     """Raise now what the policy would raise on this model during training (a count above the number of layers, an
-    index past the last layer, a pattern that matches nothing): it is asked at the start of training and, when it
-    changes during training, at the quarter points and the end too.
+    index past the last layer, a pattern that matches nothing), and refuse a policy that leaves nothing to train.
+    It is asked at the start of training and, when it changes during training, at the quarter points and the end.
     """
     steps = max_steps or 100
     fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if STRATEGIES.get(options.freeze_strategy).dynamic else (0.0,)
     for fraction in fractions:
-        decide(layout, options, TrainingProgress(step=int(fraction * steps), max_steps=steps))
+        decision = decide(layout, options, TrainingProgress(step=int(fraction * steps), max_steps=steps), kept_frozen)
+        if fraction == 0.0 and layout.parameter_names and set(layout.parameter_names) <= decision.frozen:
+            kept = set(kept_frozen) & decision.frozen
+            because = (
+                f" ({len(kept)} of them were frozen before hf_freeze saw the model, and `freeze_respect_existing` keeps "
+                "them frozen)" if kept else ""
+            )
+            raise FreezeConfigError(
+                f"`freeze_strategy` {options.freeze_strategy!r} freezes every parameter{because}, so nothing would "
+                "train: the first backward pass fails, and under multi-process training accelerate skips (GPU) or "
+                "fails (CPU) the DDP wrap. Leave something trainable, e.g. `freeze_head: false`.",
+                fields=["freeze_strategy"] + (["freeze_respect_existing"] if kept else []),
+            )
+
+
+def describe_inaction(
+    layout: ModelLayout, options: Any, progress: TrainingProgress, kept_frozen: Iterable[str] = ()
+) -> Optional[str]:
+    """Why the policy does nothing useful in this run, or ``None``: it never freezes any part of a layer, or (a
+    schedule) its frozen set never changes within the run's length. The strategy 'none' is meant to do nothing."""
+    strategy = STRATEGIES.get(options.freeze_strategy)
+    if strategy.name == "none" or not layout.layers:
+        return None
+    layer_names = set(layout.parameters_of(layout.layers))
+    kept = set(kept_frozen)
+    name = f"`freeze_strategy` {strategy.name!r}"
+    if not strategy.dynamic:
+        if not (decide(layout, options, progress).frozen - kept) & layer_names:
+            return f"{name} freezes no part of any layer with these options: every layer trains, as without hf_freeze."
+        return None
+    if not progress.max_steps:
+        return None
+    steps_per_epoch = progress.max_steps / progress.num_epochs if progress.num_epochs else None
+    scores = placeholder_scores(layout) if strategy.needs_scores else None
+    changes = frozen_sets_over_training(
+        layout, options, progress.max_steps, num_epochs=progress.num_epochs or None,
+        steps_per_epoch=int(steps_per_epoch) if steps_per_epoch and steps_per_epoch.is_integer() else None,
+        seed=progress.seed, layer_scores=scores,
+    )
+    if not any(change.frozen & layer_names for change in changes):
+        return f"{name} never freezes any part of a layer in this run of {progress.max_steps} steps: every layer trains."
+    if len(changes) == 1:
+        length = f"{progress.max_steps} steps" + (f", {progress.num_epochs:g} epochs" if progress.num_epochs else "")
+        return (
+            f"{name} never changes the frozen set in this run ({length}): its first change would come later, so it "
+            "acts as a static policy. Shorten `freeze_schedule_every`, or count in steps (`freeze_schedule_unit: step`)."
+        )
+    return None

@@ -96,6 +96,26 @@ def _check_patterns(options) -> None:
             compile_name_pattern(pattern, field_name)
 
 
+def _pattern_trains(layout: ModelLayout, options):
+    names = layout.parameter_names
+    matched = set()
+    for pattern in options.freeze_trainable_patterns or []:
+        regex = compile_name_pattern(pattern, "freeze_trainable_patterns")
+        matched |= {name for name in names if regex.match(name)}
+    return matched
+
+
+def _trlx_trains(layout: ModelLayout, options):
+    count = options.freeze_num_layers_unfrozen
+    total = layout.num_layers
+    return layer_parameters(layout, range(max(0, total - count), total)) if count and count > 0 else []
+
+
+def _llama_factory_trains(layout: ModelLayout, options):
+    count, total = options.freeze_trainable_layers, layout.num_layers
+    return layer_parameters(layout, range(total - count, total) if count > 0 else range(-count))
+
+
 def _pattern(layout: ModelLayout, options, progress) -> Selection:
     names = layout.parameter_names
     matched = {}
@@ -179,8 +199,8 @@ def _llama_factory(layout: ModelLayout, options, progress) -> Selection:
     count = options.freeze_trainable_layers
     if abs(count) > total:
         raise invalid("freeze_trainable_layers", count, f"between -{total} and {total} for this model's {total} layers")
-    trainable = range(total - count, total) if count > 0 else range(-count)
-    return layer_parameters(layout, set(range(total)) - set(trainable)), []
+    trainable = set(_llama_factory_trains(layout, options))
+    return [name for name in layout.parameters_of(layout.layers) if name not in trainable], []
 
 
 _ALL_FROZEN = {"freeze_embeddings": True, "freeze_norm": True, "freeze_head": True}
@@ -210,7 +230,7 @@ register_strategy(
 register_strategy(
     Strategy(
         "pattern", _pattern, ("freeze_patterns", "freeze_trainable_patterns"), {}, _check_patterns,
-        fixed_overrides=("freeze_embeddings", "freeze_norm", "freeze_head"),
+        fixed_overrides=("freeze_embeddings", "freeze_norm", "freeze_head"), trains=_pattern_trains,
         description="Freeze parameters by name: `freeze_patterns` and/or `freeze_trainable_patterns`.",
     )
 )
@@ -228,13 +248,14 @@ register_strategy(
 )
 register_strategy(
     Strategy(
-        "trlx", _trlx, ("freeze_num_layers_unfrozen",), {}, _check_trlx,
+        "trlx", _trlx, ("freeze_num_layers_unfrozen",), {}, _check_trlx, trains=_trlx_trains,
         description="trlx's `num_layers_unfrozen` semantics, via `freeze_num_layers_unfrozen`.",
     )
 )
 register_strategy(
     Strategy(
         "llama_factory", _llama_factory, ("freeze_trainable_layers",), dict(_ALL_FROZEN), _check_llama_factory,
+        trains=_llama_factory_trains,
         description="LLaMA-Factory's `freeze_trainable_layers` semantics: only the chosen layers train.",
     )
 )

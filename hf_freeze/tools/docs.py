@@ -94,7 +94,8 @@ def update_readme(path: str, check: bool = False) -> bool:
 
 
 def default_readme() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    """The repository's README.md (hf_freeze/tools/docs.py -> the folder above hf_freeze/)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

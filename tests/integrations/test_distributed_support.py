@@ -38,7 +38,6 @@ STATIC_MIXED_UNIT = PolicyFacts("bitfit", dynamic=False, trainable=20, frozen=10
                                 mixed_units=(("bert.encoder.layer.0", "bert.encoder.layer.0.output.dense.weight",
                                               "bert.encoder.layer.0.output.dense.bias"),))
 DYNAMIC = PolicyFacts("a_schedule", dynamic=True, trainable=20, frozen=10)
-EVERYTHING_FROZEN = PolicyFacts("pattern", dynamic=False, trainable=0, frozen=30)
 
 
 @pytest.mark.parametrize(
@@ -63,8 +62,6 @@ def test_supported_combinations(setup, policy):
         (FSDP1_ORIG, DYNAMIC, ["FSDP1", "DDP", "ddp_find_unused_parameters: true"]),
         (FSDP2, DYNAMIC, ["FSDP2", "static strategy"]),
         (ZERO3, DYNAMIC, ["DeepSpeed ZeRO-3", "deepspeed.initialize"]),
-        (SINGLE, EVERYTHING_FROZEN, ["freezes every parameter", "freeze_head: false"]),
-        (DDP, EVERYTHING_FROZEN, ["freezes every parameter", "DDP wrap"]),
     ],
 )
 def test_unsupported_combinations_name_the_fix(setup, policy, fragments):

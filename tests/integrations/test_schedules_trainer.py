@@ -96,6 +96,7 @@ def test_unfreezing_a_parameter_the_users_optimizer_never_saw(tmp_path):
     args = FreezeTrainingArguments(
         **training_kwargs(tmp_path, max_steps=5),
         freeze_strategy="gradual_unfreezing", freeze_schedule_unit="step", freeze_schedule_every=2,
+        freeze_respect_existing=False,  # layer 3 was frozen by hand: let the schedule unfreeze it
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenClassificationData(), callbacks=[FreezeCallback(), probe],
                       optimizers=(optimizer, None))

@@ -32,26 +32,16 @@ from tiny import build
 # 5 + 4 * 10 + 2 + (3 + 1) = 51 parameters; one parameter per block except the head (weight 3, bias 1).
 LAYOUT = ModelLayout.from_layer_sizes([10, 10, 10, 10], embeddings=5, norm=2, head=3)
 # Layer 0 owns two parameters (so it can be partly frozen); the head's weight is an alias of the embeddings.
-TWO_PARAMS = ModelLayout(
-    blocks=(
-        Block("emb", "embeddings", ("emb.weight",), (8,)),
-        Block("h.0", "layer", ("h.0.a", "h.0.b"), (6, 2), layer_index=0),
-        Block("h.1", "layer", ("h.1.a",), (1_000_000,), layer_index=1),
-    ),
-    tied_parameters={"head.weight": "emb.weight"},
-)
+TWO_PARAMS = ModelLayout(blocks=(
+    Block("emb", "embeddings", ("emb.weight",), (8,)),
+    Block("h.0", "layer", ("h.0.a", "h.0.b"), (6, 2), layer_index=0),
+    Block("h.1", "layer", ("h.1.a",), (1_000_000,), layer_index=1),
+), tied_parameters={"head.weight": "emb.weight"})
 PROGRESSIVE = FreezeArguments(freeze_strategy="progressive", freeze_start=0.5)
 
 
-def layer(i):
-    return f"layers.{i}.weight"
-
-
-# -- metrics ------------------------------------------------------------------------------------------------------
-
-
 def test_freeze_metrics_exact_counts():
-    assert freeze_metrics(LAYOUT, {"embeddings.weight", layer(0), layer(1), "head.bias"}) == {
+    assert freeze_metrics(LAYOUT, {"embeddings.weight", "layers.0.weight", "layers.1.weight", "head.bias"}) == {
         "freeze/trainable_params": 25, "freeze/total_params": 51,
         "freeze/trainable_fraction": round(25 / 51, 6), "freeze/frozen_layers": 2,
     }
@@ -83,14 +73,11 @@ def test_model_metrics_reads_requires_grad_and_counts_tied_weights_once():
 
 
 def test_summary_line_with_and_without_layers():
-    metrics = freeze_metrics(LAYOUT, {layer(0), layer(1)})
+    metrics = freeze_metrics(LAYOUT, {"layers.0.weight", "layers.1.weight"})
     assert summary_line(metrics) == "trainable params: 31 || all params: 51"
     assert summary_line(metrics, 4) == (
         "trainable params: 31 || all params: 51 || trainable%: 60.7843 || frozen layers: 2/4"
     )
-
-
-# -- block table --------------------------------------------------------------------------------------------------
 
 
 def test_block_rows_states():
@@ -117,9 +104,6 @@ def test_format_block_table_lines_up():
     assert [line[:end].split()[-1] for line in lines[2:]] == ["8", "8", "1,000,000"]
     assert all(line[end - 1] != " " and line[end] == " " for line in lines[1:])
     assert (lines[3][layer_end - 1], lines[4][layer_end - 1]) == ("0", "1")
-
-
-# -- log lines ----------------------------------------------------------------------------------------------------
 
 
 def test_layer_ranges():
@@ -166,9 +150,6 @@ def test_describe_selection():
     assert describe_selection(weights, LAYOUT).splitlines()[0] == (
         "adaptive round 1: score per layer from the weights at step 4; frozen: nothing"
     )
-
-
-# -- timeline -----------------------------------------------------------------------------------------------------
 
 
 SELECTION = {"step": 8, "probe_start_step": 4, "round": 0, "scores": [0.1, 0.2], "frozen_layers": [1]}
@@ -240,14 +221,12 @@ def test_write_json_and_png(tmp_path):
 
 def test_plot_timeline_with_selections(tmp_path):
     data = simulate_timeline(LAYOUT, PROGRESSIVE, 8).to_dict()
+    data["changes"][1]["released_optimizer_state_bytes"] = 2**21
+    plain = imread(plot_timeline(data, str(tmp_path / "plain.png")))
     data["selections"] = [{"step": 2, "round": 0, "scores": [0.5, 0.1, 2.0, 0.0], "frozen_layers": [1, 3]},
                           {"step": 6, "round": 1, "scores": [1.0, 1.0, 1.0, 1.0], "frozen_layers": [0]}]
-    data["changes"][1]["released_optimizer_state_bytes"] = 2**21
-    path = plot_timeline(data, str(tmp_path / "chart.png"))
-    assert imread(path).shape[0] > 100
-
-
-# -- simulation ---------------------------------------------------------------------------------------------------
+    drawn = imread(plot_timeline(data, str(tmp_path / "chart.png")))
+    assert drawn.shape[0] > 100 and (drawn.shape != plain.shape or (drawn != plain).any())  # the selections show
 
 
 def test_simulate_progressive():

@@ -7,13 +7,14 @@ from typing import Optional
 
 from hf_freeze import FreezeArguments
 from hf_freeze.config import freeze_fields
-from hf_freeze.tools.docs import main, render_options, render_strategies, update_readme
+from hf_freeze.tools.docs import default_readme, main, render_options, render_strategies, update_readme
 from hf_freeze.policies import STRATEGIES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_matches_the_code():
+    assert default_readme() == str(README)  # what `python -m hf_freeze.tools.docs` rewrites without arguments
     assert update_readme(str(README), check=True), "README.md is out of date: run `python -m hf_freeze.tools.docs`"
 
 
