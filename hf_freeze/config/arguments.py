@@ -6,13 +6,15 @@ Values are checked in `__post_init__`, so a bad YAML file fails when it is parse
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from transformers import TrainingArguments
 
+from ..model.discovery import refuse_overlapping_paths
 from ..policies import check_options
-from .types import check_field, field_hints
+from .types import check_field, check_values, field_hints
 
 __all__ = ["FreezeArguments", "FreezeTrainingArguments", "freeze_fields"]
 
@@ -274,6 +276,9 @@ class FreezeArguments:
             )
             setattr(self, item.name, value)
         check_options(self, freeze_fields())
+        refuse_overlapping_paths(self.freeze_layer_paths or [])
+        if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):
+            check_values(self, skip=freeze_fields())  # the TrainingArguments fields, as `hf-freeze validate` checks them
 
     def freeze_options(self) -> Dict[str, Any]:
         """The `freeze_*` fields as a JSON-safe dict (constructor arguments of an equivalent policy)."""

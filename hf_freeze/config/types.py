@@ -19,15 +19,17 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import invalid
+from ..errors import FreezeConfigError, invalid
 
 __all__ = [
     "ConfigProblem",
     "accepts",
     "check_field",
+    "check_values",
     "closest",
     "describe",
     "field_hints",
+    "type_error",
     "type_problem",
     "unknown_keys",
     "yaml_hint",
@@ -112,6 +114,44 @@ def _without_none(hint: Any) -> Any:
         return hint
     others = [member for member in members if member is not type(None)]
     return others[0] if len(others) == 1 else typing.Union[tuple(others)]
+
+
+def type_error(name: str, value: Any, hint: Any) -> Optional[FreezeConfigError]:
+    """The error for a value of the field ``name`` that does not fit its annotation, else ``None``: what is valid,
+    why YAML may have read it wrongly ("2e-5" is a string to YAML), and the closest allowed value of a choice."""
+    expected = type_problem(value, hint)
+    if expected is None:
+        return None
+    return FreezeConfigError(
+        f"`{name}` must be {expected} (got {value!r}){yaml_hint(value)}{closest(value, hint)}.", fields=[name]
+    )
+
+
+def check_values(obj: Any, skip: Sequence[str] = ()) -> None:
+    """Refuse a dataclass field whose value (when it is not the default) does not fit its annotation, as
+    `hf-freeze validate` would: `FreezeTrainingArguments` runs it on the `TrainingArguments` fields, so that a
+    ``learning_rate: 2e-5`` read by YAML as a string fails when the file is parsed, not at the first step."""
+    for item in dataclasses.fields(obj):
+        if not item.init or item.name in skip:
+            continue
+        value = getattr(obj, item.name)
+        # Defaults are right by construction, None means "unset" to HfArgumentParser whatever the annotation, and
+        # only what a YAML file can hold is judged: objects built in code (an AcceleratorConfig, a dataclass copied
+        # after its own __post_init__ converted its fields) are the dataclass's business.
+        if value is None or (item.default is not dataclasses.MISSING and _same(value, item.default)):
+            continue
+        if type(value) not in (str, int, float, bool, list, dict):
+            continue
+        error = type_error(item.name, value, field_hints(type(obj))[item.name])
+        if error is not None:
+            raise error
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # values whose comparison is not a plain bool (tensors, arrays)
+        return False
 
 
 def type_problem(value: Any, hint: Any) -> Optional[str]:

@@ -29,7 +29,7 @@ _UNWRAP = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _HEAD_NAME = re.compile(r"^(lm_head|classifier|score|qa_outputs|head|heads|cls|pre_classifier|embed_out|proj_out)$")
 _EMBEDDING_NAME = re.compile(r"embed|^wte$|^wpe$|^shared$|patch|^cls_token$|^mask_token$", re.IGNORECASE)
 
-__all__ = ["discover_layout", "unwrap_model"]
+__all__ = ["discover_layout", "refuse_overlapping_paths", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -63,6 +63,7 @@ def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = Non
     model = unwrap_model(model)
     canonical = _canonical_parameter_names(model)
     if layer_paths:
+        refuse_overlapping_paths(layer_paths)
         stacks = [_stack_at(model, path) for path in layer_paths]
         return _layout_from_stacks(model, stacks, canonical, notes=[])
     if _is_transformers_model(model):
@@ -162,6 +163,19 @@ def _stack_at(model: nn.Module, path: str) -> _Stack:
             fields=["freeze_layer_paths"],
         )
     return _Stack(path, module)
+
+
+def refuse_overlapping_paths(layer_paths: Sequence[str]) -> None:
+    """Each layer belongs to one container: a path given twice, or inside another, would count its layers twice."""
+    for index, path in enumerate(layer_paths):
+        for other in layer_paths[:index]:
+            if path == other or _inside(path, other) or _inside(other, path):
+                relation = "is given twice" if path == other else f"overlaps {other!r}"
+                raise LayerDiscoveryError(
+                    f"`freeze_layer_paths` entry {path!r} {relation}: every layer would be counted twice. Name each "
+                    f"container of layers once (got {list(layer_paths)!r}).",
+                    fields=["freeze_layer_paths"],
+                )
 
 
 def _container_candidates(model: nn.Module) -> List[str]:

@@ -16,12 +16,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import FreezeArguments, FreezeTrainingArguments, check_config_file, freeze_fields, load_config_file
+from ..config import FreezeArguments, FreezeTrainingArguments, freeze_fields, load_config_file
 from ..config import raise_if_unknown
 from ..errors import FreezeConfigError
 from .memory import OPTIMIZERS, PRECISIONS
 from .plan import TASKS, load_model_on_meta, make_plan
 from .plan_report import format_plan, plan_as_dict
+from .validate import check_config_file
 
 __all__ = ["main"]
 

@@ -8,7 +8,8 @@ from transformers import AutoConfig, HfArgumentParser
 import tiny
 from hf_freeze import FreezeArguments, FreezeConfigError, FreezeTrainingArguments
 from hf_freeze.tools.cli import main
-from hf_freeze.config import check_config, parse_args_with_config_file
+from hf_freeze.config import parse_args_with_config_file
+from hf_freeze.tools.validate import check_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,14 +13,12 @@ import dataclasses
 import difflib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..config import FreezeArguments, FreezeTrainingArguments, freeze_fields, load_config_file
+from ..config.types import ConfigProblem, field_hints, type_error, unknown_keys
 from ..errors import FreezeConfigError, invalid_choice
-from ..model.discovery import discover_layout
+from ..integrations import LayerFreezer
 from ..policies import STRATEGIES
 from ..policies.adaptive import check_against_training
-from ..policies.simulate import check_against_layout
-from .arguments import FreezeArguments, FreezeTrainingArguments, freeze_fields
-from .files import load_config_file
-from .types import ConfigProblem, closest, field_hints, type_problem, unknown_keys, yaml_hint
 
 __all__ = ["ConfigProblem", "check_config", "check_config_file", "unknown_keys"]
 
@@ -48,7 +46,7 @@ def check_config(
     Example:
 
     ```python
-    >>> from hf_freeze.config import check_config
+    >>> from hf_freeze.tools.validate import check_config
     >>> for problem in check_config({"learning_rat": 1.0e-5, "freeze_strategy": "bottm"}):
     ...     print(problem)
     unknown key 'learning_rat' (did you mean 'learning_rate'?)
@@ -68,14 +66,11 @@ def check_config(
         if key in freeze_names:  # FreezeArguments checks its own types, with its own coercions (3 -> [3])
             typed[key] = value
             continue
-        hint = hint_of[key]
-        expected = type_problem(value, hint)
-        if expected is None:
+        error = type_error(key, value, hint_of[key])
+        if error is None:
             typed[key] = value
         else:
-            problems.append(
-                ConfigProblem((key,), f"`{key}` must be {expected} (got {value!r}){yaml_hint(value)}{closest(value, hint)}")
-            )
+            problems.append(ConfigProblem(error.fields, error.sentence))
     freeze_values = {key: value for key, value in typed.items() if key in freeze_names}
     freeze_problems, arguments = _freeze_problems(freeze_values)
     problems += freeze_problems
@@ -132,7 +127,8 @@ def _strategy_reading(option: str) -> str:
 
 
 def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
-    check_against_layout(discover_layout(model, arguments.freeze_layer_paths), arguments, max_steps)
+    # Exactly what training runs: the freezer refuses on the model what it would refuse in the Trainer.
+    LayerFreezer(model, arguments).check(max_steps)
 
 
 def _problems_of(check: Callable[..., None], *args: Any, suffix: str = "") -> List[ConfigProblem]:
