@@ -13,21 +13,48 @@ __all__ = ["load_config_file", "parse_args_with_config_file"]
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
-    """The mapping in a YAML (or JSON) file; a `FreezeConfigError` when it cannot be read as one."""
+    """The mapping in a YAML (or JSON) file; a `FreezeConfigError` when it cannot be read as one, or when a key is
+    given twice (PyYAML would keep the last one silently)."""
     import yaml
 
     if not os.path.isfile(path):
         raise FreezeConfigError(f"Configuration file {path!r} does not exist.")
     try:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
+            values = yaml.load(handle, Loader=_unique_key_loader())
     except yaml.YAMLError as error:
         raise FreezeConfigError(f"{path} is not valid YAML: {error}") from None
+    except _DuplicateKey as duplicate:
+        key, line = duplicate.args
+        raise FreezeConfigError(
+            f"{path}: key {key!r} is given twice (again on line {line}); YAML would keep only the last value. "
+            "Keep one.", fields=[str(key)],
+        ) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise FreezeConfigError(f"{path} must hold a mapping of option: value (got a {type(values).__name__}).")
     return values
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def parse_args_with_config_file(parser, args: Optional[Iterable[str]] = None) -> tuple:

@@ -11,11 +11,12 @@ from transformers.trainer_callback import ExportableState
 from ..config import FreezeArguments, arguments_from, resolve_arguments
 from ..errors import FreezeConfigError
 from ..logging import follow_training_log_level, get_logger
-from ..processes import raise_if_ranks_disagree
+from ..processes import is_main_process, raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from .freezer import LayerFreezer
 from .support import check_backend, raise_if_changed_after_wrap
-from .trainer_state import move_before_reporters, progress_of, saved_callback_state
+from .trainer_state import guard_optimizer_resume, move_before_reporters, progress_of, read_checkpoint_state
+from .trainer_state import saved_callback_state
 
 logger = get_logger(__name__)
 
@@ -57,6 +58,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         move_before_reporters(self)
         self._set_up(args, state, model, late=False)
+        guard_optimizer_resume(self._check_checkpoint)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         move_before_reporters(self)
@@ -66,9 +68,13 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self.freezer.skipped:
             return
         progress = progress_of(args, state)
+        options = self.freezer.arguments.freeze_options()
+        saved = saved_callback_state(state, type(self).__name__, options) if progress.step > 0 else None
+        if saved is not None:
+            self.freezer.check_resumable(saved, source="the checkpoint's trainer_state.json")
+        # A checkpoint made without this callback has no entry for it, and the Trainer's save would fail on that.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if self.freezer.dynamic:  # a fresh start, a second `train()` on this Trainer, or a resumed run
-            options = self.freezer.arguments.freeze_options()
-            saved = saved_callback_state(state, type(self).__name__, options) if progress.step > 0 else None
             change = self.freezer.start(progress, optimizer, saved)
             self._log(state, self.freezer.describe_update(change, always=True) + self.freezer.report_lines(summary=False))
         else:
@@ -138,6 +144,17 @@ class FreezeCallback(TrainerCallback, ExportableState):
         elif not late:  # added late, the model may be wrapped already: on_train_begin checks before applying
             self.freezer.apply(decision=decision)
             self._log(state, self.freezer.report_lines())
+
+    def _check_checkpoint(self, checkpoint: str) -> None:
+        """Before the Trainer loads the checkpoint's optimizer state: refuse it if it belongs to other parameters."""
+        trainer_state = read_checkpoint_state(checkpoint)
+        if trainer_state is None or self.freezer is None or self.freezer.skipped:
+            return
+        saved = saved_callback_state(trainer_state, type(self).__name__, self.freezer.arguments.freeze_options())
+        if saved is None and is_main_process():
+            logger.info(f"{checkpoint} holds no freezing state (made without FreezeCallback): it starts fresh.")
+        else:
+            self.freezer.check_resumable(saved, source=os.path.join(checkpoint, "trainer_state.json"))
 
     def _drives_steps(self) -> bool:
         return self.freezer is not None and self.freezer.dynamic

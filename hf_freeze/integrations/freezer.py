@@ -21,6 +21,7 @@ from ..processes import is_main_process
 from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, freeze_metrics
 from ..report import model_metrics, summary_line
 from ..scores import LayerProbe
+from .saved_state import check_registered, check_shape
 
 __all__ = ["LayerFreezer"]
 
@@ -77,6 +78,8 @@ class LayerFreezer:
         # Adaptive policies decide from per-layer scores, measured by probes during training.
         self.probe: Optional[LayerProbe] = None
         self._warned = False
+        # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
+        self.registered: Optional[List[str]] = None
         if self.layout is not None:
             self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
@@ -128,7 +131,13 @@ class LayerFreezer:
             return AppliedChange([], [])
         self.decision = decision or self._decide_measured(progress)
         self._warn_once(progress)
-        return self.applier.apply(self.decision, optimizer)
+        change = self.applier.apply(self.decision, optimizer)
+        if self.registered is None and not self.dynamic:  # the parameters an optimizer built now would hold
+            self.registered = self._trainable_names()
+        return change
+
+    def _trainable_names(self) -> List[str]:
+        return [name for name, parameter in self.applier.parameters.items() if parameter.requires_grad]
 
     def _warn_once(self, progress: Optional[TrainingProgress]) -> None:
         """What the user must not miss, said once: an option that did more than it says, a policy that does nothing."""
@@ -154,7 +163,9 @@ class LayerFreezer:
         """
         if not self.dynamic:
             return self.apply(progress)
-        return self.applier.apply(registration_decision(self.layout, self.arguments, self.kept_frozen))
+        change = self.applier.apply(registration_decision(self.layout, self.arguments, self.kept_frozen))
+        self.registered = self._trainable_names()
+        return change
 
     def update(self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None) -> AppliedChange:
         """Apply the policy at `progress` if it changes the frozen set; record the change in `timeline`.
@@ -224,17 +235,28 @@ class LayerFreezer:
         """
         return {
             "options": self.arguments.freeze_options(),
+            "registered": self.registered,
             "timeline": self.timeline.state_dict() if self.timeline is not None else None,
             "probe": self.probe.state_dict() if self.probe is not None else None,
         }
 
+    def check_resumable(self, state: Dict[str, Any], source: str = "the saved state") -> None:
+        """Refuse, before any optimizer state is loaded, a saved state that is damaged or whose optimizer was built
+        over other parameters than this run's (a policy changed between the runs). Call it after `prepare`."""
+        check_shape(state, source)
+        if self.registered is not None:
+            check_registered(state.get("registered"), self.registered, state.get("options"), self.arguments.freeze_options())
+
     def load_state_dict(self, state: Dict[str, Any], step: Optional[int] = None) -> None:
         """Take over the state of an interrupted run; the next `update` applies the frozen set in full.
+
+        Load it before the optimizer's state: it refuses an optimizer state that belongs to other parameters.
 
         Args:
             state: What `state_dict` returned.
             step: Where the resumed run starts; records made at or after it are dropped. Default: keep them all.
         """
+        self.check_resumable(state)
         if state.get("options") not in (None, self.arguments.freeze_options()) and is_main_process():
             logger.warning(
                 "The freezing policy differs from the one in the saved state; the frozen set follows the current "

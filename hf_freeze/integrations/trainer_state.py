@@ -4,13 +4,18 @@ own place among the Trainer's callbacks."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional
+import json
+import os
+from typing import Any, Callable, Dict, Optional
 
+from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
+from ..errors import FreezeConfigError
 from ..policies import TrainingProgress
 
-__all__ = ["move_before_reporters", "progress_of", "saved_callback_state"]
+__all__ = ["guard_optimizer_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
 
 
 def progress_of(args: Any, state: Any) -> TrainingProgress:
@@ -24,6 +29,21 @@ def progress_of(args: Any, state: Any) -> TrainingProgress:
     )
 
 
+def read_checkpoint_state(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The `trainer_state.json` of a checkpoint folder as a mapping (``None`` without one); a damaged file is refused
+    with its path."""
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise FreezeConfigError(
+            f"Cannot resume from {path}: it is not readable JSON ({error}). Restore it, or resume from another checkpoint."
+        ) from None
+
+
 def saved_callback_state(state: Any, name: str, options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The `LayerFreezer` state that the callback called ``name`` saved in the checkpoint being resumed.
 
@@ -31,7 +51,8 @@ def saved_callback_state(state: Any, name: str, options: Dict[str, Any]) -> Opti
     are saved as a list, and the one with the same options is ours. Checkpoints written before the freezer had its
     own state kept the timeline and the probe under ``timeline_changes``/``timeline_selections``/``probe_state``.
     """
-    saved = (getattr(state, "stateful_callbacks", None) or {}).get(name)
+    callbacks = state.get("stateful_callbacks") if isinstance(state, dict) else getattr(state, "stateful_callbacks", None)
+    saved = (callbacks or {}).get(name)
     if isinstance(saved, list):
         saved = next((entry for entry in saved if entry.get("args") == options), saved[0] if saved else None)
     if not isinstance(saved, dict):
@@ -46,6 +67,27 @@ def saved_callback_state(state: Any, name: str, options: Dict[str, Any]) -> Opti
     }
 
 
+def guard_optimizer_resume(check: Callable[[str], None]) -> bool:
+    """Run ``check(checkpoint folder)`` before the calling Trainer loads a checkpoint's optimizer state.
+
+    The Trainer loads it inside `train()` before any callback event, so a checkpoint whose optimizer belongs to
+    other parameters could not be refused in time otherwise. Returns False when the Trainer has no such step (then
+    `on_train_begin` checks, after the load but before any training step).
+    """
+    trainer = _calling(Trainer)
+    original = getattr(trainer, "_load_optimizer_and_scheduler", None)
+    if original is None:
+        return False
+
+    def load_after_check(checkpoint, *args, **kwargs):
+        if checkpoint is not None:
+            check(checkpoint)
+        return original(checkpoint, *args, **kwargs)
+
+    trainer._load_optimizer_and_scheduler = load_after_check
+    return True
+
+
 def move_before_reporters(callback: TrainerCallback) -> None:
     """Make ``callback`` run first among the Trainer's callbacks.
 
@@ -53,12 +95,19 @@ def move_before_reporters(callback: TrainerCallback) -> None:
     `on_log` reaches them: `freeze/...` metrics must be in `logs` before that. The Trainer does not hand its
     CallbackHandler to callbacks, so find the handler that is calling us.
     """
+    handler = _calling(CallbackHandler)
+    if handler is not None and callback in handler.callbacks and handler.callbacks[0] is not callback:
+        handler.callbacks.remove(callback)
+        handler.callbacks.insert(0, callback)
+
+
+def _calling(kind: type) -> Any:
+    """The nearest object of type ``kind`` whose method is on the call stack (the Trainer hands callbacks neither
+    itself nor its CallbackHandler)."""
     frame = inspect.currentframe()
     while frame is not None:
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler):
-            if callback in handler.callbacks and handler.callbacks[0] is not callback:
-                handler.callbacks.remove(callback)
-                handler.callbacks.insert(0, callback)
-            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, kind):
+            return owner
         frame = frame.f_back
+    return None

@@ -33,9 +33,14 @@ __all__ = ["discover_layout", "refuse_overlapping_paths", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP/DeepSpeed/``torch.compile`` wrappers (accelerate's own unwrapping)."""
+    """Strip DDP/FSDP/DeepSpeed/``torch.compile`` wrappers (accelerate's own unwrapping): the module whose parameters
+    are named as the user knows them (a compiled model would show one block, ``_orig_mod``)."""
+    import inspect
+
     from accelerate.utils import extract_model_from_parallel
 
+    if "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters:
+        return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
     return extract_model_from_parallel(model, keep_fp32_wrapper=True)
 
 

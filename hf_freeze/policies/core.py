@@ -173,10 +173,14 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
     if unused:
         readers = {name: [s for s in STRATEGIES.names() if name in STRATEGIES.get(s).options] for name in unused}
         detail = "; ".join(f"`{name}` is read by {readers[name] or 'no strategy'}" for name in unused)
+        unset = (
+            " `freeze_strategy` is 'none', the default: if your file sets a strategy, its key is misspelled."
+            if options.freeze_strategy == "none" else ""
+        )
         raise FreezeConfigError(
             f"`freeze_strategy` {options.freeze_strategy!r} does not use {', '.join(f'`{n}`' for n in unused)} "
             f"(set to {', '.join(repr(getattr(options, n)) for n in unused)}): {detail}. Remove them or change the "
-            "strategy.",
+            f"strategy.{unset}",
             fields=["freeze_strategy", *unused],
         )
     for name in strategy.fixed_overrides:
