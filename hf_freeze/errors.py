@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
-__all__ = ["FreezeConfigError", "LayerDiscoveryError", "invalid", "invalid_choice", "one_of"]
+__all__ = ["FreezeConfigError", "FreezeHealthError", "LayerDiscoveryError", "invalid", "invalid_choice", "one_of"]
 
 _UNSET = object()
 
@@ -66,6 +66,10 @@ class FreezeConfigError(ValueError):
 
 class LayerDiscoveryError(FreezeConfigError):
     """The model's layers could not be found, or a named layer container is wrong."""
+
+
+class FreezeHealthError(RuntimeError):
+    """The training health check found a problem and `freeze_health_check` is 'raise'."""
 
 
 def invalid(field: str, value: Any, expected: str, hint: Optional[str] = None) -> FreezeConfigError:

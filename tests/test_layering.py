@@ -100,3 +100,20 @@ def test_every_stage_is_a_folder_and_the_top_holds_only_shared_modules():
     assert folders == sorted(STAGES[1:])
     top = sorted(path.stem for path in PACKAGE.glob("*.py"))
     assert top == ["__init__", "__main__", "errors", "logging", "processes", "registry"]
+
+
+def test_every_error_about_an_option_names_its_fields():
+    """Errors are data: a refusal that mentions a `freeze_*` option lists it in `fields`, so that tools sort problems
+    by field without reading the text."""
+    import re
+
+    unnamed = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            called = getattr(getattr(node, "func", None), "id", None) if isinstance(node, ast.Call) else None
+            if called in ("FreezeConfigError", "LayerDiscoveryError"):
+                keywords = {keyword.arg for keyword in node.keywords}
+                if not keywords & {"field", "fields"} and re.search(r"`freeze_\w+`", ast.get_source_segment(text, node)):
+                    unnamed.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not unnamed, unnamed

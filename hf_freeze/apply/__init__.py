@@ -3,5 +3,9 @@ the hooks that keep a frozen prefix out of the autograd graph under activation c
 
 from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
 from .frozen_prefix import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
+from .health import FrozenModulesEval, HealthCheck
 
-__all__ = ["AppliedChange", "FreezeApplier", "FrozenPrefix", "FrozenPrefixHooks", "frozen_prefix", "optimizer_state_bytes"]
+__all__ = [
+    "AppliedChange", "FreezeApplier", "FrozenModulesEval", "FrozenPrefix", "FrozenPrefixHooks", "HealthCheck",
+    "frozen_prefix", "optimizer_state_bytes",
+]

@@ -12,6 +12,7 @@ from ..model.discovery import unwrap_model
 from ..model.layout import ModelLayout
 from ..policies import FreezeDecision
 from .frozen_prefix import FrozenPrefixHooks
+from .health import FrozenModulesEval
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
 
@@ -65,9 +66,11 @@ class FreezeApplier:
     ```
     """
 
-    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None):
+    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False):
         self.model = unwrap_model(model)
         self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        # Frozen modules in eval mode (`freeze_frozen_modules_eval`), kept in step with every application.
+        self.eval_modules = FrozenModulesEval(self.model) if frozen_modules_eval else None
         self._before_step: Dict[str, Tuple[torch.Tensor, float]] = {}
         self.layout = layout
         self.prefix_hooks = FrozenPrefixHooks(self.model) if layout is not None else None
@@ -104,6 +107,8 @@ class FreezeApplier:
         marked.update(frozen)
         if optimizer is not None:
             self.sync_optimizer(optimizer, frozen, unfrozen)
+        if self.eval_modules is not None:
+            self.eval_modules.update(self.frozen_names())
         if self.prefix_hooks is not None:
             # Every application, not only changing ones: `Trainer.train()` switches checkpointing on in between.
             self.prefix_hooks.update(self.layout, self.frozen_names())

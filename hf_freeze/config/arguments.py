@@ -36,6 +36,7 @@ _EXPECTS = {
     "freeze_block_order": "'ascending', 'descending' or 'random'",
     "freeze_score": "a score name (a string)",
     "freeze_select": "'lowest' or 'highest'",
+    "freeze_health_check": "'warn', 'raise' or 'off'",
     "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
 }
 # Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
@@ -143,6 +144,22 @@ class FreezeArguments:
             "them as trainable (`freeze_trainable_patterns`, `freeze_trainable_layers`, `freeze_num_layers_unfrozen`, "
             "or `freeze_embeddings`/`freeze_norm`/`freeze_head: false`); the log lists them. Default: true; false "
             "lets the policy decide every parameter."
+        ),
+    )
+    freeze_health_check: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "After the first optimizer step and after every change of the frozen set, check that every trainable "
+            "parameter received a gradient and every frozen one is unchanged (on a sample): 'warn' (default) logs "
+            "what is wrong at WARNING, 'raise' stops training, 'off' skips the check."
+        ),
+    )
+    freeze_frozen_modules_eval: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Run every module whose parameters are all frozen in eval mode (Lightning's `train_bn=False`): its "
+            "BatchNorm keeps its running statistics and uses them, and its dropout is off, so a frozen module computes "
+            "what it would at inference. Default: false (frozen modules follow the model's train/eval mode)."
         ),
     )
     freeze_layer_paths: Optional[List[str]] = field(

@@ -90,7 +90,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         raise_if_ranks_disagree(self.freezer.frozen_names())
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if self._drives_steps():
+        if self._drives_steps() and self.freezer.dynamic:
             self._log(state, self.freezer.describe_update(self.freezer.update(progress_of(args, state), optimizer)))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -157,7 +157,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
             self.freezer.check_resumable(saved, source=os.path.join(checkpoint, "trainer_state.json"))
 
     def _drives_steps(self) -> bool:
-        return self.freezer is not None and self.freezer.dynamic
+        return self.freezer is not None and not self.freezer.skipped
 
     def _write_timeline(self, args, state) -> None:
         if self.freezer is not None and state.is_world_process_zero:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..apply import AppliedChange, FreezeApplier, optimizer_state_bytes
+from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes
 from ..config import FreezeArguments, arguments_from
 from ..logging import get_logger
 from ..model import discover_layout, peft_adapter_reason, unwrap_model
@@ -69,7 +69,12 @@ class LayerFreezer:
             )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
-        self.applier = FreezeApplier(self.model, self.layout)
+        self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
+        buffers = {name: (name.rsplit(".", 1)[0], buffer) for name, buffer in self.model.named_buffers()}
+        self.health = HealthCheck(
+            self.applier.parameters, buffers, self.arguments.freeze_health_check or "warn",
+            report=lambda message: logger.warning(message) if is_main_process() else None,
+        )
         # Frozen by the user's own code before any policy ran: kept frozen unless the options name them.
         respect = self.arguments.freeze_respect_existing is not False
         self.kept_frozen = frozenset(self.applier.frozen_by_user()) if respect else frozenset()
@@ -131,9 +136,12 @@ class LayerFreezer:
             return AppliedChange([], [])
         self.decision = decision or self._decide_measured(progress)
         self._warn_once(progress)
+        first = self.registered is None
         change = self.applier.apply(self.decision, optimizer)
-        if self.registered is None and not self.dynamic:  # the parameters an optimizer built now would hold
+        if first and not self.dynamic:  # the parameters an optimizer built now would hold
             self.registered = self._trainable_names()
+        if change.changed or first or not self.health.checks:
+            self.health.arm(self.applier.eval_modules.modules if self.applier.eval_modules else ())
         return change
 
     def _trainable_names(self) -> List[str]:
@@ -220,10 +228,13 @@ class LayerFreezer:
             self.applier.begin_scaled_step(self.decision.update_factors)
         if self.probe is not None:
             self.probe.observe_gradients()
+        self.health.before_optimizer_step()
 
     def after_optimizer_step(self) -> None:
-        """Call just after ``optimizer.step()``: scales the updates of parameters with a learning-rate factor."""
+        """Call just after ``optimizer.step()``: scales the updates of parameters with a learning-rate factor, and
+        runs the training health check after the first step and after each change of the frozen set."""
         self.applier.end_scaled_step()
+        self.health.after_optimizer_step()
 
     # -- state that survives a restart ----------------------------------------------------------------------------
 

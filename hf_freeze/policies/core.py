@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, invalid
+from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelLayout
 from ..registry import Registry
 
@@ -30,7 +30,9 @@ __all__ = [
 # Options every strategy accepts; the rest belong to the strategies that name them.
 COMMON_OPTIONS = (
     "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
+    "freeze_health_check", "freeze_frozen_modules_eval",
 )
+HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
 NON_LAYER_OPTIONS = {"freeze_embeddings": (EMBEDDINGS,), "freeze_norm": (NORM, OTHER), "freeze_head": (HEAD,)}
 
@@ -190,6 +192,8 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
                 f"{strategy.name!r} decides it itself. Remove `{name}`.",
                 fields=[name],
             )
+    if getattr(options, "freeze_health_check", None) not in (None, *HEALTH_CHECK_MODES):
+        raise invalid_choice("freeze_health_check", options.freeze_health_check, HEALTH_CHECK_MODES)
     if strategy.check is not None:
         strategy.check(options)
     return strategy

@@ -153,7 +153,8 @@ def _check_gradual(options) -> None:
         if factor is None:
             raise FreezeConfigError(
                 f"`freeze_unfreeze_lr_growth` ({growth!r}) needs `freeze_unfreeze_lr_factor`: it grows that factor "
-                "back to 1. Set `freeze_unfreeze_lr_factor` (e.g. 0.1) or remove `freeze_unfreeze_lr_growth`."
+                "back to 1. Set `freeze_unfreeze_lr_factor` (e.g. 0.1) or remove `freeze_unfreeze_lr_growth`.",
+                fields=["freeze_unfreeze_lr_growth", "freeze_unfreeze_lr_factor"],
             )
         if growth < 1.0:
             raise invalid("freeze_unfreeze_lr_growth", growth, "a growth factor >= 1")

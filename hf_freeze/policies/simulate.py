@@ -149,7 +149,7 @@ def describe_inaction(
     )
     if not any(change.frozen & layer_names for change in changes):
         return f"{name} never freezes any part of a layer in this run of {progress.max_steps} steps: every layer trains."
-    if len(changes) == 1:
+    if len(changes) == 1 and not strategy.needs_scores:  # an adaptive selection made once is the policy's point
         length = f"{progress.max_steps} steps" + (f", {progress.num_epochs:g} epochs" if progress.num_epochs else "")
         return (
             f"{name} never changes the frozen set in this run ({length}): its first change would come later, so it "

@@ -137,7 +137,8 @@ def make_plan(
     if strategy.dynamic and not max_steps:
         raise FreezeConfigError(
             f"`freeze_strategy` {arguments.freeze_strategy!r} changes the frozen set during training: give the "
-            "number of training steps (--max-steps, or max_steps in the YAML) to see its timeline."
+            "number of training steps (--max-steps, or max_steps in the YAML) to see its timeline.",
+            fields=["freeze_strategy", "max_steps"],
         )
     # Scores are measured during training: the plan stands in equal ones (the selection then takes the first layers).
     scores = placeholder_scores(layout) if strategy.needs_scores else None

@@ -111,7 +111,7 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
             if mentioned & removed:
                 break  # a consequence of dropping a value already reported ("must be set")
             named = mentioned & set(remaining)
-            problems.append(ConfigProblem(tuple(sorted(named)), _problem(error).message))
+            problems.append(_problem(error))
             removable = named - {"freeze_strategy"}
             if not removable:
                 break

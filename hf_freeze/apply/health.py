@@ -1,0 +1,166 @@
+"""The training health check, and frozen modules in eval mode.
+
+After the first optimizer step and after every change of the frozen set, `HealthCheck` looks once:
+
+* every trainable parameter received a gradient (one that never does is unused by the forward pass, cut off by a
+  broken graph under checkpointing, or missed by a stale compiled graph);
+* every frozen parameter is bit-identical to its value when it froze (checked on a fixed sample of entries, so the
+  check costs a few small copies, not a copy of the model);
+* with `freeze_frozen_modules_eval`, the buffers of frozen modules (BatchNorm running statistics) did not change.
+
+`FrozenModulesEval` runs every module whose parameters are all frozen in eval mode (Lightning's ``train_bn=False``):
+its BatchNorm uses and keeps its running statistics, and its dropout is off. The Trainer calls ``model.train()``
+before every step, so the mode is set again by a forward pre-hook each time the module runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import FreezeHealthError
+
+__all__ = ["FrozenModulesEval", "HealthCheck"]
+
+# Entries of each frozen parameter compared before and after a step.
+SAMPLE_SIZE = 16
+
+
+class HealthCheck:
+    """Checks a step after it was armed (after the first step and after every change of the frozen set).
+
+    Args:
+        parameters: The model's parameters by name.
+        buffers: The model's buffers by name, with the module path that owns each (for frozen modules' buffers).
+        mode: 'warn' (log at WARNING), 'raise' (`FreezeHealthError`) or 'off'.
+        report: How to log a warning.
+    """
+
+    def __init__(
+        self,
+        parameters: Dict[str, nn.Parameter],
+        buffers: Dict[str, Tuple[str, torch.Tensor]],
+        mode: str = "warn",
+        report: Optional[Callable[[str], None]] = None,
+    ):
+        self.parameters, self.buffers, self.mode = parameters, buffers, mode
+        self.report = report or (lambda message: None)
+        self._frozen_samples: Dict[str, torch.Tensor] = {}
+        self._buffer_copies: Dict[str, torch.Tensor] = {}
+        self._armed = False
+        self._without_gradient: List[str] = []
+        self.checks = 0
+
+    def arm(self, eval_modules: Iterable[str] = ()) -> None:
+        """Look at the next optimizer step; ``eval_modules`` are the module paths run in eval mode."""
+        if self.mode == "off":
+            return
+        self._armed = True
+        self._frozen_samples = {
+            name: _sample(parameter) for name, parameter in self.parameters.items() if not parameter.requires_grad
+        }
+        prefixes = tuple(path + "." for path in eval_modules)
+        self._buffer_copies = {
+            name: buffer.detach().clone()
+            for name, (_, buffer) in self.buffers.items()
+            if prefixes and name.startswith(prefixes) and buffer.is_floating_point()
+        }
+
+    def before_optimizer_step(self) -> None:
+        if self._armed:
+            self._without_gradient = [
+                name for name, parameter in self.parameters.items() if parameter.requires_grad and parameter.grad is None
+            ]
+
+    def after_optimizer_step(self) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        self.checks += 1
+        problems = []
+        if self._without_gradient:
+            problems.append(
+                f"{len(self._without_gradient)} trainable parameter(s) received no gradient in this step "
+                f"({_few(self._without_gradient)}): they are not used by the forward pass, or the graph to them is "
+                "cut (checkpointing, a stale compiled graph): they are in the optimizer but never train."
+            )
+        moved = [name for name, sample in self._frozen_samples.items() if not torch.equal(_sample(self.parameters[name]), sample)]
+        if moved:
+            problems.append(
+                f"{len(moved)} frozen parameter(s) changed in this step ({_few(moved)}): something outside hf_freeze "
+                "updates them (an optimizer built before they froze that steps zero gradients with weight decay, or "
+                "code that writes to them)."
+            )
+        changed = [name for name, copy in self._buffer_copies.items() if not torch.equal(self.buffers[name][1], copy)]
+        if changed:
+            problems.append(
+                f"{len(changed)} buffer(s) of frozen modules changed in this step ({_few(changed)}), although "
+                "`freeze_frozen_modules_eval` runs those modules in eval mode."
+            )
+        self._frozen_samples, self._buffer_copies, self._without_gradient = {}, {}, []
+        for problem in problems:
+            if self.mode == "raise":
+                raise FreezeHealthError(f"Training health check: {problem} (`freeze_health_check: warn` only warns.)")
+            self.report(f"Training health check: {problem}")
+
+
+class FrozenModulesEval:
+    """Keeps the modules whose parameters are all frozen in eval mode while they are frozen."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._hooks: Dict[str, Any] = {}
+
+    @property
+    def modules(self) -> List[str]:
+        return sorted(self._hooks)
+
+    def update(self, frozen: Iterable[str]) -> None:
+        frozen = set(frozen)
+        wanted = _outermost_frozen_modules(self.model, frozen)
+        for path in set(self._hooks) - wanted:
+            self._hooks.pop(path).remove()
+            module = self.model.get_submodule(path)
+            module.train(self.model.training)  # back in the model's mode; the next model.train() agrees
+        for path in wanted - set(self._hooks):
+            module = self.model.get_submodule(path)
+            self._hooks[path] = module.register_forward_pre_hook(_to_eval)
+            module.eval()
+
+    def remove(self) -> None:
+        self.update(())
+
+
+def _to_eval(module: nn.Module, args) -> None:
+    if module.training:
+        module.eval()
+
+
+def _outermost_frozen_modules(model: nn.Module, frozen: set) -> set:
+    """Paths of the largest modules whose own and descendants' parameters are all frozen (and that have some)."""
+    chosen = set()
+
+    def visit(module: nn.Module, path: str) -> None:
+        names = [f"{path}.{name}" if path else name for name, _ in module.named_parameters()]
+        if path and names and all(name in frozen for name in names):
+            chosen.add(path)
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{path}.{child_name}" if path else child_name)
+
+    visit(model, "")
+    return chosen
+
+
+def _sample(parameter: torch.Tensor) -> torch.Tensor:
+    flat = parameter.detach().reshape(-1)
+    if flat.numel() <= SAMPLE_SIZE:
+        return flat.clone()
+    step = flat.numel() // SAMPLE_SIZE
+    return flat[::step][:SAMPLE_SIZE].clone()
+
+
+def _few(names: List[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
