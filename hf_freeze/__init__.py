@@ -12,6 +12,7 @@ a new adaptive score (`Score`, `ScoreMeter`, `register_score`). Everything else 
 from .config import FreezeArguments, FreezeTrainingArguments
 from .errors import FreezeConfigError, LayerDiscoveryError
 from .integrations import FreezeCallback, LayerFreezer
+from .integrations.reference import reference_model
 from .model import Block, ModelLayout, discover_layout
 from .policies import (
     SCORES,
@@ -46,6 +47,7 @@ __all__ = [
     "TrainingProgress",
     "decide",
     "discover_layout",
+    "reference_model",
     "register_score",
     "register_strategy",
 ]

@@ -7,7 +7,7 @@ import hf_freeze
 # What a user of the library reaches for, and what a plugin author needs to add a strategy or a score.
 USER_API = {
     "FreezeArguments", "FreezeCallback", "FreezeConfigError", "FreezeTrainingArguments", "LayerDiscoveryError",
-    "LayerFreezer", "Block", "ModelLayout", "TrainingProgress", "FreezeDecision", "decide", "discover_layout",
+    "LayerFreezer", "Block", "ModelLayout", "TrainingProgress", "FreezeDecision", "decide", "discover_layout", "reference_model",
 }
 EXTENSION_POINTS = {"STRATEGIES", "Strategy", "register_strategy", "SCORES", "Score", "ScoreMeter", "register_score"}
 

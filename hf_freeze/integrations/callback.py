@@ -15,7 +15,7 @@ from ..processes import is_main_process, raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from .freezer import LayerFreezer
 from .support import check_backend, raise_if_changed_after_wrap
-from .trainer_state import guard_optimizer_resume, move_before_reporters, progress_of, read_checkpoint_state
+from .trainer_state import guard_resume, move_before_reporters, progress_of, read_checkpoint_state
 from .trainer_state import saved_callback_state
 
 logger = get_logger(__name__)
@@ -58,7 +58,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         move_before_reporters(self)
         self._set_up(args, state, model, late=False)
-        guard_optimizer_resume(self._check_checkpoint)
+        guard_resume(self._check_checkpoint)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         move_before_reporters(self)
@@ -146,7 +146,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
             self._log(state, self.freezer.report_lines())
 
     def _check_checkpoint(self, checkpoint: str) -> None:
-        """Before the Trainer loads the checkpoint's optimizer state: refuse it if it belongs to other parameters."""
+        """As `train(resume_from_checkpoint=...)` starts: refuse a damaged checkpoint state, or one whose optimizer
+        state belongs to other parameters, before the Trainer loads anything from it."""
         trainer_state = read_checkpoint_state(checkpoint)
         if trainer_state is None or self.freezer is None or self.freezer.skipped:
             return

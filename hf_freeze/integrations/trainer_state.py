@@ -11,11 +11,12 @@ from typing import Any, Callable, Dict, Optional
 from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import FreezeConfigError
 from ..policies import TrainingProgress
 
-__all__ = ["guard_optimizer_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
+__all__ = ["guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
 
 
 def progress_of(args: Any, state: Any) -> TrainingProgress:
@@ -67,24 +68,28 @@ def saved_callback_state(state: Any, name: str, options: Dict[str, Any]) -> Opti
     }
 
 
-def guard_optimizer_resume(check: Callable[[str], None]) -> bool:
-    """Run ``check(checkpoint folder)`` before the calling Trainer loads a checkpoint's optimizer state.
+def guard_resume(check: Callable[[str], None]) -> bool:
+    """Run ``check(checkpoint folder)`` when the calling Trainer's `train(resume_from_checkpoint=...)` starts.
 
-    The Trainer loads it inside `train()` before any callback event, so a checkpoint whose optimizer belongs to
-    other parameters could not be refused in time otherwise. Returns False when the Trainer has no such step (then
-    `on_train_begin` checks, after the load but before any training step).
+    The Trainer reads the checkpoint's `trainer_state.json` and loads the optimizer state inside `train()` before any
+    callback event, so a damaged file or an optimizer state that belongs to other parameters could not be refused in
+    time otherwise. Returns False when no Trainer is calling (then `on_train_begin` checks, after the load but
+    before any training step).
     """
     trainer = _calling(Trainer)
-    original = getattr(trainer, "_load_optimizer_and_scheduler", None)
-    if original is None:
+    if trainer is None:
         return False
+    original = trainer.train
 
-    def load_after_check(checkpoint, *args, **kwargs):
-        if checkpoint is not None:
-            check(checkpoint)
-        return original(checkpoint, *args, **kwargs)
+    def train(resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(trainer.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            check(str(checkpoint))
+        return original(resume_from_checkpoint, *args, **kwargs)
 
-    trainer._load_optimizer_and_scheduler = load_after_check
+    trainer.train = train
     return True
 
 
