@@ -11,12 +11,11 @@ from transformers.trainer_callback import ExportableState
 from ..config import FreezeArguments, arguments_from, resolve_arguments
 from ..errors import FreezeConfigError
 from ..logging import follow_training_log_level, get_logger
-from ..processes import is_main_process, raise_if_ranks_disagree
+from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from .freezer import LayerFreezer
 from .support import check_backend, raise_if_changed_after_wrap
-from .trainer_state import guard_resume, move_before_reporters, progress_of, read_checkpoint_state
-from .trainer_state import saved_callback_state
+from .trainer_state import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state
 
 logger = get_logger(__name__)
 
@@ -58,7 +57,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         move_before_reporters(self)
         self._set_up(args, state, model, late=False)
-        guard_resume(self._check_checkpoint)
+        guard_resume(lambda checkpoint: check_checkpoint(self.freezer, type(self).__name__, checkpoint))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         move_before_reporters(self)
@@ -144,18 +143,6 @@ class FreezeCallback(TrainerCallback, ExportableState):
         elif not late:  # added late, the model may be wrapped already: on_train_begin checks before applying
             self.freezer.apply(decision=decision)
             self._log(state, self.freezer.report_lines())
-
-    def _check_checkpoint(self, checkpoint: str) -> None:
-        """As `train(resume_from_checkpoint=...)` starts: refuse a damaged checkpoint state, or one whose optimizer
-        state belongs to other parameters, before the Trainer loads anything from it."""
-        trainer_state = read_checkpoint_state(checkpoint)
-        if trainer_state is None or self.freezer is None or self.freezer.skipped:
-            return
-        saved = saved_callback_state(trainer_state, type(self).__name__, self.freezer.arguments.freeze_options())
-        if saved is None and is_main_process():
-            logger.info(f"{checkpoint} holds no freezing state (made without FreezeCallback): it starts fresh.")
-        else:
-            self.freezer.check_resumable(saved, source=os.path.join(checkpoint, "trainer_state.json"))
 
     def _drives_steps(self) -> bool:
         return self.freezer is not None and not self.freezer.skipped

@@ -14,9 +14,13 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import FreezeConfigError
+from ..logging import get_logger
 from ..policies import TrainingProgress
+from ..processes import is_main_process
 
-__all__ = ["guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
+logger = get_logger(__name__)
+
+__all__ = ["check_checkpoint", "guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
 
 
 def progress_of(args: Any, state: Any) -> TrainingProgress:
@@ -66,6 +70,19 @@ def saved_callback_state(state: Any, name: str, options: Dict[str, Any]) -> Opti
         "timeline": {"changes": attributes.get("timeline_changes", []), "selections": attributes.get("timeline_selections", [])},
         "probe": attributes.get("probe_state"),
     }
+
+
+def check_checkpoint(freezer: Any, name: str, checkpoint: str) -> None:
+    """Refuse a checkpoint whose freezing state is damaged, or whose optimizer state belongs to other parameters than
+    ``freezer``'s run, before the Trainer loads anything from it; a checkpoint made without freezing starts fresh."""
+    trainer_state = read_checkpoint_state(checkpoint)
+    if trainer_state is None or freezer is None or freezer.skipped:
+        return
+    saved = saved_callback_state(trainer_state, name, freezer.arguments.freeze_options())
+    if saved is not None:
+        freezer.check_resumable(saved, source=os.path.join(checkpoint, TRAINER_STATE_NAME))
+    elif is_main_process():
+        logger.info(f"{checkpoint} holds no freezing state (made without {name}): it starts fresh.")
 
 
 def guard_resume(check: Callable[[str], None]) -> bool:
