@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from ..errors import FreezeConfigError
+from ..logging import get_logger
+from ..policies import STRATEGIES
+from ..policies.core import COMMON_OPTIONS
 from .types import unknown_keys
+
+logger = get_logger(__name__)
 
 __all__ = ["load_config_file", "parse_args_with_config_file"]
 
@@ -57,12 +62,38 @@ def _unique_key_loader():
     return UniqueKeyLoader
 
 
+def _without_other_strategys_options(values: Dict[str, Any], command_line: List[str]) -> Dict[str, Any]:
+    """The file's values, less the `freeze_*` options the command line's strategy does not read."""
+    given = {token[2:].split("=", 1)[0].replace("-", "_") for token in command_line if token.startswith("--")}
+    strategy = _command_line_value(command_line, "freeze_strategy")
+    if strategy is None or strategy == values.get("freeze_strategy", "none") or strategy not in STRATEGIES:
+        return values
+    read = set(COMMON_OPTIONS) | set(STRATEGIES.get(strategy).options)
+    dropped = sorted(key for key in values if key.startswith("freeze_") and key not in read and key not in given)
+    if dropped:
+        logger.info(
+            f"--freeze_strategy {strategy} replaces the file's {values.get('freeze_strategy', 'none')!r}: dropped the "
+            f"file's {', '.join(dropped)}, which {strategy!r} does not read."
+        )
+    return {key: value for key, value in values.items() if key not in dropped}
+
+
+def _command_line_value(tokens: List[str], name: str) -> Optional[str]:
+    for index, token in enumerate(tokens):
+        option, equals, value = token.partition("=")
+        if option.startswith("--") and option[2:].replace("-", "_") == name:
+            return value if equals else (tokens[index + 1] if index + 1 < len(tokens) else None)
+    return None
+
+
 def parse_args_with_config_file(parser, args: Optional[Iterable[str]] = None) -> tuple:
     """`parser.parse_args_into_dataclasses`, where the first argument may be a YAML/JSON file of defaults.
 
     ``script.py config.yaml --learning_rate 1e-4`` reads the file, refuses its unknown keys (naming the closest
     valid ones), then lets the command line override it: the file alone works as in `run_glue.py`, and one setting
-    can change without editing it.
+    can change without editing it. When the command line changes `freeze_strategy`, the file's options that only its
+    own strategy reads are dropped (an INFO line names them): ``main.yaml --freeze_strategy none`` works although
+    the file sets `freeze_layers` for 'bottom'.
 
     Example:
 
@@ -82,6 +113,7 @@ def parse_args_with_config_file(parser, args: Optional[Iterable[str]] = None) ->
         unknown = unknown_keys(values, parser.dataclass_types)
         if unknown:
             raise FreezeConfigError(f"{args[0]}: " + "; ".join(map(str, unknown)) + ".")
+        values = _without_other_strategys_options(values, args[1:])
         for action in parser._actions:
             if action.dest in values:
                 action.required = False  # the file gives it
