@@ -33,7 +33,9 @@ _EXPECTS = {
     "freeze_trainable_patterns": "a list of regular expressions",
     "freeze_layer_paths": "a list of dotted module paths",
     "freeze_schedule_unit": "'step' or 'epoch'",
-    "freeze_block_order": "'ascending', 'descending' or 'random'",
+    "freeze_block_order": "'ascending', 'descending', 'random' or 'fixed'",
+    "freeze_trainable_modules": "a list of module names (or ['all'])",
+    "freeze_extra_modules": "a list of module names",
     "freeze_score": "a score name (a string)",
     "freeze_select": "'lowest' or 'highest'",
     "freeze_health_check": "'warn', 'raise' or 'off'",
@@ -113,7 +115,27 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'llama_factory': LLaMA-Factory's `freeze_trainable_layers`. N > 0 trains the last N layers, N < 0 "
-            "the first |N|; everything else (embeddings, norms, head included) is frozen."
+            "the first |N|; everything else (embeddings, norms, head included) is frozen, except what "
+            "`freeze_extra_modules` names."
+        ),
+    )
+    freeze_trainable_modules: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "'llama_factory': LLaMA-Factory's `freeze_trainable_modules`: which submodules of the trainable layers "
+            "train, by the name that follows the layer index ('self_attn', 'mlp'; a name is matched as a prefix, "
+            "as there); the rest of those layers is frozen. Default: ['all'], the whole layers. A name the layers "
+            "do not have is refused, listing the ones they have."
+        ),
+    )
+    freeze_extra_modules: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "'llama_factory': LLaMA-Factory's `freeze_extra_modules`: modules outside the layers that train too, "
+            "named as the last part of their module path ('embed_tokens', 'norm', 'lm_head'). As in LLaMA-Factory, "
+            "every parameter whose name contains the given text trains, inside the frozen layers included: 'norm' "
+            "also trains every layer's 'input_layernorm' and 'post_attention_layernorm'. A name that is not such a "
+            "module is refused, listing the ones there are."
         ),
     )
     freeze_embeddings: Optional[bool] = field(
@@ -184,15 +206,19 @@ class FreezeArguments:
         metadata=_help(
             "Schedules: units between two changes of the frozen set (>= 1). 'gradual_unfreezing' unfreezes one "
             "more group every N units (default 1); 'lisa' draws new layers every N (default 20, LMFlow's "
-            "`lisa_interval_steps`); 'badam' moves to the next block every N (default 50, LLaMA-Factory's "
-            "`badam_switch_interval`)."
+            "`lisa_interval_steps`); 'badam' moves to the next block every N (default 50; BAdam's "
+            "`switch_block_every`, LLaMA-Factory's `badam_switch_interval`), switching when BAdam's "
+            "`BlockOptimizer` does: the first block trains N - 1 steps, every later one N (with N = 3: blocks 0, 0, "
+            "1, 1, 1, 2, ...)."
         ),
     )
     freeze_start: Optional[float] = field(
         default=None,
         metadata=_help(
             "'progressive': fraction of training in [0, 1) before any layer freezes (Composer's `freeze_start`; "
-            "default 0.5)."
+            "default 0.5). Composer's `LayerFreezing` changes the frozen set at the end of each epoch, from the "
+            "fraction of epochs done: `freeze_schedule_unit: epoch` reproduces it (when Composer's `max_duration` "
+            "is in epochs), with Composer's count arithmetic (the count is truncated)."
         ),
     )
     freeze_level: Optional[float] = field(
@@ -221,8 +247,9 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'gradual_unfreezing' with `freeze_unfreeze_lr_factor`: the factor of an unfrozen layer is multiplied "
-            "by this (>= 1) at each later step of the schedule, up to 1 (Lightning's default `lambda_func` with "
-            "`should_align`: 1.5, the default here)."
+            "by this (>= 1) in every unit (epoch or step) after the one it was unfrozen in, up to 1: Lightning's "
+            "`BackboneFinetuning` with its default `lambda_func` (x2.0 per epoch) and `should_align`. Default 2.0, "
+            "as there: factor 0.1 gives 0.1, 0.2, 0.4, 0.8, 1, 1, ... of the scheduled rate."
         ),
     )
     freeze_active_layers: Optional[int] = field(
@@ -235,8 +262,18 @@ class FreezeArguments:
     freeze_block_order: Optional[str] = field(
         default=None,
         metadata=_help(
-            "'badam': order in which blocks take turns: 'ascending' (from the input; default), 'descending' or "
-            "'random' (a new permutation each pass, from the training seed)."
+            "'badam': order in which blocks take turns (BAdam's `switch_mode`, LLaMA-Factory's "
+            "`badam_switch_mode`): 'ascending' (from the input; default, as in LLaMA-Factory), 'descending' "
+            "(BAdam's own default), 'random' (a new permutation each pass, from the training seed) or 'fixed' (the "
+            "block `freeze_start_block` for the whole run)."
+        ),
+    )
+    freeze_start_block: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'badam': index of the block that trains first, 0 being the block nearest the input (BAdam's "
+            "`start_block`, LLaMA-Factory's `badam_start_block`). Default: the first block for 'ascending', the "
+            "last for 'descending'. Needed by 'fixed'; refused with 'random'."
         ),
     )
 

@@ -8,7 +8,8 @@
 * ``lisa`` (LMFlow's LISA): `freeze_active_layers` layers drawn at random train for `freeze_schedule_every` steps;
   embeddings, norms and head always train.
 * ``badam`` (BAdam's layer-wise block order): one block of `freeze_active_layers` layers trains at a time, blocks
-  taking turns every `freeze_schedule_every` steps, ascending, descending or in a random order.
+  taking turns every `freeze_schedule_every` steps (switching when BAdam's `BlockOptimizer` does), ascending,
+  descending, in a random order or fixed, from `freeze_start_block`.
 
 Each is a pure function of the layout, the options and the `TrainingProgress`: the same step (or epoch) and seed
 give the same frozen set, so a resumed run recomputes exactly what the interrupted one had. The random orders come
@@ -36,8 +37,10 @@ from .core import (
 
 __all__ = [
     "BLOCK_ORDERS",
+    "DEFAULT_LR_GROWTH",
     "SCHEDULE_UNITS",
     "active_block",
+    "badam_switches",
     "elapsed_units",
     "lisa_layers",
     "progressive_frozen_count",
@@ -47,9 +50,11 @@ __all__ = [
 ]
 
 SCHEDULE_UNITS = ("step", "epoch")
-BLOCK_ORDERS = ("ascending", "descending", "random")
+BLOCK_ORDERS = ("ascending", "descending", "random", "fixed")
 _DEFAULT_UNIT = {"gradual_unfreezing": "epoch"}
 _DEFAULT_EVERY = {"gradual_unfreezing": 1, "lisa": 20, "badam": 50}
+# Lightning's default `lambda_func` (`multiplicative`) doubles the backbone's rate every epoch.
+DEFAULT_LR_GROWTH = 2.0
 # `state.epoch` is a float sum of per-step fractions: an epoch boundary can land a hair below the integer.
 _EPOCH_TOLERANCE = 1e-6
 
@@ -102,14 +107,20 @@ def _check_common(options) -> None:
 
 
 def progressive_frozen_count(options, progress: TrainingProgress, num_layers: int) -> int:
-    """Layers frozen at `progress`: 0 until `freeze_start`, then linear in time up to `freeze_level` at the end."""
+    """Layers frozen at `progress`: 0 until `freeze_start`, then linear in time up to `freeze_level` at the end.
+
+    The arithmetic is Composer's, operation for operation: the fraction of the freezing time elapsed, times the
+    level, times the count, truncated. Truncation sees float error, and that is the point: with `freeze_start` 0.5,
+    10 epochs and 5 layers, epoch 6 gives 0.999...98, so 0 layers, as in Composer (rounding it up would freeze one
+    epoch early).
+    """
     start = 0.5 if options.freeze_start is None else options.freeze_start
     level = 1.0 if options.freeze_level is None else options.freeze_level
     fraction = _fraction(options, progress)
     if fraction <= start:
         return 0
     elapsed = min(1.0, (fraction - start) / (1.0 - start))
-    return min(num_layers, int(level * elapsed * num_layers + 1e-9))
+    return min(num_layers, int(level * elapsed * num_layers))
 
 
 def _check_progressive(options) -> None:
@@ -167,23 +178,45 @@ def _gradual(layout: ModelLayout, options, progress: TrainingProgress) -> Select
 
 
 def _gradual_factors(layout: ModelLayout, options, progress: TrainingProgress) -> Dict[str, float]:
-    """Factor of each layer unfrozen so far: `freeze_unfreeze_lr_factor`, times the growth per event since, up to 1."""
+    """Factor of each layer unfrozen so far, as Lightning's `BackboneFinetuning` sets its backbone's rate.
+
+    A layer starts at `freeze_unfreeze_lr_factor` in the unit (epoch, step) it is unfrozen in, and its factor is
+    multiplied by `freeze_unfreeze_lr_growth` (Lightning's default `lambda_func`: 2.0) in every later unit, capped
+    at 1 (`should_align`: the rate never passes the rest of the model's). With factor 0.1 the rates are 0.1, 0.2,
+    0.4, 0.8, 1, 1, ... of the scheduled rate.
+    """
     if options.freeze_unfreeze_lr_factor is None:
         return {}
-    initial, growth = options.freeze_unfreeze_lr_factor, options.freeze_unfreeze_lr_growth or 1.5
-    total = layout.num_layers
-    first_frozen = _initially_frozen(options, total)
-    events = _period(options, progress)
+    initial = options.freeze_unfreeze_lr_factor
+    growth = DEFAULT_LR_GROWTH if options.freeze_unfreeze_lr_growth is None else options.freeze_unfreeze_lr_growth
+    every, units = schedule_every(options), elapsed_units(options, progress)
+    first_frozen = _initially_frozen(options, layout.num_layers)
+    events = units // every
     last_useful = math.ceil(first_frozen / (options.freeze_unfreeze_layers or 1))  # later events unfreeze nothing
-    # Events older than this have grown back to factor 1 (with growth 1, factors never grow: look at all of them).
-    horizon = math.ceil(math.log(1.0 / initial, growth)) if growth > 1.0 else events
+    ladder = _growth_ladder(initial, growth)
+    # Layers unfrozen `len(ladder)` or more units ago are back at factor 1: only the recent events need a factor.
+    oldest = 1 if growth == 1.0 else max(1, (units - len(ladder)) // every + 1)
     factors: Dict[str, float] = {}
-    for event in range(max(1, events - horizon), min(events, last_useful) + 1):
-        factor = min(1.0, initial * growth ** (events - event))
+    for event in range(oldest, min(events, last_useful) + 1):
+        grown = units - event * every  # units since this event's layers were unfrozen
+        factor = initial if growth == 1.0 else (ladder[grown] if grown < len(ladder) else 1.0)
+        if factor >= 1.0:
+            continue
         before = set(bottom_prefix(layout, options, range(still_frozen_count(options, event - 1, first_frozen))))
         after = set(bottom_prefix(layout, options, range(still_frozen_count(options, event, first_frozen))))
         factors.update({name: factor for name in before - after})
     return factors
+
+
+def _growth_ladder(initial: float, growth: float) -> List[float]:
+    """The factors below 1 a layer goes through, one per unit: multiplied step by step, as Lightning multiplies its
+    previous rate (the same floats as Lightning's, not ``initial * growth ** k``)."""
+    if growth == 1.0:
+        return [initial]
+    ladder = [initial]
+    while ladder[-1] * growth < 1.0:
+        ladder.append(ladder[-1] * growth)
+    return ladder
 
 
 # -- LISA (LMFlow) -------------------------------------------------------------------------------------------------
@@ -212,30 +245,70 @@ def _lisa(layout: ModelLayout, options, progress: TrainingProgress) -> Selection
 # -- BAdam (block coordinate descent over layers) -------------------------------------------------------------------
 
 
+def badam_switches(options, progress: TrainingProgress) -> int:
+    """How many times BAdam's `BlockOptimizer` has switched blocks after `elapsed_units` steps.
+
+    BAdam counts its steps from 1 and switches after a step when (steps + 1) is a multiple of the interval, so the
+    first block trains one step fewer than the others: with an interval of 3 the blocks go 0, 0, 1, 1, 1, 2, ...
+    With an interval of 1 it switches after every step.
+    """
+    every, units = schedule_every(options), elapsed_units(options, progress)
+    return (units + 1) // every - (1 if every == 1 else 0)
+
+
 def active_block(options, progress: TrainingProgress, num_layers: int) -> List[int]:
     """The layers of the block BAdam trains during the current period.
 
-    Blocks are runs of `freeze_active_layers` consecutive layers. 'random' visits every block once per pass, in a
-    new permutation each pass (drawn from (seed, pass index)), as BAdam's random switch mode does.
+    Blocks are runs of `freeze_active_layers` consecutive layers. The first block is `freeze_start_block` (BAdam's
+    `start_block`; default the first block, the last for 'descending'); 'ascending' and 'descending' then step
+    through the blocks cyclically, 'fixed' stays on the start block, and 'random' visits every block once per pass,
+    in a new permutation each pass (drawn from (seed, pass index)), as BAdam's random switch mode does.
     """
     size = options.freeze_active_layers or 1
     if size > num_layers:
         raise invalid("freeze_active_layers", size, f"at most the model's {num_layers} layers")
     blocks = [list(range(first, min(first + size, num_layers))) for first in range(0, num_layers, size)]
-    passes, position = divmod(_period(options, progress), len(blocks))
-    order = list(range(len(blocks)))
+    start = options.freeze_start_block
+    if start is not None and start >= len(blocks):
+        raise invalid(
+            "freeze_start_block", start,
+            f"a block index below {len(blocks)}: this model's {num_layers} layers make {len(blocks)} block(s) of "
+            f"`freeze_active_layers` {size}",
+        )
+    switches = badam_switches(options, progress)
     mode = options.freeze_block_order or "ascending"
+    if mode == "fixed":
+        return blocks[start]
     if mode == "descending":
-        order.reverse()
-    elif mode == "random":
+        return blocks[((len(blocks) - 1 if start is None else start) - switches) % len(blocks)]
+    if mode == "random":
+        passes, position = divmod(switches, len(blocks))
+        order = list(range(len(blocks)))
         _rng("badam", progress.seed, passes).shuffle(order)
-    return blocks[order[position]]
+        return blocks[order[position]]
+    return blocks[((start or 0) + switches) % len(blocks)]
 
 
 def _check_badam(options) -> None:
     _check_active(options)
-    if options.freeze_block_order is not None and options.freeze_block_order not in BLOCK_ORDERS:
-        raise invalid_choice("freeze_block_order", options.freeze_block_order, BLOCK_ORDERS)
+    order, start = options.freeze_block_order, options.freeze_start_block
+    if order is not None and order not in BLOCK_ORDERS:
+        raise invalid_choice("freeze_block_order", order, BLOCK_ORDERS)
+    if start is not None and start < 0:
+        raise invalid("freeze_start_block", start, "a block index >= 0 (0 is the block nearest the input)")
+    if order == "fixed" and start is None:
+        raise FreezeConfigError(
+            "`freeze_block_order` 'fixed' trains one block for the whole run and needs `freeze_start_block` to say "
+            "which (BAdam's `start_block`). Set `freeze_start_block`, or choose another order.",
+            fields=["freeze_block_order", "freeze_start_block"],
+        )
+    if order == "random" and start is not None:
+        raise FreezeConfigError(
+            f"`freeze_start_block` ({start!r}) cannot be used with `freeze_block_order` 'random': each pass is a "
+            "permutation drawn from the training seed (BAdam's BlockOptimizer has no order for it either). Remove "
+            "`freeze_start_block`, or choose 'ascending', 'descending' or 'fixed'.",
+            fields=["freeze_start_block", "freeze_block_order"],
+        )
 
 
 def _badam(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
@@ -271,7 +344,7 @@ register_strategy(
 )
 register_strategy(
     Strategy(
-        "badam", _badam, _PERIODIC_OPTIONS + ("freeze_active_layers", "freeze_block_order"),
+        "badam", _badam, _PERIODIC_OPTIONS + ("freeze_active_layers", "freeze_block_order", "freeze_start_block"),
         {"freeze_embeddings": True, "freeze_norm": True}, _check_badam, dynamic=True,
         description="Train one block of layers at a time, switching every `freeze_schedule_every` steps (BAdam).",
     )

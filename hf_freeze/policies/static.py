@@ -112,8 +112,59 @@ def _trlx_trains(layout: ModelLayout, options):
 
 
 def _llama_factory_trains(layout: ModelLayout, options):
+    """What LLaMA-Factory's freeze tuning trains: the chosen submodules of the chosen layers, and every parameter
+    whose name contains one of `freeze_extra_modules` (a substring, as there: 'norm' also trains every layer's
+    `input_layernorm` and `post_attention_layernorm`)."""
     count, total = options.freeze_trainable_layers, layout.num_layers
-    return layer_parameters(layout, range(total - count, total) if count > 0 else range(-count))
+    chosen = range(total - count, total) if count > 0 else range(-count)
+    modules = options.freeze_trainable_modules or ["all"]
+    _refuse_unknown("freeze_trainable_modules", [m for m in modules if m != "all"], _layer_submodules(layout))
+    trainable = []
+    for block in layout.layers:
+        if block.layer_index not in chosen:
+            continue
+        for name in block.parameters:
+            relative = _relative_name(block, name)
+            # LLaMA-Factory matches '.<index>.<module>' inside the name: the module is a prefix of what follows.
+            if "all" in modules or any(relative.startswith(module) for module in modules):
+                trainable.append(name)
+    extra = options.freeze_extra_modules or []
+    _refuse_unknown("freeze_extra_modules", extra, _non_layer_modules(layout))
+    trainable += [name for name in layout.parameter_names if any(module in name for module in extra)]
+    return trainable
+
+
+def _relative_name(block, name: str) -> str:
+    return name[len(block.name) + 1:] if name.startswith(block.name + ".") else ""
+
+
+def _layer_submodules(layout: ModelLayout) -> set:
+    """The names of the layers' direct submodules ('self_attn', 'mlp', 'input_layernorm'), what
+    `freeze_trainable_modules` may name."""
+    return {
+        relative.split(".")[0]
+        for block in layout.layers
+        for relative in (_relative_name(block, name) for name in block.parameters)
+        if "." in relative
+    }
+
+
+def _non_layer_modules(layout: ModelLayout) -> set:
+    """What `freeze_extra_modules` may name, by LLaMA-Factory's rule: for each parameter whose name has no
+    '.<number>.' part, the name of the module that holds it ('embed_tokens', 'norm', 'lm_head')."""
+    return {name.split(".")[-2] for name in layout.parameter_names if "." in name and not _INDEXED.search(name)}
+
+
+_INDEXED = re.compile(r"\.\d+\.")
+
+
+def _refuse_unknown(field_name: str, names, known: set) -> None:
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        expected = ("'all' or " if field_name == "freeze_trainable_modules" else "") + "names from this model: " + (
+            ", ".join(repr(name) for name in sorted(known)) or "none"
+        )
+        raise invalid(field_name, list(names), expected, hint=f"{', '.join(map(repr, unknown))} is not one of them.")
 
 
 def _pattern(layout: ModelLayout, options, progress) -> Selection:
@@ -192,6 +243,10 @@ def _check_llama_factory(options) -> None:
     value = options.freeze_trainable_layers
     if value is None or value == 0:
         raise invalid("freeze_trainable_layers", value, "a non-zero integer: N > 0 trains the last N, N < 0 the first |N|")
+    for field_name in ("freeze_trainable_modules", "freeze_extra_modules"):
+        names = getattr(options, field_name)
+        if names is not None and (not names or not all(names)):
+            raise invalid(field_name, names, "a non-empty list of module names (e.g. ['mlp'] or ['norm'])")
 
 
 def _llama_factory(layout: ModelLayout, options, progress) -> Selection:
@@ -200,10 +255,10 @@ def _llama_factory(layout: ModelLayout, options, progress) -> Selection:
     if abs(count) > total:
         raise invalid("freeze_trainable_layers", count, f"between -{total} and {total} for this model's {total} layers")
     trainable = set(_llama_factory_trains(layout, options))
-    return [name for name in layout.parameters_of(layout.layers) if name not in trainable], []
+    # Everything else is frozen, embeddings, norms and head included (LLaMA-Factory's default); the strategy decides
+    # them itself rather than through defaults, so that `freeze_extra_modules` can train them.
+    return [name for name in layout.parameter_names if name not in trainable], []
 
-
-_ALL_FROZEN = {"freeze_embeddings": True, "freeze_norm": True, "freeze_head": True}
 
 register_strategy(Strategy("none", _none, description="Freeze nothing (log the counts only)."))
 register_strategy(
@@ -254,8 +309,12 @@ register_strategy(
 )
 register_strategy(
     Strategy(
-        "llama_factory", _llama_factory, ("freeze_trainable_layers",), dict(_ALL_FROZEN), _check_llama_factory,
+        "llama_factory", _llama_factory,
+        ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"), {}, _check_llama_factory,
         trains=_llama_factory_trains,
-        description="LLaMA-Factory's `freeze_trainable_layers` semantics: only the chosen layers train.",
+        description=(
+            "LLaMA-Factory's freeze tuning (`freeze_trainable_layers`, `freeze_trainable_modules`, "
+            "`freeze_extra_modules`): only the chosen layers' modules and the extra modules train."
+        ),
     )
 )

@@ -1,8 +1,10 @@
-"""The `hf-freeze` command: see a policy before training (`plan`), check a training YAML (`validate`).
+"""The `hf-freeze` command: see a policy before training (`plan`), check a training YAML (`validate`), search
+hyperparameters with frozen layers as the fidelity (`hpo`).
 
     hf-freeze plan path/to/model --strategy bottom --layers 0.5 --batch-size 8 --seq-len 2048 --precision bf16-mixed
     hf-freeze plan path/to/config.json --config configs/bottom.yaml
     hf-freeze validate configs/bottom.yaml [--model path/to/model]
+    hf-freeze hpo train.yaml --space configs/search_spaces/hpo_space.yaml --trials 24
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import FreezeArguments, FreezeTrainingArguments, freeze_fields, load_config_file
 from ..config import raise_if_unknown
 from ..errors import FreezeConfigError
+from . import hpo
 from .memory import OPTIMIZERS, PRECISIONS
 from .plan import TASKS, load_model_on_meta, make_plan
 from .plan_report import format_plan, plan_as_dict
@@ -73,6 +76,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, ar
     validate.add_argument("--arguments-from", default=None, metavar="SCRIPT[:Class,...]",
                           help="a training script (file or module) whose own argument dataclasses the YAML also "
                           "fills, e.g. examples/run_classification.py")
+    hpo.add_parser(commands)
     return parser, plan, validate
 
 
@@ -86,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         namespace = parser.parse_args(argv)
         if namespace.command == "plan":
             return _plan(namespace)
+        if namespace.command == "hpo":
+            return namespace.hpo_main(namespace)
         return _validate(namespace)
     except FreezeConfigError as error:
         print(f"hf-freeze: error: {error}", file=sys.stderr)

@@ -67,10 +67,11 @@ def test_layer_unfrozen_mid_run_is_updated_at_the_schedulers_rate_times_its_fact
     # Everything the schedule will train was in the optimizer (so in DDP) from the start, though frozen then.
     assert probe.registered == {id(p) for p in model.parameters()}
 
-    # Layer 3 unfreezes at step 3 (factor 0.1, then 0.2 from step 6), layer 2 at step 6 (0.1); the head always trains.
+    # Layer 3 unfreezes at step 3 and its factor doubles every step after (Lightning's growth, here per step) up to
+    # 1; layer 2 unfreezes at step 6; the head always trains.
     expected_factor = {
-        names[0]: lambda step: None if step < 3 else (0.1 if step < 6 else 0.2),
-        names[1]: lambda step: None if step < 6 else 0.1,
+        names[0]: lambda step: None if step < 3 else min(1.0, 0.1 * 2 ** (step - 3)),
+        names[1]: lambda step: None if step < 6 else min(1.0, 0.1 * 2 ** (step - 6)),
         names[2]: lambda step: 1.0,
     }
     for record in probe.steps:

@@ -43,7 +43,7 @@ def test_progressive_follows_composers_linear_schedule():
     assert counts[:21] == [0] * 21  # nothing until freeze_start
     for step, count in enumerate(counts):
         if step > 20:
-            assert count == int(0.5 * (step / 100 - 0.2) / 0.8 * LAYERS + 1e-9), step
+            assert count == int(0.5 * ((step / 100 - 0.2) / 0.8) * LAYERS), step  # Composer's arithmetic, truncated
     assert counts == sorted(counts) and counts[-1] == LAYERS // 2  # monotone up to freeze_level
     layers, decision = frozen_layers(args, 80)
     assert layers == list(range(len(layers)))  # bottom-up
@@ -86,17 +86,20 @@ def test_gradual_unfreezing_epoch_default_groups_and_start():
 
 
 def test_gradual_unfreezing_learning_rate_factor_grows_back_to_one():
+    # Growth happens in every unit after unfreezing (Lightning grows the backbone's rate every epoch), not once per
+    # schedule period.
     args = FreezeArguments(
         freeze_strategy="gradual_unfreezing", freeze_schedule_unit="step", freeze_schedule_every=10,
         freeze_unfreeze_lr_factor=0.1, freeze_unfreeze_lr_growth=2.0,
     )
     assert frozen_layers(args, 5)[1].update_factors == {}  # head and top layers trainable from the start: factor 1
-    factors = frozen_layers(args, 30)[1].update_factors
-    assert factors["layers.7.weight"] == pytest.approx(0.4)  # unfrozen at step 10: 0.1 * 2 * 2
-    assert factors["layers.6.weight"] == pytest.approx(0.2)
-    assert factors["layers.5.weight"] == pytest.approx(0.1)
-    assert "norm.weight" in factors and "head.weight" not in factors
-    assert "layers.7.weight" not in frozen_layers(args, 50)[1].update_factors  # 0.1 * 2**4 >= 1: back to the plain rate
+    factors = frozen_layers(args, 32)[1].update_factors
+    assert "layers.7.weight" not in factors and "layers.6.weight" not in factors  # unfrozen at steps 10, 20: back to 1
+    assert factors["layers.5.weight"] == pytest.approx(0.1 * 2**2)  # unfrozen at step 30: 0.1, 0.2, 0.4
+    assert [frozen_layers(args, s)[1].update_factors["layers.6.weight"] for s in range(20, 24)] == [0.1, 0.2, 0.4, 0.8]
+    assert "layers.6.weight" not in frozen_layers(args, 24)[1].update_factors  # 1.6 is capped at 1 (should_align)
+    assert frozen_layers(args, 12)[1].update_factors["norm.weight"] == pytest.approx(0.4)  # unfrozen with layer 7
+    assert "head.weight" not in factors
     constant = FreezeArguments(**{**args.freeze_options(), "freeze_unfreeze_lr_growth": 1.0})
     assert frozen_layers(constant, 95)[1].update_factors["layers.7.weight"] == pytest.approx(0.1)
 
@@ -216,7 +219,7 @@ ERRORS = [
     (dict(freeze_strategy="progressive", freeze_level=0), "`freeze_level` must be a fraction of the layers in (0, 1] (got 0.0)"),
     (dict(freeze_strategy="lisa", freeze_schedule_every=0), "`freeze_schedule_every` must be an integer >= 1 (got 0)"),
     (dict(freeze_strategy="lisa", freeze_schedule_unit="epochs"), "must be one of 'step', 'epoch' (got 'epochs')"),
-    (dict(freeze_strategy="badam", freeze_block_order="reverse"), "one of 'ascending', 'descending', 'random' (got 'reverse')"),
+    (dict(freeze_strategy="badam", freeze_block_order="reverse"), "one of 'ascending', 'descending', 'random', 'fixed' (got 'reverse')"),
     (dict(freeze_strategy="lisa", freeze_active_layers=0), "`freeze_active_layers` must be an integer >= 1 (got 0)"),
     (dict(freeze_strategy="gradual_unfreezing", freeze_unfreeze_lr_factor=1.5), "`freeze_unfreeze_lr_factor` must be"),
     (dict(freeze_strategy="gradual_unfreezing", freeze_unfreeze_lr_growth=2.0), "needs `freeze_unfreeze_lr_factor`"),

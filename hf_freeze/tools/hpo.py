@@ -1,0 +1,424 @@
+"""Hyperparameter search with the number of trainable layers as the fidelity (Frozen Layers, arXiv 2504.10735), on
+Optuna.
+
+Every trial is one configuration from the search space, trained at rungs of increasing fidelity: at a fidelity f the
+top round(f x n) of the model's n layers train and the rest, with the input embeddings, are frozen (`freeze_strategy:
+bottom`; the last rung of the default grid, 1.0, is full fine-tuning). Each rung is a real `Trainer` run with a
+`FreezeCallback`, evaluated, and reported to Optuna, whose `SuccessiveHalvingPruner` (or `HyperbandPruner`) stops the
+configurations that rank low at a rung. A rung restarts from `model_init()` by default; `continuation=True` starts it
+from the weights the trial's previous rung trained (the optimizer starts afresh: the moments of the weights trained
+before are not carried over).
+
+The study lives in an SQLite file in the output folder (`optuna.db`), so an interrupted search resumes where it
+stopped: the finished trials are kept, the interrupted one is run again, and `optuna-dashboard sqlite:///.../optuna.db`
+shows it. Several processes may share the file (each runs `run_search` with the same study name).
+
+Why not `Trainer.hyperparameter_search(backend="optuna")`: it runs exactly one `trainer.train()` per trial on one
+model from `model_init`, and reports to the trial at evaluation steps of that run. A rung here is a new training run
+with a different frozen set (restart), or a change of the frozen set within the trial (continuation); neither is one
+`train()` call. Its study is created inside it with `optuna.create_study(direction=..., **kwargs)`, so storage and
+pruner could be passed, but the steps it reports are training steps, not rungs. `run_search` is the entry point, from
+a script or from the command line (`hf-freeze hpo TRAIN.yaml --space SPACE.yaml --trials N`).
+
+Pruner steps: a configuration's value at rung i is reported as `trial.report(value, step=reduction_factor ** i)` with
+the pruner's `min_resource=1`, so each fidelity rung is exactly one rung of Optuna's successive halving (which
+places its rungs at min_resource x reduction_factor^k steps), whatever the spacing of the fidelity grid. The rung index
+and the trainable layers are stored on the trial (`user_attrs['rungs']`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from ..config import FreezeTrainingArguments
+from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..integrations import FreezeCallback
+from ..logging import get_logger
+from ..model import discover_layout
+from .hpo_space import DEFAULT_FIDELITIES, SearchSpace, load_search_space, trainable_layer_counts
+
+__all__ = ["PRUNERS", "SearchResult", "add_parser", "format_results", "main", "run_search"]
+
+logger = get_logger(__name__)
+
+PRUNERS = ("successive_halving", "hyperband", "none")
+_STUDY_ATTRIBUTE = "hf_freeze_search"  # what the study was created for: a later run must search the same thing
+_FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass
+class SearchResult:
+    """What `run_search` returns: the Optuna study (left in its storage) and the best full-fidelity configuration.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.tools.hpo import SearchResult
+    >>> SearchResult(study=None, storage="sqlite:///out/optuna.db", study_name="s", best_params={"learning_rate": 1e-4},
+    ...              best_value=0.3, best_trial=2).best_params
+    {'learning_rate': 0.0001}
+    ```
+    """
+
+    study: Any
+    storage: str
+    study_name: str
+    best_params: Optional[Dict[str, Any]]
+    best_value: Optional[float]
+    best_trial: Optional[int]
+
+    def table(self) -> str:
+        return format_results(self.study)
+
+
+def run_search(
+    args: FreezeTrainingArguments,
+    model_init: Callable[[], Any],
+    train_dataset: Any,
+    eval_dataset: Any,
+    space: Union[SearchSpace, Mapping[str, Any], str],
+    n_trials: int = 20,
+    fidelities: Sequence[float] = DEFAULT_FIDELITIES,
+    metric: str = "eval_loss",
+    direction: Optional[str] = None,
+    pruner: Union[str, Any] = "successive_halving",
+    reduction_factor: int = 2,
+    continuation: bool = False,
+    study_name: str = "hf_freeze_hpo",
+    storage: Optional[str] = None,
+    sampler: Any = None,
+    trainer_class: Optional[type] = None,
+    callbacks: Sequence[Any] = (),
+    **trainer_kwargs: Any,
+) -> SearchResult:
+    """Search hyperparameters with rungs of increasing trainable-layer fractions; resumes a stored study.
+
+    Args:
+        args: The training arguments of every rung; the searched options and the fidelity's `freeze_strategy` /
+            `freeze_layers` replace theirs. The study and each rung's output go under `args.output_dir`.
+        model_init: Builds the model to train, called (after `set_seed(args.seed)`) for every rung that starts
+            afresh: a pretrained model, or one from its config for the paper's training from random initialisation.
+        train_dataset, eval_dataset: Passed to the `Trainer`; every rung is evaluated on `eval_dataset`.
+        space: A `SearchSpace`, its mapping, or the path of a search-space YAML.
+        n_trials: Trials the study should hold when this call ends, counting finished (complete or pruned) ones
+            from an earlier run of the same study.
+        fidelities: Strictly increasing fractions of trainable layers, one a rung (default 0.25, 0.5, 1.0).
+        metric: The key of `trainer.evaluate()` to optimise (e.g. 'eval_loss', 'eval_accuracy').
+        direction: 'minimize' or 'maximize'; default: minimize a metric with 'loss' in its name, else maximize.
+        pruner: 'successive_halving', 'hyperband', 'none', or an Optuna pruner.
+        reduction_factor: The pruner's reduction factor: about 1/reduction_factor of the trials go on at each rung.
+        continuation: Start a rung from the weights of the trial's previous rung instead of `model_init()`.
+        study_name: The study's name in its storage.
+        storage: An Optuna storage URL; default an SQLite file `optuna.db` in `args.output_dir`.
+        sampler: An Optuna sampler; default TPE seeded with `args.seed`.
+        trainer_class: The `Trainer` class (default `transformers.Trainer`), e.g. a subclass or TRL's trainers.
+        callbacks: More Trainer callbacks for every rung (a `FreezeCallback` is always added).
+        trainer_kwargs: More `Trainer` keywords (`data_collator`, `compute_metrics`, `processing_class`, ...).
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.tools.hpo import run_search
+    >>> # result = run_search(args, lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2),
+    >>> #                     train, dev, "configs/search_spaces/hpo_space.yaml", n_trials=24, metric="eval_accuracy")
+    >>> # print(result.table())
+    ```
+    """
+    import optuna
+
+    space = space if isinstance(space, SearchSpace) else (
+        load_search_space(space) if isinstance(space, str) else SearchSpace.from_mapping(space))
+    _check_arguments(args, eval_dataset, n_trials, reduction_factor)
+    direction = direction or ("minimize" if "loss" in metric else "maximize")
+    if direction not in ("minimize", "maximize"):
+        raise invalid_choice("direction", direction, ["minimize", "maximize"])
+    num_layers = discover_layout(model_init()).num_layers
+    counts = trainable_layer_counts(fidelities, num_layers)
+    pruner = _make_pruner(pruner, len(counts), reduction_factor)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    storage = storage or "sqlite:///" + os.path.abspath(os.path.join(args.output_dir, "optuna.db"))
+    description = {"space": json.loads(space.as_json()), "fidelities": list(fidelities), "metric": metric,
+                   "direction": direction, "continuation": continuation, "reduction_factor": reduction_factor}
+    study = _open_study(optuna, storage, study_name, direction, pruner, sampler or optuna.samplers.TPESampler(
+        seed=args.seed), description)
+
+    done = sum(trial.state.name in _FINISHED for trial in study.trials)
+    remaining = max(0, n_trials - done)
+    if remaining:
+        _retry_interrupted(study)
+    logger.info(f"hpo: study {study_name!r} in {storage}: {done} finished trial(s), {remaining} to run; rungs train "
+                f"the top {counts} of {num_layers} layers (fidelities {list(fidelities)}), {direction} {metric}")
+    objective = _Objective(args, model_init, train_dataset, eval_dataset, space, fidelities, counts, num_layers,
+                           metric, reduction_factor, continuation, trainer_class, list(callbacks), trainer_kwargs)
+    if remaining:
+        study.optimize(objective, n_trials=remaining, callbacks=[_Progress(n_trials, metric, len(counts))])
+    best = _best(study)
+    logger.info("hpo: results\n" + format_results(study))
+    return SearchResult(study, storage, study_name, best.params if best else None, best.value if best else None,
+                        best.number if best else None)
+
+
+def _check_arguments(args, eval_dataset, n_trials, reduction_factor) -> None:
+    if args.freeze_strategy not in ("none", "bottom") or args.freeze_layers is not None:
+        raise FreezeConfigError(
+            f"A layer-fidelity search sets freeze_strategy 'bottom' and freeze_layers at every rung (got "
+            f"freeze_strategy={args.freeze_strategy!r}, freeze_layers={args.freeze_layers!r}).",
+            fields=["freeze_strategy", "freeze_layers"], hint="Fix: remove both from the training arguments.")
+    if eval_dataset is None:
+        raise invalid("eval_dataset", None, "a dataset: every rung is evaluated on it")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise invalid("n_trials", n_trials, "an integer >= 1")
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, int) or reduction_factor < 2:
+        raise invalid("reduction_factor", reduction_factor, "an integer >= 2")
+
+
+def _make_pruner(pruner: Union[str, Any], num_rungs: int, reduction_factor: int):
+    import optuna
+
+    if not isinstance(pruner, str):
+        return pruner
+    if pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=reduction_factor ** (num_rungs - 1), reduction_factor=reduction_factor)
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise invalid_choice("pruner", pruner, PRUNERS)
+
+
+def _open_study(optuna, storage: str, study_name: str, direction, pruner, sampler, description: Dict[str, Any]):
+    if storage.startswith("sqlite:"):
+        # A heartbeat lets a later run tell a trial of a killed process (no heartbeat) from a live one.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction, pruner=pruner,
+                                sampler=sampler, load_if_exists=True)
+    stored = study.user_attrs.get(_STUDY_ATTRIBUTE)
+    if stored is None:
+        if any(trial.state.name != "WAITING" for trial in study.trials):  # enqueued configurations are welcome
+            raise FreezeConfigError(
+                f"Study {study_name!r} in {storage} already has trials that hf_freeze did not make.",
+                fields=["study_name"], hint="Fix: choose another study name or output folder.")
+        study.set_user_attr(_STUDY_ATTRIBUTE, description)
+        return study
+    for key in ("space", "fidelities", "metric", "direction", "continuation", "reduction_factor"):
+        if stored.get(key) != description[key]:
+            raise FreezeConfigError(
+                f"Study {study_name!r} in {storage} was made with a different {key}: {stored.get(key)!r}, "
+                f"not {description[key]!r}; its trials would not be comparable with new ones.",
+                fields=[key], hint="Fix: restore the study's own setting, or start a new study (another "
+                "--study-name or output folder).")
+    return study
+
+
+def _retry_interrupted(study) -> None:
+    """Run an interrupted (failed) trial's configuration again first, once."""
+    retried = {trial.user_attrs.get("retry_of") for trial in study.trials}
+    for trial in study.trials:
+        if trial.state.name == "FAIL" and trial.number not in retried and trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            logger.info(f"hpo: trial {trial.number} was interrupted; its configuration runs again")
+
+
+class _Objective:
+    """One trial: the rungs in order, each a Trainer run reported to Optuna, until the pruner stops it."""
+
+    def __init__(self, args, model_init, train_dataset, eval_dataset, space, fidelities, counts, num_layers, metric,
+                 reduction_factor, continuation, trainer_class, callbacks, trainer_kwargs):
+        self.args, self.model_init, self.space, self.metric = args, model_init, space, metric
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.fidelities, self.counts, self.num_layers = fidelities, counts, num_layers
+        self.reduction_factor, self.continuation = reduction_factor, continuation
+        self.trainer_class, self.callbacks, self.trainer_kwargs = trainer_class, callbacks, trainer_kwargs
+        self.model_class = None
+
+    def __call__(self, trial) -> float:
+        import optuna
+        from transformers import Trainer, set_seed
+
+        params = self.space.suggest(trial)
+        trial_dir = os.path.join(self.args.output_dir, f"trial-{trial.number}")
+        rungs: List[Dict[str, Any]] = []
+        previous_dir = None
+        value = float("nan")
+        for rung, (fraction, count) in enumerate(zip(self.fidelities, self.counts)):
+            frozen = self.num_layers - count
+            rung_dir = os.path.join(trial_dir, f"rung-{rung}")
+            rung_args = dataclasses.replace(
+                self.args, **params, output_dir=rung_dir,
+                freeze_strategy="bottom" if frozen else "none", freeze_layers=frozen if frozen else None)
+            logger.info(f"hpo: trial {trial.number} rung {rung + 1}/{len(self.counts)}: top {count} of "
+                        f"{self.num_layers} layers trainable ({fraction:g}), {params}")
+            set_seed(rung_args.seed)
+            model = self.model_init() if previous_dir is None else self._load(previous_dir)
+            trainer = (self.trainer_class or Trainer)(
+                model=model, args=rung_args, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
+                callbacks=[FreezeCallback(), *self.callbacks], **self.trainer_kwargs)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            trainer.train()
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+            metrics = trainer.evaluate()
+            if self.metric not in metrics:
+                raise invalid_choice("metric", self.metric, sorted(metrics))
+            value = float(metrics[self.metric])
+            rungs.append({
+                "rung": rung, "fidelity": fraction, "trainable_layers": count, "value": value,
+                "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+                "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3),
+            })
+            trial.set_user_attr("rungs", rungs)
+            if previous_dir is not None:
+                shutil.rmtree(previous_dir, ignore_errors=True)  # its weights now live in this rung
+            previous_dir = None
+            if self.continuation and rung + 1 < len(self.counts):
+                previous_dir = os.path.join(rung_dir, "continue-from")
+                trainer.save_model(previous_dir)
+                self.model_class = type(trainer.model)
+            del trainer, model
+            gc.collect()
+            trial.report(value, step=self.reduction_factor ** rung)
+            if rung + 1 < len(self.counts) and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at rung {rung + 1} ({fraction:g} of the layers trainable)")
+        return value
+
+    def _load(self, folder: str):
+        return self.model_class.from_pretrained(folder)
+
+
+class _Progress:
+    """Logs trials done, the rung a trial reached and the best value so far, after every trial."""
+
+    def __init__(self, n_trials: int, metric: str, num_rungs: int):
+        self.n_trials, self.metric, self.num_rungs = n_trials, metric, num_rungs
+
+    def __call__(self, study, trial) -> None:
+        done = sum(item.state.name in _FINISHED for item in study.trials)
+        reached = len(trial.user_attrs.get("rungs", []))
+        best = _best(study)
+        best_text = f"best so far: trial {best.number}, {self.metric} {best.value:.4g}" if best else "no complete trial yet"
+        logger.info(f"hpo: {done}/{self.n_trials} trials done; trial {trial.number} {trial.state.name.lower()} at rung "
+                    f"{reached}/{self.num_rungs}; {best_text}")
+
+
+def _best(study):
+    complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
+    return study.best_trial if complete else None
+
+
+def format_results(study) -> str:
+    """A table of the study's trials: state, the value at every rung, the configuration; the best marked '*'.
+
+    Example:
+
+    ```python
+    >>> import optuna
+    >>> optuna.logging.set_verbosity(optuna.logging.WARNING)
+    >>> study = optuna.create_study()
+    >>> study.add_trial(optuna.trial.create_trial(params={"learning_rate": 1e-4}, value=0.5,
+    ...     distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)},
+    ...     user_attrs={"rungs": [{"trainable_layers": 1, "value": 0.7}, {"trainable_layers": 4, "value": 0.5}]}))
+    >>> print(format_results(study))
+    trial  state     1 layer  4 layers  learning_rate
+    0*     complete   0.7000    0.5000         0.0001
+    ```
+    """
+    trials = study.trials
+    best = _best(study)
+    counts = sorted({rung["trainable_layers"] for trial in trials for rung in trial.user_attrs.get("rungs", [])})
+    names = sorted({name for trial in trials for name in trial.params})
+    header = ["trial", "state"] + [f"{count} layer{'s' if count != 1 else ''}" for count in counts] + names
+    rows = []
+    for trial in trials:
+        values = {rung["trainable_layers"]: rung["value"] for rung in trial.user_attrs.get("rungs", [])}
+        mark = "*" if best is not None and trial.number == best.number else ""
+        rows.append([f"{trial.number}{mark}", trial.state.name.lower()]
+                    + [f"{values[count]:.4f}" if count in values else "-" for count in counts]
+                    + [f"{trial.params[name]:.4g}" if isinstance(trial.params.get(name), float)
+                       else str(trial.params.get(name, "-")) for name in names])
+    widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
+    lines = []
+    for row in [header] + rows:
+        cells = [f"{cell:<{widths[i]}}" if i < 2 else f"{cell:>{widths[i]}}" for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> Any:
+    """Add the `hpo` command to the `hf-freeze` sub-command parsers; returns its parser."""
+    parser = subparsers.add_parser(
+        "hpo",
+        help="search hyperparameters with the fraction of trainable layers as the fidelity (Optuna)",
+        description="Search the options of SPACE.yaml for the training run of TRAIN.yaml (training, freeze_* and the "
+        "task's model_name_or_path, train_file, validation_file, ...): each trial trains at rungs of increasing "
+        "trainable-layer fractions (bottom layers frozen), and Optuna's pruner stops the configurations that rank "
+        "low. The study is stored in OUTPUT_DIR/optuna.db: run the same command again to resume it.",
+    )
+    parser.add_argument("train_yaml", metavar="TRAIN.yaml", help="the training YAML (FreezeTrainingArguments and "
+                        "the task's model and data options)")
+    parser.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space")
+    parser.add_argument("--trials", type=int, default=20, help="trials the study should hold (finished ones count)")
+    parser.add_argument("--fidelities", type=float, nargs="+", default=list(DEFAULT_FIDELITIES),
+                        help="strictly increasing fractions of trainable layers, one a rung")
+    parser.add_argument("--pruner", default="successive_halving", choices=list(PRUNERS))
+    parser.add_argument("--reduction-factor", type=int, default=2, help="about 1/N of the trials go on at each rung")
+    parser.add_argument("--metric", default="eval_loss", help="the key of trainer.evaluate() to optimise, e.g. "
+                        "eval_accuracy")
+    parser.add_argument("--direction", default=None, choices=["minimize", "maximize"],
+                        help="default: minimize a metric with 'loss' in its name, else maximize")
+    parser.add_argument("--continuation", action="store_true", help="start each rung from the weights of the "
+                        "trial's previous rung instead of the model's initial weights")
+    parser.add_argument("--study-name", default="hf_freeze_hpo")
+    parser.add_argument("--storage", default=None, help="an Optuna storage URL (default: sqlite in the output folder)")
+    parser.add_argument("--output-dir", default=None, help="overrides the YAML's output_dir")
+    parser.set_defaults(hpo_main=main)
+    return parser
+
+
+def main(namespace) -> int:
+    """Run `hf-freeze hpo` from its parsed arguments; 0 on success, 2 for a configuration error."""
+    import sys
+
+    from transformers import HfArgumentParser
+
+    from ..config import load_config_file
+    from ..config.types import unknown_keys
+    from .hpo_task import HpoTaskArguments, build_classification_task
+
+    try:
+        values = load_config_file(namespace.train_yaml)
+        if namespace.output_dir:
+            values["output_dir"] = namespace.output_dir
+        unknown = unknown_keys(values, [HpoTaskArguments, FreezeTrainingArguments])
+        if unknown:
+            raise FreezeConfigError(f"{namespace.train_yaml}: " + "; ".join(map(str, unknown)) + ".",
+                                    fields=[name for problem in unknown for name in problem.fields])
+        task, args = HfArgumentParser((HpoTaskArguments, FreezeTrainingArguments)).parse_dict(values)
+        space = load_search_space(namespace.space)
+        model_init, train_dataset, eval_dataset, extras = build_classification_task(task)
+        result = run_search(
+            args, model_init, train_dataset, eval_dataset, space, n_trials=namespace.trials,
+            fidelities=namespace.fidelities, metric=namespace.metric, direction=namespace.direction,
+            pruner=namespace.pruner, reduction_factor=namespace.reduction_factor,
+            continuation=namespace.continuation, study_name=namespace.study_name, storage=namespace.storage,
+            **extras)
+    except FreezeConfigError as error:
+        print(f"hf-freeze hpo: {error}", file=sys.stderr)
+        return 2
+    print(result.table())
+    if result.best_trial is None:
+        print("No trial reached the last rung.")
+    else:
+        print(f"best: trial {result.best_trial}, {namespace.metric} {result.best_value:.4f}, {result.best_params}")
+    print(f"study {result.study_name!r} in {result.storage} (optuna-dashboard {result.storage})")
+    return 0
