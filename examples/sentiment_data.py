@@ -84,4 +84,8 @@ def write_sentiment_data(directory: str, train_size: int = 1000, dev_size: int =
 
 
 if __name__ == "__main__":
-    print(*write_sentiment_data(sys.argv[1] if len(sys.argv) > 1 else "data"), sep="\n")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default="data", help="where train.tsv and dev.tsv are written (default: data)")
+    print(*write_sentiment_data(parser.parse_args().folder), sep="\n")

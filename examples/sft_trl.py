@@ -72,6 +72,10 @@ def model_and_tokenizer(path: Optional[str]):
 
 def main(args: Optional[List[str]] = None) -> Dict[str, float]:
     parser = HfArgumentParser((ScriptArguments, FreezeSFTConfig))
+    import torch
+
+    if not torch.cuda.is_available():  # TRL's default turns bf16 on, which the Trainer refuses on a CPU
+        parser.set_defaults(bf16=False)
     script_args, sft_config = parse_args_with_config_file(parser, args)
     set_seed(sft_config.seed)
     model, tokenizer = model_and_tokenizer(script_args.model_name_or_path)

@@ -155,3 +155,14 @@ def test_plain_pytorch_loop_resumes_in_a_new_process_mid_probe(tmp_path, tiny_be
     # Without the freezer's state the probe would start again at step 4 and choose from other scores.
     state = json.loads((tmp_path / "ckpt" / "freezer_state.json").read_text())
     assert state["step"] == 4 and state["freezer"]["probe"]["meter"]["start_step"] == 3
+
+
+def test_plain_pytorch_loop_takes_a_trainer_yaml_of_configs(tmp_path, tiny_bert_dir):
+    out = run_example("plain_pytorch.py", ROOT / "configs" / "lisa.yaml", "--model_name_or_path", tiny_bert_dir,
+                      "--data_dir", tmp_path, "--max_steps", "2", "--batch_size", "8")
+    assert "ignoring logging_steps, output_dir, report_to (Trainer options)" in out and "accuracy" in out
+
+
+def test_sentiment_data_help_writes_nothing(tmp_path):
+    out = run_example("sentiment_data.py", "--help", cwd=tmp_path)
+    assert "usage:" in out and not list(tmp_path.iterdir())
