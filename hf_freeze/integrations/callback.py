@@ -138,8 +138,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
             # registered it; each step's frozen set then applies from on_train_begin on.
             self.freezer.prepare()
             timeline = os.path.join(str(args.output_dir), TIMELINE_JSON)
+            wrapper = f" and {self._setup.describe()}" if self._setup.multi_process else ""
             self._log(state, [f"strategy {self.freezer.strategy.name!r} changes the frozen set during training: all it may "
-                              f"train stays trainable until {self._setup.describe()} registered it; changes go to {timeline}."])
+                              f"train stays trainable until the optimizer{wrapper} registered it; changes go to {timeline}."])
         elif not late:  # added late, the model may be wrapped already: on_train_begin checks before applying
             self.freezer.apply(decision=decision)
             self._log(state, self.freezer.report_lines())

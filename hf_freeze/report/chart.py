@@ -19,6 +19,7 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     blocks, changes = data["blocks"], data["changes"]
     if not changes:
@@ -50,11 +51,12 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     chart.set_yticklabels([_label(blocks[tick]) for tick in ticks], fontsize=8)
     chart.set_xlim(edges[0], edges[-1])
     chart.tick_params(labelbottom=False)
-    _draw_selections(chart, data, blocks, edges)
+    selection_handles = _draw_selections(chart, data, blocks, edges)
     options = ", ".join(f"{key.removeprefix('freeze_')}={value}" for key, value in data["options"].items() if key != "freeze_strategy")
     chart.set_title(f"hf_freeze timeline: {data['strategy']}" + (f" ({options})" if options else ""), fontsize=10)
     chart.legend(
-        handles=[Patch(color=frozen_colour, label="frozen"), Patch(color=trainable_colour, label="trainable")],
+        handles=[Patch(color=frozen_colour, label="frozen"), Patch(color=trainable_colour, label="trainable")]
+        + selection_handles,
         loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
     )
 
@@ -64,6 +66,7 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     counts.set_ylabel("trainable %", fontsize=8)
     counts.set_ylim(0, 105)
     counts.set_xlabel("optimizer step", fontsize=9)
+    counts.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5 ticks
     counts.tick_params(labelsize=8)
     released = [(entry["step"], entry.get("released_optimizer_state_bytes", 0) / 2**20) for entry in changes]
     released = [(step, megabytes) for step, megabytes in released if megabytes > 0]
@@ -77,24 +80,36 @@ def plot_timeline(data: Dict[str, Any], path: str) -> str:
     return path
 
 
-def _draw_selections(chart, data: Dict[str, Any], blocks: List[Dict[str, Any]], edges: List[int]) -> None:
-    """Adaptive policies: a dashed line where each selection was made, and each layer's score in its row."""
+def _draw_selections(chart, data: Dict[str, Any], blocks: List[Dict[str, Any]], edges: List[int]) -> list:
+    """Adaptive policies: each probe window shaded and labelled, a dashed line where its selection applies, and each
+    layer's score in its row. Returns the legend entries."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     selections = data.get("selections") or []
     if not selections:
-        return
+        return []
     rows = {block["layer_index"]: row for row, block in enumerate(blocks) if block["layer_index"] is not None}
     span = max(1, edges[-1] - edges[0])
     annotate = len(selections) <= 12 and len(rows) <= 40
+    probed = False
     for selection in selections:
-        step = selection["step"]
-        chart.axvline(step, color="#222222", linestyle="--", linewidth=0.8)
+        step, start = selection["step"], selection.get("probe_start_step", selection["step"])
+        if step > start:  # a probe: every layer trained while the scores were measured
+            probed = True
+            chart.axvspan(start, step, facecolor="none", edgecolor="#222222", hatch="//", linewidth=0, alpha=0.35)
+            if annotate:
+                chart.text((start + step) / 2, len(blocks) - 0.1, "probe", ha="center", va="top", fontsize=8)
+        chart.axvline(step, color="#222222", linestyle="--", linewidth=0.9)
         if not annotate:
             continue
         for layer, score in enumerate(selection["scores"]):
             if layer in rows:
-                chart.text(step + 0.01 * span, rows[layer] + 0.5, f"{score:.2g}", fontsize=6, va="center", color="#111111")
-    chart.text(1.0, -0.02, "dashed: layers selected from scores (numbers: each layer's score)", fontsize=7,
-               transform=chart.transAxes, ha="right", va="top")
+                chart.text(step + 0.01 * span, rows[layer] + 0.5, f"{score:.2g}", fontsize=8, va="center", color="#111111")
+    handles = [Line2D([], [], color="#222222", linestyle="--", label="selection, with\neach layer's score")]
+    if probed:
+        handles.insert(0, Patch(facecolor="none", edgecolor="#222222", hatch="//", label="probe (all train)"))
+    return handles
 
 
 def _label(block: Dict[str, Any]) -> str:
