@@ -40,6 +40,7 @@ _EXPECTS = {
     "freeze_select": "'lowest' or 'highest'",
     "freeze_health_check": "'warn', 'raise' or 'off'",
     "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
+    "freeze_layer_stack": "'language', 'vision' or 'all'",
 }
 # Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
 _COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
@@ -189,6 +190,71 @@ class FreezeArguments:
         metadata=_help(
             "Dotted paths of the layer containers, in forward order, when they are not found automatically "
             "(e.g. 'model.layers' or 'encoder.block decoder.block')."
+        ),
+    )
+
+    # -- multi-part models (vision-language, mixture-of-experts): parts found by discovery -------------------------
+    freeze_layer_stack: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Multi-part models: whose layers the layer strategies count and index ('bottom', 'top', 'interval', "
+            "'layers', 'trlx', 'llama_factory', the schedules, 'adaptive'): 'language' (the language model's; "
+            "default), 'vision' (the vision tower's) or 'all' (every stack, in forward order: the vision tower's "
+            "first). `freeze_embeddings`, `freeze_norm` and `freeze_head` cover the counted part's blocks. With "
+            "`freeze_layer_paths`, the named containers are counted (default 'all')."
+        ),
+    )
+    freeze_vision_tower: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Vision-language models: freeze (true) or train (false) the whole vision tower (LLaMA-Factory's name; "
+            "ms-swift's `freeze_vit`). A projector inside it (Qwen2-VL's `visual.merger`) is not part of it. Default: "
+            "frozen for 'llama_factory' (LLaMA-Factory's default); with another strategy that counts the language "
+            "model's layers, frozen when the language model's input embeddings are (e.g. 'bottom', 'head_only', "
+            "'trlx' with N >= 0), else trained. Refused on a model without a vision tower."
+        ),
+    )
+    freeze_multi_modal_projector: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Vision-language models: freeze or train the projector between the vision tower and the language model "
+            "(`multi_modal_projector`, `connector`, Qwen2-VL's `visual.merger`; ms-swift's `freeze_aligner`). "
+            "Default: as `freeze_vision_tower`."
+        ),
+    )
+    freeze_language_model: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Vision-language models: freeze (true) or train (false) the whole language model, its embeddings and LM "
+            "head included, whatever the strategy chose for its layers (ms-swift's `freeze_llm`). Default: the "
+            "strategy decides (LLaMA-Factory's default, false, when the strategy is 'none'). Refused on a "
+            "single-part model."
+        ),
+    )
+    freeze_vit: Optional[bool] = field(
+        default=None, metadata=_help("ms-swift's name for `freeze_vision_tower` (setting both to different values is an error).")
+    )
+    freeze_aligner: Optional[bool] = field(
+        default=None,
+        metadata=_help("ms-swift's name for `freeze_multi_modal_projector` (setting both to different values is an error)."),
+    )
+    freeze_llm: Optional[bool] = field(
+        default=None, metadata=_help("ms-swift's name for `freeze_language_model` (setting both to different values is an error).")
+    )
+    freeze_router: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Mixture-of-experts models: freeze (true) or train (false) every layer's router (gate), whatever the "
+            "strategy chose for its layer (false trains the routers of frozen layers too). Default: the router follows "
+            "its layer. Refused on a dense model."
+        ),
+    )
+    freeze_shared_experts: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Mixture-of-experts models with shared experts (DeepSeek-V3, Qwen2-MoE): freeze or train every layer's "
+            "shared experts, whatever the strategy chose for its layer. Default: they follow their layer. Refused on a "
+            "model without shared experts."
         ),
     )
 

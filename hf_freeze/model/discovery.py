@@ -16,12 +16,14 @@ Discovery knows nothing about policies.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..errors import LayerDiscoveryError
-from .layout import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, Block, ModelLayout
+from .layout import EMBEDDINGS, HEAD, LANGUAGE, LAYER, NORM, OTHER, PARTS, Block, ModelLayout
+from .parts import find_moe_components, find_parts, part_of
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _UNWRAP = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -67,16 +69,82 @@ def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = Non
     """
     model = unwrap_model(model)
     canonical = _canonical_parameter_names(model)
+    parts = find_parts(model) if _is_transformers_model(model) else []
     if layer_paths:
         refuse_overlapping_paths(layer_paths)
         stacks = [_stack_at(model, path) for path in layer_paths]
-        return _layout_from_stacks(model, stacks, canonical, notes=[])
+        # Containers named by the user are the layers, every one of them counted.
+        return _with_parts(model, _layout_from_stacks(model, stacks, canonical, notes=[]), parts, counted=None)
     if _is_transformers_model(model):
-        stacks, notes = _find_stacks(model)
+        if parts:
+            stacks, notes = _find_part_stacks(model, parts)
+        else:
+            stacks, notes = _find_stacks(model)
         if not stacks:
             raise LayerDiscoveryError(_no_layers_message(model), fields=["freeze_layer_paths"])
-        return _layout_from_stacks(model, stacks, canonical, notes)
+        layout = _layout_from_stacks(model, stacks, canonical, notes)
+        return _with_parts(model, layout, parts, counted=(LANGUAGE,) if parts else None)
     return _layout_by_traversal(model, canonical)
+
+
+def _find_part_stacks(model: nn.Module, parts) -> Tuple[List["_Stack"], List[str]]:
+    """Each encoder and the language model has its own layers, found inside it alone: a vision encoder is often a
+    tenth of the language model's size, which the size rule of `_find_stacks` would drop."""
+    stacks: List[_Stack] = []
+    notes: List[str] = []
+    for part, path in parts:
+        if part in PARTS and part != "projector":
+            found, found_notes = _find_stacks(model, path)
+            stacks += found
+            notes += found_notes
+    if not any(_inside(stack.path, path) for stack in stacks for part, path in parts if part == LANGUAGE):
+        raise LayerDiscoveryError(
+            f"{type(model).__name__} is a multi-part model ({', '.join(f'{part} at {path}' for part, path in parts)}), "
+            "and no layers were found in its language model. Name the layer containers with `freeze_layer_paths`, "
+            "in forward order.",
+            fields=["freeze_layer_paths"],
+        )
+    return stacks, notes
+
+
+def _with_parts(model: nn.Module, layout: ModelLayout, parts, counted) -> ModelLayout:
+    """Tag every block with its part (splitting a block that spans two), order the parts as the data flows, count
+    the ``counted`` parts' layers, and record the mixture-of-experts components of every layer."""
+    components = find_moe_components(model, [block.name for block in layout.blocks if block.kind == LAYER])
+    if not parts:
+        return replace(layout, components=components)
+    base_prefix = _base_model_prefix(model)
+    blocks: List[Block] = []
+    for block in layout.blocks:
+        by_part: Dict[str, List[int]] = {}
+        for position, name in enumerate(block.parameters):
+            by_part.setdefault(part_of(name, parts, base_prefix), []).append(position)
+        for part, positions in by_part.items():
+            names = tuple(block.parameters[i] for i in positions)
+            name = block.name if len(by_part) == 1 else _common_prefix(names)
+            blocks.append(replace(block, name=name, parameters=names, sizes=tuple(block.sizes[i] for i in positions), part=part))
+    order = {part: index for index, part in enumerate(PARTS)}
+    blocks.sort(key=lambda block: order[block.part])
+    return replace(layout, blocks=tuple(blocks), components=components).counting(counted)
+
+
+def _shared_components(path: str, other: str) -> int:
+    count = 0
+    for mine, theirs in zip(path.split("."), other.split(".")):
+        if mine != theirs:
+            break
+        count += 1
+    return count
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    split = [name.split(".") for name in names]
+    common = []
+    for components in zip(*split):
+        if len(set(components)) > 1:
+            break
+        common.append(components[0])
+    return ".".join(common) or names[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,10 +180,10 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _find_stacks(model: nn.Module) -> Tuple[List[_Stack], List[str]]:
+def _find_stacks(model: nn.Module, root: str = "") -> Tuple[List[_Stack], List[str]]:
     candidates: List[_Stack] = []
     single_entry: List[_Stack] = []
-    for path, module in model.named_modules():
+    for path, module in model.get_submodule(root).named_modules(prefix=root):
         if not isinstance(module, _CONTAINERS) or any(_inside(path, stack.path) for stack in candidates):
             continue
         stack = _Stack(path, module)
@@ -134,7 +202,7 @@ def _find_stacks(model: nn.Module) -> Tuple[List[_Stack], List[str]]:
         # made-up split into positions that share storage.
         stacks = single_entry[:1]
         if stacks:
-            repeats = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            repeats = getattr(getattr(model.get_submodule(root), "config", None), "num_hidden_layers", None)
             notes.append(
                 f"{stacks[0].path} holds a single block whose weights are shared by every layer position"
                 + (f" ({repeats} positions)" if repeats else "")
@@ -372,6 +440,13 @@ def _anchor_stack(block_name: str, stacks: List[_Stack], kind: str) -> str:
     enclosing = [stack for stack in stacks if stack.parent and _inside(block_name, stack.parent)]
     if enclosing:
         return max(enclosing, key=lambda stack: len(stack.parent)).path
+    # Otherwise the stack it shares the longest path with (a vision encoder's pre-norm sits beside its encoder's
+    # layers, not the language model's); on a tie, the first stack for embeddings and the last for the rest.
+    shared = [_shared_components(block_name, stack.path) for stack in stacks]
+    best = max(shared)
+    closest = [stack for stack, length in zip(stacks, shared) if length == best]
+    if len(closest) < len(stacks):
+        return (closest[0] if kind == EMBEDDINGS else closest[-1]).path
     return stacks[0].path if kind == EMBEDDINGS else stacks[-1].path
 
 

@@ -5,7 +5,7 @@ Nothing here touches torch, so policies built on these types can be tested with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 EMBEDDINGS = "embeddings"
@@ -14,6 +14,17 @@ NORM = "norm"
 OTHER = "other"
 HEAD = "head"
 BLOCK_KINDS = (EMBEDDINGS, LAYER, NORM, OTHER, HEAD)
+
+# Parts of a multi-part model (a vision-language model), in forward order. Single-part models have none.
+AUDIO = "audio"
+VISION = "vision"
+PROJECTOR = "projector"
+LANGUAGE = "language"
+PARTS = (AUDIO, VISION, PROJECTOR, LANGUAGE)
+# Components inside the layers of a mixture-of-experts model (parameter groups, not blocks).
+ROUTER = "router"
+SHARED_EXPERTS = "shared_experts"
+ROUTED_EXPERTS = "routed_experts"
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,8 @@ class Block:
         sizes: Number of elements of each parameter, in the same order.
         layer_index: Position among the repeated layers (0 = closest to the input), ``None`` for non-layers.
         stack: Dotted path of the layer container the block belongs to or sits beside (``"encoder.block"``).
+        part: The part of a multi-part model the block belongs to (``"vision"``, ``"projector"``,
+            ``"language"``), ``None`` on a single-part model.
 
     Example:
 
@@ -44,6 +57,7 @@ class Block:
     sizes: Tuple[int, ...]
     layer_index: Optional[int] = None
     stack: Optional[str] = None
+    part: Optional[str] = None
 
     @property
     def num_parameters(self) -> int:
@@ -61,6 +75,10 @@ class ModelLayout:
         input_embedding_parameters: Parameters of ``model.get_input_embeddings()`` (the token embedding).
         output_embedding_parameters: Parameters of ``model.get_output_embeddings()``, canonical names.
         notes: Facts discovery wants the user to know (weight sharing, tied embeddings).
+        layer_parts: The parts whose layers are *the layers* that layer strategies count and ``layer_index``
+            numbers (the language model's, on a vision-language model); ``None``: every layer block.
+        components: Parameter groups inside the layers, by component (``"router"``, ``"shared_experts"``,
+            ``"routed_experts"`` of a mixture-of-experts model); empty on dense models.
 
     Example:
 
@@ -77,10 +95,51 @@ class ModelLayout:
     input_embedding_parameters: Tuple[str, ...] = ()
     output_embedding_parameters: Tuple[str, ...] = ()
     notes: Tuple[str, ...] = ()
+    layer_parts: Optional[Tuple[str, ...]] = None
+    components: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def layers(self) -> List[Block]:
-        return [block for block in self.blocks if block.kind == LAYER]
+        """The counted layers (those of `layer_parts`), in forward order."""
+        return [block for block in self.blocks if block.kind == LAYER and self._counts(block)]
+
+    def _counts(self, block: Block) -> bool:
+        return self.layer_parts is None or block.part is None or block.part in self.layer_parts
+
+    @property
+    def parts(self) -> List[str]:
+        """The model's parts in forward order; empty on a single-part model."""
+        return list(dict.fromkeys(block.part for block in self.blocks if block.part is not None))
+
+    def blocks_of_part(self, *parts: str) -> List[Block]:
+        return [block for block in self.blocks if block.part in parts]
+
+    def counting(self, parts: Optional[Sequence[str]]) -> "ModelLayout":
+        """The same blocks with the layers of ``parts`` counted (``None``: all): they are numbered 0, 1, ... in
+        forward order, and the layers of other parts get ``layer_index=None``."""
+        counted = replace(self, layer_parts=None if parts is None else tuple(parts))
+        blocks, index = [], 0
+        for block in self.blocks:
+            if block.kind == LAYER:
+                if counted._counts(block):
+                    block, index = replace(block, layer_index=index), index + 1
+                else:
+                    block = replace(block, layer_index=None)
+            blocks.append(block)
+        return replace(counted, blocks=tuple(blocks))
+
+    def restricted_to(self, parts: Sequence[str], keep_kinds: Sequence[str] = ()) -> "ModelLayout":
+        """Only the blocks of ``parts`` (and blocks of the kinds in ``keep_kinds``, wherever they are): what a
+        policy that counts one part's layers sees."""
+        blocks = tuple(block for block in self.blocks if block.part is None or block.part in parts or block.kind in keep_kinds)
+        kept = {name for block in blocks for name in block.parameters}
+        return replace(
+            self,
+            blocks=blocks,
+            input_embedding_parameters=tuple(n for n in self.input_embedding_parameters if n in kept),
+            output_embedding_parameters=tuple(n for n in self.output_embedding_parameters if n in kept),
+            components={key: tuple(n for n in names if n in kept) for key, names in self.components.items()},
+        )
 
     @property
     def num_layers(self) -> int:

@@ -16,8 +16,8 @@ from .core import (
     decide,
     register_strategy,
     registration_decision,
-    resolve_count,
 )
+from .common import resolve_count
 from .scoring import SCORES, Score, register_score
 from .simulate import FrozenSetChange, frozen_sets_over_training
 

@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence
 
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
-from .core import Selection, Strategy, TrainingProgress, bottom_prefix, register_strategy, require_layers, resolve_count
+from .core import Selection, Strategy, TrainingProgress, register_strategy
+from .common import bottom_prefix, require_layers, resolve_count
 from .scoring import SCORES
 from .static import check_count
 

@@ -11,9 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
-from ..model.layout import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelLayout
+from ..errors import FreezeConfigError, invalid_choice
+from ..model.layout import EMBEDDINGS, HEAD, NORM, OTHER, ModelLayout
 from ..registry import Registry
+from .parts import (
+    _check_part_options,
+    _component_settings,
+    _part_settings,
+    _pinned_components,
+    _pinned_parts,
+    policy_view,
+)
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -30,7 +38,9 @@ __all__ = [
 # Options every strategy accepts; the rest belong to the strategies that name them.
 COMMON_OPTIONS = (
     "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
-    "freeze_health_check", "freeze_frozen_modules_eval",
+    "freeze_health_check", "freeze_frozen_modules_eval", "freeze_layer_stack", "freeze_vision_tower",
+    "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
+    "freeze_router", "freeze_shared_experts",
 )
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
@@ -115,6 +125,8 @@ class Strategy:
         trains: ``(layout, options) -> parameter names`` the options name as trainable (LLaMA-Factory's
             `freeze_trainable_layers`, axolotl's patterns): the only parameters frozen by the user before hf_freeze
             saw the model that the policy may unfreeze (`freeze_respect_existing`).
+        whole_model: True when the strategy decides every parameter of a multi-part model itself (by name);
+            otherwise it sees the part whose layers it counts (`policy_view`) and the part options settle the rest.
 
     Example:
 
@@ -140,6 +152,7 @@ class Strategy:
     update_factors: Optional[Callable[[ModelLayout, Any, TrainingProgress], Dict[str, float]]] = None
     needs_scores: bool = False
     trains: Optional[Callable[[ModelLayout, Any], Iterable[str]]] = None
+    whole_model: bool = False
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", field="freeze_strategy")
@@ -194,6 +207,7 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
             )
     if getattr(options, "freeze_health_check", None) not in (None, *HEALTH_CHECK_MODES):
         raise invalid_choice("freeze_health_check", options.freeze_health_check, HEALTH_CHECK_MODES)
+    _check_part_options(options, strategy)
     if strategy.check is not None:
         strategy.check(options)
     return strategy
@@ -218,10 +232,14 @@ def decide(
     """
     strategy = STRATEGIES.get(options.freeze_strategy)
     progress = progress or TrainingProgress()
-    selected, notes = strategy.select(layout, options, progress)
+    view = policy_view(layout, options, strategy)
+    selected, notes = strategy.select(view, options, progress)
     frozen = set(selected)
-    pinned_frozen, pinned_trainable = _non_layer_settings(layout, options, strategy)
+    pinned_frozen, pinned_trainable = _non_layer_settings(view, options, strategy)
     frozen = (frozen | pinned_frozen) - pinned_trainable
+    frozen, part_notes = _part_settings(layout, view, options, strategy, frozen)
+    notes = list(notes) + part_notes
+    frozen = _component_settings(layout, options, frozen)
     frozen, warnings = _honour_ties(layout, frozen, options)
     notes = list(notes) + _tied_embedding_notes(layout, frozen, options)
     kept, note = _keep_user_frozen(layout, options, strategy, frozen, kept_frozen)
@@ -231,7 +249,7 @@ def decide(
     if strategy.update_factors is not None:
         factors = {
             name: factor
-            for name, factor in strategy.update_factors(layout, options, progress).items()
+            for name, factor in strategy.update_factors(view, options, progress).items()
             if factor != 1.0 and name not in frozen
         }
     return FreezeDecision(frozenset(frozen), tuple(notes), tuple(warnings), factors)
@@ -241,9 +259,12 @@ def explicitly_trained(layout: ModelLayout, options: Any) -> set:
     """The parameters the options name as trainable: blocks set to ``false`` (`freeze_embeddings: false`, ...), and
     what the strategy's own options name (`Strategy.trains`)."""
     strategy = STRATEGIES.get(options.freeze_strategy)
-    named = set(_non_layer_settings(layout, options, strategy)[1])
+    view = policy_view(layout, options, strategy)
+    named = set(_non_layer_settings(view, options, strategy)[1])
+    named |= _pinned_parts(layout, view, options, strategy)[1]
+    named |= _pinned_components(layout, options)[1]
     if strategy.trains is not None:
-        named |= set(strategy.trains(layout, options))
+        named |= set(strategy.trains(view, options))
     return named
 
 
@@ -300,7 +321,9 @@ def registration_decision(layout: ModelLayout, options: Any, kept_frozen: Iterab
     every torch optimizer skips, and gets no optimizer state.
     """
     strategy = STRATEGIES.get(options.freeze_strategy)
-    pinned_frozen, _ = _non_layer_settings(layout, options, strategy)
+    view = policy_view(layout, options, strategy)
+    pinned_frozen, _ = _non_layer_settings(view, options, strategy)
+    pinned_frozen |= _pinned_parts(layout, view, options, strategy)[0] | _pinned_components(layout, options)[0]
     kept, _ = _keep_user_frozen(layout, options, strategy, set(pinned_frozen), kept_frozen)
     return FreezeDecision(frozenset(pinned_frozen | kept))
 
@@ -338,69 +361,3 @@ def _tied_embedding_notes(layout: ModelLayout, frozen: set, options: Any) -> Lis
     state = "frozen" if shared <= frozen else "trainable"
     aliases = sorted(alias for alias, name in layout.tied_parameters.items() if name in shared)
     return [f"{', '.join(sorted(shared))} is shared with {', '.join(aliases) or 'the output embeddings'} (tied weights): {state}."]
-
-
-# -- pieces the strategies share -----------------------------------------------------------------------------------
-
-
-def resolve_count(value: Any, num_layers: int, field_name: str = "freeze_layers") -> int:
-    """Turn a count or a fraction of layers into a count, refusing values the model cannot honour."""
-    if value is None:
-        raise invalid(field_name, value, f"set: a count of layers (1..{num_layers}) or a fraction in (0, 1)")
-    if isinstance(value, float) and not value.is_integer():
-        if not 0 < value < 1:
-            raise invalid(field_name, value, f"a whole count of layers (0..{num_layers}) or a fraction in (0, 1)")
-        count = int(value * num_layers + 0.5)
-        if count == 0:
-            raise invalid(
-                field_name, value, f"a fraction that selects at least one of the {num_layers} layers (>= {0.5 / num_layers:.3g})"
-            )
-        return count
-    count = int(value)
-    if not 0 <= count <= num_layers:
-        raise invalid(field_name, value, f"between 0 and the model's {num_layers} layers")
-    return count
-
-
-def layer_parameters(layout: ModelLayout, indices: Iterable[int]) -> List[str]:
-    """The parameter names of the layers at ``indices``."""
-    wanted = set(indices)
-    return [name for block in layout.layers if block.layer_index in wanted for name in block.parameters]
-
-
-def require_layers(layout: ModelLayout, strategy: str) -> int:
-    if layout.num_layers == 0:
-        raise FreezeConfigError(
-            f"`freeze_strategy` {strategy!r} needs layers, and this model has none discovered. Name the layer "
-            "containers with `freeze_layer_paths`, or choose 'pattern'.",
-            fields=["freeze_strategy"],
-        )
-    return layout.num_layers
-
-
-def bottom_prefix(layout: ModelLayout, options: Any, layers: Iterable[int], embeddings: bool = True) -> List[str]:
-    """The frozen-prefix rule: the given layers, and what sits below them when they include layer 0.
-
-    While anything below a frozen layer trains, backward runs through the frozen layers anyway and freezing them
-    saves nothing; so the input embeddings freeze with layer 0 (when ``embeddings`` and the user left
-    `freeze_embeddings` unset), and a norm between two stacks (T5's ``encoder.final_layer_norm`` when the whole
-    encoder is frozen) freezes with the layers around it (when `freeze_norm` is unset).
-    """
-    chosen = sorted(set(layers))
-    if not chosen:
-        return []
-    frozen = layer_parameters(layout, chosen)
-    if chosen[0] != 0:
-        return frozen
-    if embeddings and options.freeze_embeddings is None:
-        frozen += layout.parameters_of(layout.blocks_of_kind(EMBEDDINGS))
-    if options.freeze_norm is None:
-        contiguous = 0
-        while contiguous < len(chosen) and chosen[contiguous] == contiguous:
-            contiguous += 1
-        for block in layout.blocks:
-            if block.kind == LAYER and block.layer_index >= contiguous:
-                break
-            if block.kind in (NORM, OTHER):
-                frozen += block.parameters
-    return frozen

@@ -24,16 +24,8 @@ from typing import Dict, List
 
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
-from .core import (
-    Selection,
-    Strategy,
-    TrainingProgress,
-    bottom_prefix,
-    layer_parameters,
-    register_strategy,
-    require_layers,
-    resolve_count,
-)
+from .core import Selection, Strategy, TrainingProgress, register_strategy
+from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 
 __all__ = [
     "BLOCK_ORDERS",

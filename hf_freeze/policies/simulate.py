@@ -12,6 +12,7 @@ from typing import Any, FrozenSet, Iterable, List, Optional, Sequence
 from ..errors import FreezeConfigError, invalid
 from ..model.layout import ModelLayout
 from .core import STRATEGIES, TrainingProgress, decide
+from .parts import policy_view
 
 __all__ = [
     "FrozenSetChange", "check_against_layout", "describe_inaction", "frozen_sets_over_training", "placeholder_scores",
@@ -129,9 +130,10 @@ def describe_inaction(
     """Why the policy does nothing useful in this run, or ``None``: it never freezes any part of a layer, or (a
     schedule) its frozen set never changes within the run's length. The strategy 'none' is meant to do nothing."""
     strategy = STRATEGIES.get(options.freeze_strategy)
-    if strategy.name == "none" or not layout.layers:
+    view = policy_view(layout, options, strategy)
+    if strategy.name == "none" or not view.layers:
         return None
-    layer_names = set(layout.parameters_of(layout.layers))
+    layer_names = set(view.parameters_of(view.layers))
     kept = set(kept_frozen)
     name = f"`freeze_strategy` {strategy.name!r}"
     if not strategy.dynamic:

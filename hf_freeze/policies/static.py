@@ -6,9 +6,13 @@ import re
 
 from ..errors import FreezeConfigError, invalid
 from ..model.layout import HEAD, ModelLayout
-from .core import Selection, Strategy, bottom_prefix, layer_parameters, register_strategy, require_layers, resolve_count
+from .core import Selection, Strategy, register_strategy
+from .parts import MOE_OPTIONS, PART_OPTIONS
+from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 
 __all__ = ["check_count", "compile_name_pattern"]
+
+_ALIASES = tuple(alias for alias, _, _ in PART_OPTIONS.values())
 
 
 def compile_name_pattern(pattern: str, field_name: str) -> "re.Pattern[str]":
@@ -285,7 +289,8 @@ register_strategy(
 register_strategy(
     Strategy(
         "pattern", _pattern, ("freeze_patterns", "freeze_trainable_patterns"), {}, _check_patterns,
-        fixed_overrides=("freeze_embeddings", "freeze_norm", "freeze_head"), trains=_pattern_trains,
+        fixed_overrides=("freeze_embeddings", "freeze_norm", "freeze_head", *PART_OPTIONS, *_ALIASES, *MOE_OPTIONS),
+        trains=_pattern_trains, whole_model=True,
         description="Freeze parameters by name: `freeze_patterns` and/or `freeze_trainable_patterns`.",
     )
 )
@@ -310,7 +315,10 @@ register_strategy(
 register_strategy(
     Strategy(
         "llama_factory", _llama_factory,
-        ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"), {}, _check_llama_factory,
+        ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+        # LLaMA-Factory's own defaults on a vision-language model (`freeze_vision_tower`,
+        # `freeze_multi_modal_projector`: true; `freeze_language_model`: false).
+        {"freeze_vision_tower": True, "freeze_multi_modal_projector": True}, _check_llama_factory,
         trains=_llama_factory_trains,
         description=(
             "LLaMA-Factory's freeze tuning (`freeze_trainable_layers`, `freeze_trainable_modules`, "

@@ -28,7 +28,8 @@ def model_metrics(model: nn.Module) -> Dict[str, float]:
 
 
 def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, object]]:
-    """One row per block: position, name, kind, layer index, parameter count, state."""
+    """One row per block: position, name, kind, layer index, parameter count, state (and the part, on a
+    multi-part model)."""
     frozen = set(frozen)
     rows = []
     for position, block in enumerate(layout.blocks):
@@ -48,6 +49,7 @@ def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, o
                 "parameters": block.num_parameters,
                 "trainable_parameters": block.num_parameters - frozen_count,
                 "state": state,
+                **({"part": block.part} if block.part is not None else {}),
             }
         )
     return rows
@@ -91,6 +93,10 @@ def format_block_table(layout: ModelLayout, frozen: Collection[str]) -> str:
         [str(row["position"]), str(row["name"]), str(row["kind"]), str(row["layer"]), f"{row['parameters']:,}", str(row["state"])]
         for row in rows
     ]
+    if layout.parts:  # a multi-part model: say which part each block is in
+        headers.append("part")
+        for line, row in zip(cells, rows):
+            line.append(str(row.get("part", "")))
     widths = [max(len(header), *(len(line[i]) for line in cells)) if cells else len(header) for i, header in enumerate(headers)]
     right = {0, 3, 4}
 

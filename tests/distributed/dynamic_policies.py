@@ -5,7 +5,8 @@ directions (the bottom layers are unfrozen, the head is frozen), which is what a
 """
 
 from hf_freeze.model.layout import HEAD
-from hf_freeze.policies.core import STRATEGIES, Strategy, layer_parameters, register_strategy
+from hf_freeze.policies.core import STRATEGIES, Strategy, register_strategy
+from hf_freeze.policies.common import layer_parameters
 from hf_freeze.scores import SCORES, GradNormMeter, Score, register_score
 
 NAME = "test_unfreeze_mid_run"

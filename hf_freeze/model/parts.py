@@ -1,0 +1,147 @@
+"""The parts of a multi-part model, and the components inside mixture-of-experts layers, found from the structure.
+
+A general rule, not a table of model names:
+
+* a vision (or audio) encoder is the outermost module whose ``config`` is the model's ``config.vision_config``
+  (``config.audio_config``), as transformers builds it; failing that, a module held as ``vision_tower``,
+  ``visual``, ``vision_model`` (``audio_tower``, ...) by the model or its base model;
+* the language model is the module whose ``config`` is ``config.text_config``; failing that ``language_model``,
+  ``text_model`` or ``get_decoder()``;
+* the projector is what joins them: a module held as ``multi_modal_projector``, ``connector``, ``merger`` (inside
+  the vision encoder, as in Qwen2-VL, where freezing the encoder must not freeze it), ``mm_projector``,
+  ``aligner``, plus every other parameter of the base model outside the encoders and the language model; the
+  task head belongs to the language model;
+* inside a mixture-of-experts layer, the routed experts are a module named ``experts``; the router is the sibling
+  module whose weight has one row per expert (``gate``, ``router``); the shared experts are siblings whose name
+  starts with ``shared`` (``shared_experts``, Qwen2-MoE's ``shared_expert`` and ``shared_expert_gate``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .layout import AUDIO, LANGUAGE, PROJECTOR, ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, VISION
+
+__all__ = ["find_moe_components", "find_parts", "part_of"]
+
+_ENCODER_ATTRIBUTES = {
+    VISION: ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder"),
+    AUDIO: ("audio_tower", "audio_model", "audio_encoder"),
+}
+_ENCODER_CONFIGS = {VISION: "vision_config", AUDIO: "audio_config"}
+_LANGUAGE_ATTRIBUTES = ("language_model", "text_model")
+_PROJECTOR_ATTRIBUTES = ("multi_modal_projector", "connector", "merger", "mm_projector", "aligner", "audio_projector")
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def find_parts(model: nn.Module) -> List[Tuple[str, str]]:
+    """``[(part, module path), ...]`` in forward order (encoders, projectors, language model); ``[]`` for a
+    single-part model. A part may be named by several paths (two projectors)."""
+    config = getattr(model, "config", None)
+    modules = dict(model.named_modules())
+    encoders: Dict[str, str] = {}
+    language: Optional[str] = None
+    for path, module in modules.items():
+        module_config = getattr(module, "config", None)
+        if module_config is None or module is model:
+            continue
+        for part, key in _ENCODER_CONFIGS.items():
+            if part not in encoders and module_config is getattr(config, key, None):
+                encoders[part] = path
+        if language is None and module_config is getattr(config, "text_config", None):
+            language = path
+    bases = [""] + ([model.base_model_prefix] if isinstance(getattr(model, "base_model_prefix", None), str) else [])
+    for part, attributes in _ENCODER_ATTRIBUTES.items():
+        if part not in encoders:
+            encoders.update({part: path for path in _attribute_paths(modules, bases, attributes)[:1]})
+    if not encoders:
+        return []
+    if language is None:
+        found = _attribute_paths(modules, bases, _LANGUAGE_ATTRIBUTES)
+        language = found[0] if found else _decoder_path(model, modules)
+    if language is None:
+        return []
+    projectors = [
+        path
+        for path in _attribute_paths(modules, bases + list(encoders.values()), _PROJECTOR_ATTRIBUTES)
+        if not _inside(path, language) and _has_parameters(modules[path])
+    ]
+    ordered = [(part, encoders[part]) for part in (AUDIO, VISION) if part in encoders]
+    return ordered + [(PROJECTOR, path) for path in projectors] + [(LANGUAGE, language)]
+
+
+def _attribute_paths(modules: Dict[str, nn.Module], bases: Sequence[str], attributes: Sequence[str]) -> List[str]:
+    found = []
+    for base in bases:
+        for attribute in attributes:
+            path = f"{base}.{attribute}" if base else attribute
+            if path in modules and _has_parameters(modules[path]) and path not in found:
+                found.append(path)
+    return found
+
+
+def _decoder_path(model: nn.Module, modules: Dict[str, nn.Module]) -> Optional[str]:
+    try:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is model:
+        return None
+    return next((path for path, module in modules.items() if module is decoder), None)
+
+
+def part_of(parameter_name: str, parts: Sequence[Tuple[str, str]], base_prefix: Optional[str]) -> str:
+    """The part a parameter belongs to: the most specific part module around it; other parameters of the base
+    model are the projector's (the glue between the encoders and the language model), the rest (the task head)
+    the language model's."""
+    best, best_length = None, -1
+    for part, path in parts:
+        if _inside(parameter_name, path) and len(path) > best_length:
+            best, best_length = part, len(path)
+    if best is not None:
+        return best
+    if base_prefix and _inside(parameter_name, base_prefix) and any(part == PROJECTOR for part, _ in parts):
+        return PROJECTOR
+    return LANGUAGE
+
+
+def find_moe_components(model: nn.Module, layer_paths: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
+    """Parameter names of the routers, shared experts and routed experts inside the given layers; ``{}`` for
+    dense layers."""
+    components: Dict[str, List[str]] = {ROUTER: [], SHARED_EXPERTS: [], ROUTED_EXPERTS: []}
+    for layer_path in layer_paths:
+        layer = model.get_submodule(layer_path)
+        for path, module in layer.named_modules(prefix=layer_path):
+            experts = module._modules.get("experts")
+            if experts is None or not _has_parameters(experts):
+                continue
+            count = _expert_count(experts)
+            for name, child in module.named_children():
+                if child is None or not _has_parameters(child):
+                    continue
+                names = [f"{path}.{name}.{parameter}" for parameter, _ in child.named_parameters()]
+                if name == "experts":
+                    components[ROUTED_EXPERTS] += names
+                elif name.startswith("shared"):
+                    components[SHARED_EXPERTS] += names
+                elif count and any(p.dim() == 2 and p.shape[0] == count for p in child.parameters()):
+                    components[ROUTER] += names
+    return {key: tuple(names) for key, names in components.items() if names}
+
+
+def _expert_count(experts: nn.Module) -> Optional[int]:
+    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
+        return len(experts)
+    # transformers 5 fuses the routed experts into 3-D tensors: (experts, out, in).
+    fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+    count = getattr(experts, "num_experts", None)
+    return count if isinstance(count, int) else (fused[0].shape[0] if fused else None)

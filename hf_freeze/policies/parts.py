@@ -1,0 +1,187 @@
+"""Multi-part models in the pure policies: which part's layers a strategy counts (`policy_view`), and how the part
+options (`freeze_vision_tower`, ..., with ms-swift's aliases) and the mixture-of-experts options (`freeze_router`,
+`freeze_shared_experts`) settle what lies outside the strategy's view."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..model.layout import EMBEDDINGS, LANGUAGE, PROJECTOR, ROUTER, SHARED_EXPERTS, VISION, ModelLayout
+
+__all__ = ["LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "part_option", "policy_view"]
+
+
+# The options that settle a whole part of a multi-part model (LLaMA-Factory's names), with their ms-swift alias,
+# the part they cover and what to call it in an error.
+PART_OPTIONS = {
+    "freeze_vision_tower": ("freeze_vit", VISION, "vision tower"),
+    "freeze_multi_modal_projector": ("freeze_aligner", PROJECTOR, "multi-modal projector"),
+    "freeze_language_model": ("freeze_llm", LANGUAGE, "separate language model"),
+}
+# The options that settle a component inside mixture-of-experts layers.
+MOE_OPTIONS = {"freeze_router": (ROUTER, "router (gate)"), "freeze_shared_experts": (SHARED_EXPERTS, "shared experts")}
+# `freeze_layer_stack`: whose layers the layer strategies count on a multi-part model.
+LAYER_STACKS = ("language", "vision", "all")
+
+def part_option(options: Any, name: str) -> Optional[bool]:
+    """The value of a part option (`freeze_vision_tower`, ...), given under its own name or its ms-swift alias."""
+    value = getattr(options, name, None)
+    return getattr(options, PART_OPTIONS[name][0], None) if value is None else value
+
+
+def _part_fields(options: Any, name: str) -> List[str]:
+    alias = PART_OPTIONS[name][0]
+    return [name] + ([alias] if getattr(options, alias, None) is not None else [])
+
+
+def _check_part_options(options: Any, strategy: Any) -> None:
+    for name, (alias, _, _) in PART_OPTIONS.items():
+        value, alias_value = getattr(options, name, None), getattr(options, alias, None)
+        if value is not None and alias_value is not None and value != alias_value:
+            raise FreezeConfigError(
+                f"`{name}` ({value!r}) and its ms-swift alias `{alias}` ({alias_value!r}) contradict each other. "
+                f"Set one of them.",
+                fields=[name, alias],
+            )
+    stack = getattr(options, "freeze_layer_stack", None)
+    if stack is not None and stack not in LAYER_STACKS:
+        raise invalid_choice("freeze_layer_stack", stack, LAYER_STACKS)
+    if stack not in (None, "language") and strategy.needs_scores:
+        raise FreezeConfigError(
+            f"`freeze_layer_stack` {stack!r} cannot be used with `freeze_strategy` {strategy.name!r}: its scores are "
+            "measured on the language model's layers. Remove `freeze_layer_stack` (the language model's layers are "
+            "the default).",
+            fields=["freeze_layer_stack", "freeze_strategy"],
+        )
+
+
+def _refuse_missing_parts(layout: ModelLayout, options: Any) -> None:
+    parts = layout.parts
+    for name, (_, part, words) in PART_OPTIONS.items():
+        value = part_option(options, name)
+        if value is not None and part not in parts:
+            what = f"this model has no {words}" + (
+                f" (its parts: {', '.join(parts)})" if parts else ": discovery found a single-part model"
+            )
+            raise FreezeConfigError(
+                f"`{_part_fields(options, name)[-1]}` is set (got {value!r}), but {what}. Remove it"
+                + (", or freeze the whole model's layers with a layer strategy." if part == LANGUAGE else "."),
+                fields=_part_fields(options, name),
+            )
+    stack = getattr(options, "freeze_layer_stack", None)
+    if stack == "vision" and VISION not in parts:
+        raise invalid(
+            "freeze_layer_stack", stack, "'language' or 'all' for this model, which has no vision tower",
+        )
+
+
+def policy_view(layout: ModelLayout, options: Any, strategy: Any = None) -> ModelLayout:
+    """The layout a strategy sees on a multi-part model: the part whose layers it counts (`freeze_layer_stack`:
+    the language model by default), with those layers numbered from 0. The other parts are settled afterwards by
+    the part options. Single-part models, and strategies that decide every parameter by name, see the whole layout.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> from hf_freeze import Block, ModelLayout
+    >>> from hf_freeze.policies.parts import policy_view
+    >>> layout = ModelLayout((
+    ...     Block("vision.0", "layer", ("vision.0.w",), (4,), None, "vision", part="vision"),
+    ...     Block("text.0", "layer", ("text.0.w",), (4,), 0, "text", part="language"),
+    ... ), layer_parts=("language",))
+    >>> [b.name for b in policy_view(layout, SimpleNamespace(freeze_layer_stack="all")).layers]
+    ['vision.0', 'text.0']
+    ```
+    """
+    _refuse_missing_parts(layout, options)
+    if not layout.parts or (strategy is not None and strategy.whole_model):
+        return layout
+    stack = getattr(options, "freeze_layer_stack", None)
+    if stack == "all" or (stack is None and layout.layer_parts is None):
+        return layout.counting(None)
+    counted = (VISION,) if stack == "vision" else (LANGUAGE,)
+    return layout.counting(counted).restricted_to(counted)
+
+
+def _outside_view(layout: ModelLayout, view: ModelLayout) -> Dict[str, set]:
+    """The parts the strategy did not see, with their parameters, in forward order."""
+    seen = set(view.parameter_names)
+    outside = {}
+    for part in layout.parts:
+        names = set(layout.parameters_of(layout.blocks_of_part(part))) - seen
+        if names:
+            outside[part] = names
+    return outside
+
+
+def _option_for_part(part: str) -> Optional[str]:
+    return next((name for name, (_, covered, _) in PART_OPTIONS.items() if covered == part), None)
+
+
+def _pinned_parts(layout: ModelLayout, view: ModelLayout, options: Any, strategy: Any) -> Tuple[set, set]:
+    """Parameters of whole parts pinned frozen / trainable by the part options (or the strategy's defaults)."""
+    frozen, trainable = set(), set()
+    for part in layout.parts:
+        option = _option_for_part(part)
+        value = part_option(options, option) if option else None
+        if value is None and option and part in _outside_view(layout, view):
+            value = strategy.defaults.get(option)
+        names = set(layout.parameters_of(layout.blocks_of_part(part)))
+        if value is True:
+            frozen |= names
+        elif value is False:
+            trainable |= names
+    return frozen, trainable
+
+
+def _part_settings(layout: ModelLayout, view: ModelLayout, options: Any, strategy: Any, frozen: set):
+    """Settle the parts: a part option set (or a strategy default) wins; a part the strategy did not see follows
+    the input side: the parts that feed the counted layers (the vision tower and projector, for the language model's
+    layers) freeze when the counted part's input embeddings are frozen, so that a frozen prefix stays a prefix
+    and freezing the bottom layers still saves their backward pass; the parts after it train."""
+    if not layout.parts:
+        return frozen, []
+    pinned_frozen, pinned_trainable = _pinned_parts(layout, view, options, strategy)
+    embeddings = set(view.input_embedding_parameters) or set(view.parameters_of(view.blocks_of_kind(EMBEDDINGS)))
+    input_frozen = bool(embeddings) and embeddings <= frozen
+    counted = [block.part for block in view.layers]
+    first_counted = layout.parts.index(counted[0]) if counted else len(layout.parts)
+    notes, followed = [], []
+    for part, names in _outside_view(layout, view).items():
+        if names & (pinned_frozen | pinned_trainable):
+            continue
+        if layout.parts.index(part) < first_counted and input_frozen:
+            frozen |= names
+            followed.append(part)
+    if followed:
+        notes.append(
+            f"The {' and '.join(followed)} part(s) freeze with the input embeddings of the counted layers "
+            "(a trainable part there would make backward run through the frozen layers); set "
+            "`freeze_vision_tower` / `freeze_multi_modal_projector` to decide them."
+        )
+    return (frozen | pinned_frozen) - pinned_trainable, notes
+
+
+def _pinned_components(layout: ModelLayout, options: Any) -> Tuple[set, set]:
+    frozen, trainable = set(), set()
+    for option, (component, words) in MOE_OPTIONS.items():
+        value = getattr(options, option, None)
+        if value is None:
+            continue
+        names = set(layout.components.get(component, ()))
+        if not names:
+            kind = "a mixture-of-experts model without shared experts" if layout.components else "a dense model"
+            raise FreezeConfigError(
+                f"`{option}` is set (got {value!r}), but this model has no {words}: discovery found {kind}. "
+                f"Remove `{option}`.",
+                fields=[option],
+            )
+        (frozen if value else trainable).update(names)
+    return frozen, trainable
+
+
+def _component_settings(layout: ModelLayout, options: Any, frozen: set) -> set:
+    pinned_frozen, pinned_trainable = _pinned_components(layout, options)
+    return (frozen | pinned_frozen) - pinned_trainable
