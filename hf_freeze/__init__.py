@@ -9,23 +9,35 @@ Exported here: what a user needs, and the extension points for a new strategy (`
 a new adaptive score (`Score`, `ScoreMeter`, `register_score`). Everything else stays importable from its module.
 """
 
-from .config import FreezeArguments, FreezeTrainingArguments
-from .errors import FreezeConfigError, LayerDiscoveryError
-from .integrations import FreezeCallback, LayerFreezer
-from .integrations.reference import reference_model
-from .model import Block, ModelLayout, discover_layout
-from .policies import (
-    SCORES,
-    STRATEGIES,
-    FreezeDecision,
-    Score,
-    Strategy,
-    TrainingProgress,
-    decide,
-    register_score,
-    register_strategy,
-)
-from .scores import ScoreMeter
+import importlib
+
+from . import scores  # noqa: F401  (registers the built-in scores; imports no torch)
+
+# Every export is imported from its module on first access (PEP 562): `import hf_freeze` (and so the `hf-freeze`
+# command) imports neither torch nor transformers until a name that needs them is used.
+_EXPORTS = {
+    "Block": ".model",
+    "FreezeArguments": ".config",
+    "FreezeCallback": ".integrations",
+    "FreezeConfigError": ".errors",
+    "FreezeDecision": ".policies",
+    "FreezeTrainingArguments": ".config",
+    "LayerDiscoveryError": ".errors",
+    "LayerFreezer": ".integrations",
+    "ModelLayout": ".model",
+    "SCORES": ".policies",
+    "STRATEGIES": ".policies",
+    "Score": ".policies",
+    "ScoreMeter": ".scores",
+    "Strategy": ".policies",
+    "TrainingProgress": ".policies",
+    "decide": ".policies",
+    "discover_layout": ".model",
+    "reference_model": ".integrations.reference",
+    "register_score": ".policies",
+    "register_strategy": ".policies",
+}
+_STAGES = ("apply", "config", "integrations", "model", "policies", "report", "scores", "tools")
 
 __version__ = "0.1.0"
 
@@ -51,3 +63,18 @@ __all__ = [
     "register_score",
     "register_strategy",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _STAGES:  # `hf_freeze.config` without importing it first, as when every stage was imported here
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,5 @@
-"""Typed configuration: `FreezeArguments` (the `freeze_*` fields) and `FreezeTrainingArguments`.
+"""Typed configuration: `FreezeArguments`, the `freeze_*` fields (`FreezeTrainingArguments` adds the Trainer's, in
+`.training`).
 
 Every field's `help` text is the one documentation of the option: `--help`, the YAML and the README read it.
 Values are checked in `__post_init__`, so a bad YAML file fails when it is parsed, long before training.
@@ -10,13 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from transformers import TrainingArguments
-
-from ..model.discovery import refuse_overlapping_paths
+from ..model.layout import refuse_overlapping_paths
 from ..policies import check_options
 from .types import check_field, check_values, field_hints
 
-__all__ = ["FreezeArguments", "FreezeTrainingArguments", "freeze_fields"]
+__all__ = ["FreezeArguments", "freeze_fields"]
 
 
 def _help(text: str) -> Dict[str, str]:
@@ -414,18 +413,3 @@ class FreezeArguments:
 def freeze_fields() -> List[str]:
     """Names of every `freeze_*` field, in declaration order."""
     return [item.name for item in fields(FreezeArguments)]
-
-
-@dataclass
-class FreezeTrainingArguments(FreezeArguments, TrainingArguments):
-    """`TrainingArguments` that also carry the `freeze_*` fields, so one YAML file holds both.
-
-    Example:
-
-    ```python
-    >>> from hf_freeze import FreezeTrainingArguments
-    >>> args = FreezeTrainingArguments(output_dir="out", freeze_strategy="top", freeze_layers=2)
-    >>> args.freeze_strategy, args.learning_rate
-    ('top', 5e-05)
-    ```
-    """

@@ -22,7 +22,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..errors import LayerDiscoveryError
-from .layout import EMBEDDINGS, HEAD, LANGUAGE, LAYER, NORM, OTHER, PARTS, Block, ModelLayout
+from .layout import (
+    EMBEDDINGS,
+    HEAD,
+    LANGUAGE,
+    LAYER,
+    NORM,
+    OTHER,
+    PARTS,
+    Block,
+    ModelLayout,
+    inside,
+    refuse_overlapping_paths,
+)
 from .parts import find_moe_components, find_parts, part_of
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -31,7 +43,7 @@ _UNWRAP = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _HEAD_NAME = re.compile(r"^(lm_head|classifier|score|qa_outputs|head|heads|cls|pre_classifier|embed_out|proj_out)$")
 _EMBEDDING_NAME = re.compile(r"embed|^wte$|^wpe$|^shared$|patch|^cls_token$|^mask_token$", re.IGNORECASE)
 
-__all__ = ["discover_layout", "refuse_overlapping_paths", "unwrap_model"]
+__all__ = ["discover_layout", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -97,7 +109,7 @@ def _find_part_stacks(model: nn.Module, parts) -> Tuple[List["_Stack"], List[str
             found, found_notes = _find_stacks(model, path)
             stacks += found
             notes += found_notes
-    if not any(_inside(stack.path, path) for stack in stacks for part, path in parts if part == LANGUAGE):
+    if not any(inside(stack.path, path) for stack in stacks for part, path in parts if part == LANGUAGE):
         raise LayerDiscoveryError(
             f"{type(model).__name__} is a multi-part model ({', '.join(f'{part} at {path}' for part, path in parts)}), "
             "and no layers were found in its language model. Name the layer containers with `freeze_layer_paths`, "
@@ -184,13 +196,13 @@ def _find_stacks(model: nn.Module, root: str = "") -> Tuple[List[_Stack], List[s
     candidates: List[_Stack] = []
     single_entry: List[_Stack] = []
     for path, module in model.get_submodule(root).named_modules(prefix=root):
-        if not isinstance(module, _CONTAINERS) or any(_inside(path, stack.path) for stack in candidates):
+        if not isinstance(module, _CONTAINERS) or any(inside(path, stack.path) for stack in candidates):
             continue
         stack = _Stack(path, module)
         holding = [entry for entry in stack.entries if _has_parameters(entry[1])]
         if len(holding) >= 2:
             candidates.append(stack)
-        elif len(holding) == 1 and not any(_inside(path, other.path) for other in single_entry):
+        elif len(holding) == 1 and not any(inside(path, other.path) for other in single_entry):
             single_entry.append(stack)
     notes: List[str] = []
     if candidates:
@@ -215,10 +227,6 @@ def _stack_size(stack: _Stack) -> int:
     return sum(parameter.numel() for _, module in stack.entries for parameter in module.parameters())
 
 
-def _inside(path: str, ancestor: str) -> bool:
-    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
-
-
 def _stack_at(model: nn.Module, path: str) -> _Stack:
     try:
         module = model.get_submodule(path)
@@ -236,19 +244,6 @@ def _stack_at(model: nn.Module, path: str) -> _Stack:
             fields=["freeze_layer_paths"],
         )
     return _Stack(path, module)
-
-
-def refuse_overlapping_paths(layer_paths: Sequence[str]) -> None:
-    """Each layer belongs to one container: a path given twice, or inside another, would count its layers twice."""
-    for index, path in enumerate(layer_paths):
-        for other in layer_paths[:index]:
-            if path == other or _inside(path, other) or _inside(other, path):
-                relation = "is given twice" if path == other else f"overlaps {other!r}"
-                raise LayerDiscoveryError(
-                    f"`freeze_layer_paths` entry {path!r} {relation}: every layer would be counted twice. Name each "
-                    f"container of layers once (got {list(layer_paths)!r}).",
-                    fields=["freeze_layer_paths"],
-                )
 
 
 def _container_candidates(model: nn.Module) -> List[str]:
@@ -393,7 +388,7 @@ def _owning_block(parameter_name: str, stack_paths: Sequence[str]) -> str:
     components = parameter_name.split(".")
     for length in range(1, len(components) + 1):
         prefix = ".".join(components[:length])
-        if not any(_inside(path, prefix) for path in stack_paths):
+        if not any(inside(path, prefix) for path in stack_paths):
             return prefix
     return parameter_name
 
@@ -401,7 +396,7 @@ def _owning_block(parameter_name: str, stack_paths: Sequence[str]) -> str:
 def _registered_before(block_name: str, stack_path: str, module_order: Dict[str, int]) -> bool:
     # named_modules() is a pre-order walk: a module registered before the branch holding the layers comes first.
     block_module = block_name if block_name in module_order else block_name.rpartition(".")[0]
-    if _inside(stack_path, block_module):  # a bare parameter on a module that holds the layers
+    if inside(stack_path, block_module):  # a bare parameter on a module that holds the layers
         return False
     return module_order.get(block_module, -1) < module_order.get(stack_path, -1)
 
@@ -418,7 +413,7 @@ def _classify(model, block_name, names, base_prefix, input_params, output_params
         return EMBEDDINGS
     if set(names) & set(output_params):
         return HEAD
-    if base_prefix is not None and not _inside(block_name, base_prefix):
+    if base_prefix is not None and not inside(block_name, base_prefix):
         return HEAD
     if _HEAD_NAME.match(block_name.split(".")[0]) and "." not in block_name:
         return HEAD
@@ -437,7 +432,7 @@ def _classify(model, block_name, names, base_prefix, input_params, output_params
 
 def _anchor_stack(block_name: str, stacks: List[_Stack], kind: str) -> str:
     """The layer container a non-layer block sits next to: the one whose parent encloses it most closely."""
-    enclosing = [stack for stack in stacks if stack.parent and _inside(block_name, stack.parent)]
+    enclosing = [stack for stack in stacks if stack.parent and inside(block_name, stack.parent)]
     if enclosing:
         return max(enclosing, key=lambda stack: len(stack.parent)).path
     # Otherwise the stack it shares the longest path with (a vision encoder's pre-norm sits beside its encoder's

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..errors import LayerDiscoveryError
+
 EMBEDDINGS = "embeddings"
 LAYER = "layer"
 NORM = "norm"
@@ -196,3 +198,21 @@ class ModelLayout:
             blocks.append(Block("head", HEAD, ("head.weight", "head.bias"), (head, 1)))
         input_embeddings = ("embeddings.weight",) if embeddings else ()
         return cls(blocks=tuple(blocks), input_embedding_parameters=input_embeddings)
+
+
+def inside(path: str, ancestor: str) -> bool:
+    """Whether the module at dotted ``path`` is ``ancestor`` or inside it (``""`` is the whole model)."""
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+
+
+def refuse_overlapping_paths(layer_paths: Sequence[str]) -> None:
+    """Each layer belongs to one container: a path given twice, or inside another, would count its layers twice."""
+    for index, path in enumerate(layer_paths):
+        for other in layer_paths[:index]:
+            if path == other or inside(path, other) or inside(other, path):
+                relation = "is given twice" if path == other else f"overlaps {other!r}"
+                raise LayerDiscoveryError(
+                    f"`freeze_layer_paths` entry {path!r} {relation}: every layer would be counted twice. Name each "
+                    f"container of layers once (got {list(layer_paths)!r}).",
+                    fields=["freeze_layer_paths"],
+                )

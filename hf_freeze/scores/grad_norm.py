@@ -12,7 +12,6 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..policies.scoring import Score, register_score
 from .meter import Layers, ScoreMeter
 
 __all__ = ["GradNormChangeMeter", "GradNormMeter"]
@@ -67,14 +66,3 @@ class GradNormChangeMeter(GradNormMeter):
             return torch.zeros(norms.shape[1], dtype=norms.dtype, device=norms.device)
         first, second = norms[:half].mean(dim=0), norms[half:].mean(dim=0)
         return (second - first).abs() / first.clamp_min(torch.finfo(first.dtype).tiny)
-
-
-
-register_score(Score("grad_norm", GradNormMeter, True, "Mean gradient norm over the probe."))
-register_score(
-    Score(
-        "grad_norm_change", GradNormChangeMeter, True,
-        "Relative change of the gradient norm between the probe's halves (AutoFreeze); needs 2+ probe steps.",
-        min_probe_steps=2,
-    )
-)

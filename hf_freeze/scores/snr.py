@@ -14,7 +14,6 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..policies.scoring import Score, register_score
 from .meter import ScoreMeter
 
 __all__ = ["SnrMeter", "matrix_snr"]
@@ -89,9 +88,3 @@ class SnrMeter(ScoreMeter):
                 totals[index] += value / mean if mean > 0 else 0.0
                 counts[index] += 1
         return [total / count if count else 0.0 for total, count in zip(totals, counts)]
-
-
-
-register_score(
-    Score("snr", SnrMeter, False, "Signal-to-noise ratio of the weight matrices, no probe (Spectrum).")
-)

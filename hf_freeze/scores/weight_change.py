@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..policies.scoring import Score, register_score
 from .meter import Layers, ScoreMeter
 
 __all__ = ["WEIGHT_SAMPLE_SIZE", "WeightChangeMeter"]
@@ -84,9 +83,3 @@ class WeightChangeMeter(ScoreMeter):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._start = {name: _decode(text, self.device) for name, text in (state.get("start") or {}).items()}
-
-
-
-register_score(
-    Score("weight_change", WeightChangeMeter, True, "Relative weight change |dw|/|w| over the probe (seed 002).")
-)

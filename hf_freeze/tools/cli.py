@@ -18,14 +18,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import FreezeArguments, FreezeTrainingArguments, freeze_fields, load_config_file
-from ..config import raise_if_unknown
 from ..errors import FreezeConfigError
-from . import hpo
-from .memory import OPTIMIZERS, PRECISIONS
-from .plan import TASKS, load_model_on_meta, make_plan
-from .plan_report import format_plan, plan_as_dict
-from .validate import check_config_file
 
 __all__ = ["main"]
 
@@ -33,18 +26,47 @@ __all__ = ["main"]
 _OPTIMIZER_NAMES = {"adamw": "adamw", "adam": "adamw", "sgd": "sgd", "8bit": "adamw-8bit"}
 
 
-def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
-    from transformers import HfArgumentParser
+# The sub-commands and their line in `hf-freeze --help`: all the top-level parser knows, so that `hf-freeze --help`
+# imports neither torch nor transformers. A sub-command's own parser is built only when it is the one chosen.
+COMMANDS = {
+    "plan": "show what a policy freezes, when, and the training memory it saves (no weights are loaded)",
+    "validate": "check a training YAML and report every problem (exit status 1 if any)",
+    "hpo": "search hyperparameters with the fraction of trainable layers as the fidelity (Optuna)",
+}
 
+
+def build_parser(command: Optional[str] = None) -> Tuple[argparse.ArgumentParser, Optional[argparse.ArgumentParser]]:
+    """The `hf-freeze` parser, and the complete parser of ``command`` (None when it is not a sub-command's name:
+    every sub-command then has its name and help line only)."""
+    parser_class: type = argparse.ArgumentParser
+    if command == "plan":
+        from transformers import HfArgumentParser  # the freeze_* options come from the FreezeArguments dataclass
+
+        parser_class = HfArgumentParser
     parser = argparse.ArgumentParser(prog="hf-freeze", description="Plan and check layer-freezing policies.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
+    chosen = None
+    for name, help_line in COMMANDS.items():
+        if name != command:
+            commands.add_parser(name, help=help_line)
+            continue
+        # Defaults shown in --help, as HfArgumentParser does.
+        chosen = _ADD_PARSER[name](commands, help=help_line, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return parser, chosen
+
+
+def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
+    from ..config import FreezeArguments
+    from .memory import OPTIMIZERS, PRECISIONS
+    from .plan import TASKS
+
     plan = commands.add_parser(
         "plan",
         dataclass_types=FreezeArguments,
-        help="show what a policy freezes, when, and the training memory it saves (no weights are loaded)",
         description="Show the blocks a policy freezes, its timeline and an estimate of the training memory, "
         "from the model's config alone (the model is built on the meta device: no weights, no memory).",
         epilog="Every --freeze_* option also works without its prefix: --strategy bottom --layers 0.5.",
+        **kwargs,
     )
     plan.add_argument("model", help="a local model folder or a config.json")
     plan.add_argument("--config", help="a training YAML: its freeze_* keys give the policy (the command line wins), "
@@ -62,12 +84,17 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, ar
     plan.add_argument("--num-epochs", type=float, default=1.0, help="epochs over --max-steps, for epoch-based schedules")
     plan.add_argument("--seed", type=int, default=0, help="seed handed to policies that draw at random")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return plan
+
+
+def _add_validate_parser(commands, **kwargs) -> argparse.ArgumentParser:
+    from .plan import TASKS
 
     validate = commands.add_parser(
         "validate",
-        help="check a training YAML and report every problem (exit status 1 if any)",
         description="Parse a YAML file as HfArgumentParser(FreezeTrainingArguments) would for training, and report "
         "every problem: unknown keys, values of the wrong type, each bad freeze_* value with what is valid.",
+        **kwargs,
     )
     validate.add_argument("file", help="the YAML file")
     validate.add_argument("--model", default=None, help="also check the values that depend on this model "
@@ -76,17 +103,25 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, ar
     validate.add_argument("--arguments-from", default=None, metavar="SCRIPT[:Class,...]",
                           help="a training script (file or module) whose own argument dataclasses the YAML also "
                           "fills, e.g. examples/run_classification.py")
-    hpo.add_parser(commands)
-    return parser, plan, validate
+    return validate
+
+
+def _add_hpo_parser(commands, **kwargs) -> argparse.ArgumentParser:
+    from . import hpo
+
+    return hpo.add_parser(commands, **kwargs)
+
+
+_ADD_PARSER = {"plan": _add_plan_parser, "validate": _add_validate_parser, "hpo": _add_hpo_parser}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, plan_parser, _ = build_parser()
+    parser, command_parser = build_parser(argv[0] if argv else None)
     try:
         if argv[:1] == ["plan"]:
-            argv = _expand_short_freeze_options(argv, plan_parser)
-            _defaults_from_config_file(argv, plan_parser)
+            argv = _expand_short_freeze_options(argv, command_parser)
+            _defaults_from_config_file(argv, command_parser)
         namespace = parser.parse_args(argv)
         if namespace.command == "plan":
             return _plan(namespace)
@@ -104,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _expand_short_freeze_options(argv: List[str], plan_parser) -> List[str]:
     """``--strategy`` -> ``--freeze_strategy``: every freeze_* field, without its prefix."""
+    from ..config import freeze_fields
+
     own = {option for action in plan_parser._actions for option in action.option_strings}
     fields = set(freeze_fields())
     expanded = []
@@ -117,6 +154,8 @@ def _expand_short_freeze_options(argv: List[str], plan_parser) -> List[str]:
 
 
 def _defaults_from_config_file(argv: List[str], plan_parser) -> None:
+    from ..config import load_config_file, raise_if_unknown
+
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--config")
     known, _ = finder.parse_known_args(argv[1:])
@@ -147,6 +186,10 @@ def _defaults_from_config_file(argv: List[str], plan_parser) -> None:
 
 
 def _plan(namespace) -> int:
+    from ..config import FreezeArguments, freeze_fields
+    from .plan import make_plan
+    from .plan_report import format_plan, plan_as_dict
+
     arguments = FreezeArguments(**{name: getattr(namespace, name) for name in freeze_fields()})
     model = _meta_model(namespace.model, namespace.task, namespace.num_labels)
     plan = make_plan(
@@ -163,6 +206,8 @@ def _plan(namespace) -> int:
 
 
 def _meta_model(path: str, task: str, num_labels: Optional[int] = None):
+    from .plan import load_model_on_meta
+
     try:
         return load_model_on_meta(path, task, num_labels)
     except (OSError, ValueError, KeyError) as error:
@@ -176,6 +221,8 @@ def _meta_model(path: str, task: str, num_labels: Optional[int] = None):
 
 
 def _validate(namespace) -> int:
+    from .validate import check_config_file
+
     dataclass_types = _dataclass_types(namespace.arguments_from)
     model = _meta_model(namespace.model, namespace.task) if namespace.model else None
     problems = check_config_file(namespace.file, dataclass_types, model)
@@ -191,6 +238,8 @@ def _validate(namespace) -> int:
 
 def _dataclass_types(source: Optional[str]) -> List[type]:
     """FreezeTrainingArguments, plus the argument dataclasses a training script defines."""
+    from ..config import FreezeTrainingArguments
+
     if not source:
         return [FreezeTrainingArguments]
     target, _, class_names = source.partition(":")

@@ -354,15 +354,16 @@ def format_results(study) -> str:
     return "\n".join(lines)
 
 
-def add_parser(subparsers) -> Any:
-    """Add the `hpo` command to the `hf-freeze` sub-command parsers; returns its parser."""
+def add_parser(subparsers, **kwargs: Any) -> Any:
+    """Add the `hpo` command to the `hf-freeze` sub-command parsers (``kwargs``: the parser's own, such as ``help``,
+    which `hf-freeze --help` shows without importing this module); returns its parser."""
     parser = subparsers.add_parser(
         "hpo",
-        help="search hyperparameters with the fraction of trainable layers as the fidelity (Optuna)",
         description="Search the options of SPACE.yaml for the training run of TRAIN.yaml (training, freeze_* and the "
         "task's model_name_or_path, train_file, validation_file, ...): each trial trains at rungs of increasing "
         "trainable-layer fractions (bottom layers frozen), and Optuna's pruner stops the configurations that rank "
         "low. The study is stored in OUTPUT_DIR/optuna.db: run the same command again to resume it.",
+        **kwargs,
     )
     parser.add_argument("train_yaml", metavar="TRAIN.yaml", help="the training YAML (FreezeTrainingArguments and "
                         "the task's model and data options)")

@@ -15,7 +15,7 @@ from typing import Any, Dict, FrozenSet, List, Optional
 
 from ..config import FreezeArguments
 from ..errors import FreezeConfigError, invalid_choice
-from ..model import ModelLayout, discover_layout
+from ..model import ModelLayout
 from ..policies import STRATEGIES
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
 from .memory import ActivationShape, MemoryEstimate, estimate_training_memory
@@ -132,6 +132,8 @@ def make_plan(
     seed: int = 0,
 ) -> FreezePlan:
     """Discover the blocks of ``model`` (real or on the meta device), run the policy and estimate the memory."""
+    from ..model import discover_layout  # torch
+
     layout = discover_layout(model, arguments.freeze_layer_paths)
     strategy = STRATEGIES.get(arguments.freeze_strategy)
     if strategy.dynamic and not max_steps:

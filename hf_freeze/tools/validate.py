@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import FreezeArguments, FreezeTrainingArguments, freeze_fields, load_config_file
 from ..config.types import ConfigProblem, field_hints, type_error, unknown_keys
 from ..errors import FreezeConfigError, invalid_choice
-from ..integrations import LayerFreezer
 from ..policies import STRATEGIES
 from ..policies.adaptive import check_against_training
 
@@ -127,6 +126,8 @@ def _strategy_reading(option: str) -> str:
 
 
 def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
+    from ..integrations import LayerFreezer  # with a model only: the integrations import the Trainer's callbacks
+
     # Exactly what training runs: the freezer refuses on the model what it would refuse in the Trainer.
     LayerFreezer(model, arguments).check(max_steps)
 
