@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
-__all__ = ["FreezeConfigError", "FreezeHealthError", "LayerDiscoveryError", "invalid", "invalid_choice", "one_of"]
+__all__ = ["FreezeConfigError", "FreezeHealthError", "LayerDiscoveryError", "few", "invalid", "invalid_choice", "one_of"]
 
 _UNSET = object()
 
@@ -81,6 +81,12 @@ def invalid_choice(field: str, value: Any, options: Iterable[Any], hint: Optiona
     """"`field` must be one of 'a', 'b' (got value)", with the valid values kept on the error as ``options``."""
     options = tuple(options)
     return FreezeConfigError(field=field, value=value, expected=one_of(options), hint=hint, options=options)
+
+
+def few(names: Iterable[str], shown: int = 3) -> str:
+    """The first ``shown`` names and how many more, for a message that would otherwise list hundreds."""
+    names = list(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def one_of(names: Iterable[Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import FreezeHealthError
+from ..errors import FreezeHealthError, few
 
 __all__ = ["FrozenModulesEval", "HealthCheck"]
 
@@ -83,20 +83,20 @@ class HealthCheck:
         if self._without_gradient:
             problems.append(
                 f"{len(self._without_gradient)} trainable parameter(s) received no gradient in this step "
-                f"({_few(self._without_gradient)}): they are not used by the forward pass, or the graph to them is "
+                f"({few(self._without_gradient)}): they are not used by the forward pass, or the graph to them is "
                 "cut (checkpointing, a stale compiled graph): they are in the optimizer but never train."
             )
         moved = [name for name, sample in self._frozen_samples.items() if not torch.equal(_sample(self.parameters[name]), sample)]
         if moved:
             problems.append(
-                f"{len(moved)} frozen parameter(s) changed in this step ({_few(moved)}): something outside hf_freeze "
+                f"{len(moved)} frozen parameter(s) changed in this step ({few(moved)}): something outside hf_freeze "
                 "updates them (an optimizer built before they froze that steps zero gradients with weight decay, or "
                 "code that writes to them)."
             )
         changed = [name for name, copy in self._buffer_copies.items() if not torch.equal(self.buffers[name][1], copy)]
         if changed:
             problems.append(
-                f"{len(changed)} buffer(s) of frozen modules changed in this step ({_few(changed)}), although "
+                f"{len(changed)} buffer(s) of frozen modules changed in this step ({few(changed)}), although "
                 "`freeze_frozen_modules_eval` runs those modules in eval mode."
             )
         self._frozen_samples, self._buffer_copies, self._without_gradient = {}, {}, []
@@ -161,6 +161,3 @@ def _sample(parameter: torch.Tensor) -> torch.Tensor:
     step = flat.numel() // SAMPLE_SIZE
     return flat[::step][:SAMPLE_SIZE].clone()
 
-
-def _few(names: List[str], shown: int = 3) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -3,9 +3,9 @@ entry at fault), and whether the optimizer state saved beside it belongs to this
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from ..errors import FreezeConfigError
+from ..errors import FreezeConfigError, few
 
 __all__ = ["check_registered", "check_shape"]
 
@@ -59,7 +59,7 @@ def check_registered(
     gone, new = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
     detail = "; ".join(
         part for part in (
-            f"only the checkpoint's: {_few(gone)}" if gone else "", f"only this run's: {_few(new)}" if new else "",
+            f"only the checkpoint's: {few(gone)}" if gone else "", f"only this run's: {few(new)}" if new else "",
         ) if part
     ) or "the same parameters in another order"
     raise FreezeConfigError(
@@ -76,6 +76,3 @@ def _policy(options: Optional[Dict[str, Any]]) -> str:
                    if value is not None}
     return "{" + ", ".join(f"{key}: {value!r}" for key, value in set_options.items()) + "}" if set_options else "no policy"
 
-
-def _few(names: List[str], shown: int = 3) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

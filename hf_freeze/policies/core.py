@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, invalid_choice
+from ..errors import FreezeConfigError, few, invalid_choice
 from ..model.layout import EMBEDDINGS, HEAD, NORM, OTHER, ModelLayout
 from ..registry import Registry
 from .parts import (
@@ -278,20 +278,15 @@ def _keep_user_frozen(layout, options, strategy, frozen: set, kept_frozen: Itera
     if kept - frozen:
         parts.append(
             f"{len(kept - frozen)} parameter(s) frozen before hf_freeze saw the model stay frozen although "
-            f"{strategy.name!r} would train them ({_few(kept - frozen)}); `freeze_respect_existing: false` lets the "
+            f"{strategy.name!r} would train them ({few(sorted(kept - frozen))}); `freeze_respect_existing: false` lets the "
             "policy decide them."
         )
     if released:
         parts.append(
             f"{len(released)} parameter(s) frozen before hf_freeze saw the model train, because the options name them "
-            f"as trainable ({_few(released)})."
+            f"as trainable ({few(sorted(released))})."
         )
     return kept, " ".join(parts) or None
-
-
-def _few(names: Iterable[str], shown: int = 3) -> str:
-    names = sorted(names)
-    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def _honour_ties(layout: ModelLayout, frozen: set, options: Any) -> Tuple[set, List[str]]:
