@@ -15,7 +15,7 @@ before every step, so the mode is set again by a forward pre-hook each time the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class HealthCheck:
 
     Args:
         parameters: The model's parameters by name.
-        buffers: The model's buffers by name, with the module path that owns each (for frozen modules' buffers).
+        buffers: The model's buffers by name (those of frozen modules in eval mode are checked).
         mode: 'warn' (log at WARNING), 'raise' (`FreezeHealthError`) or 'off'.
         report: How to log a warning.
     """
@@ -41,7 +41,7 @@ class HealthCheck:
     def __init__(
         self,
         parameters: Dict[str, nn.Parameter],
-        buffers: Dict[str, Tuple[str, torch.Tensor]],
+        buffers: Dict[str, torch.Tensor],
         mode: str = "warn",
         report: Optional[Callable[[str], None]] = None,
     ):
@@ -64,7 +64,7 @@ class HealthCheck:
         prefixes = tuple(path + "." for path in eval_modules)
         self._buffer_copies = {
             name: buffer.detach().clone()
-            for name, (_, buffer) in self.buffers.items()
+            for name, buffer in self.buffers.items()
             if prefixes and name.startswith(prefixes) and buffer.is_floating_point()
         }
 
@@ -93,7 +93,7 @@ class HealthCheck:
                 "updates them (an optimizer built before they froze that steps zero gradients with weight decay, or "
                 "code that writes to them)."
             )
-        changed = [name for name, copy in self._buffer_copies.items() if not torch.equal(self.buffers[name][1], copy)]
+        changed = [name for name, copy in self._buffer_copies.items() if not torch.equal(self.buffers[name], copy)]
         if changed:
             problems.append(
                 f"{len(changed)} buffer(s) of frozen modules changed in this step ({few(changed)}), although "

@@ -70,9 +70,8 @@ class LayerFreezer:
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
         self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
-        buffers = {name: (name.rsplit(".", 1)[0], buffer) for name, buffer in self.model.named_buffers()}
         self.health = HealthCheck(
-            self.applier.parameters, buffers, self.arguments.freeze_health_check or "warn",
+            self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
             report=lambda message: logger.warning(message) if is_main_process() else None,
         )
         # Frozen by the user's own code before any policy ran: kept frozen unless the options name them.

@@ -128,8 +128,11 @@ def _strategy_reading(option: str) -> str:
 def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
     from ..integrations import LayerFreezer  # with a model only: the integrations import the Trainer's callbacks
 
-    # Exactly what training runs: the freezer refuses on the model what it would refuse in the Trainer.
-    LayerFreezer(model, arguments).check(max_steps)
+    # Exactly what training runs: building the freezer refuses on the model what it would refuse in the Trainer;
+    # with the run's length known, the checks that need it run too.
+    freezer = LayerFreezer(model, arguments)
+    if max_steps:
+        freezer.check(max_steps)
 
 
 def _problems_of(check: Callable[..., None], *args: Any, suffix: str = "") -> List[ConfigProblem]:
