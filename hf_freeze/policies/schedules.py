@@ -183,7 +183,7 @@ def _gradual_factors(layout: ModelLayout, options, progress: TrainingProgress) -
     growth = DEFAULT_LR_GROWTH if options.freeze_unfreeze_lr_growth is None else options.freeze_unfreeze_lr_growth
     every, units = schedule_every(options), elapsed_units(options, progress)
     first_frozen = _initially_frozen(options, layout.num_layers)
-    events = units // every
+    events = _period(options, progress)
     last_useful = math.ceil(first_frozen / (options.freeze_unfreeze_layers or 1))  # later events unfreeze nothing
     ladder = _growth_ladder(initial, growth)
     # Layers unfrozen `len(ladder)` or more units ago are back at factor 1: only the recent events need a factor.
