@@ -33,7 +33,7 @@ TYPES = {
     "freeze_frozen_modules_eval": "on", "freeze_layer_paths": 5, "freeze_schedule_unit": 1, "freeze_schedule_every": "20",
     "freeze_start": "0.5", "freeze_level": [1], "freeze_unfreeze_layers": 1.5, "freeze_unfreeze_lr_factor": "0.1",
     "freeze_unfreeze_lr_growth": True, "freeze_active_layers": "2", "freeze_block_order": 0, "freeze_score": 3,
-    "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5,
+    "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5, "freeze_component_paths": 3,
 }
 CASES = {f"type/{name}": _case({name: value}, REFUSED, name) for name, value in TYPES.items()}
 
@@ -123,6 +123,12 @@ CASES.update({
     "model/everything-by-options": _case(dict(B, freeze_layers=4, freeze_norm=True, freeze_head=True), REFUSED, "freeze_strategy"),
     "model/everything-head-only-on-frozen-head": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=1, freeze_head=True), ACCEPTED),
     "model/probe-as-long-as-training": _case(dict(ADAPTIVE, freeze_probe_steps=20), REFUSED, "freeze_probe_steps", max_steps=20),
+    "model/component-path-missing": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": "vision", "language_model": "bert"}), REFUSED, "freeze_component_paths"),
+    "model/component-paths-single-part-model": _case(dict(B, freeze_layers=1, freeze_component_paths={"language_model": "bert"}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-unknown-key": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision": "bert.embeddings"}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-empty-list": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": []}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-overlap": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": "bert.encoder", "language_model": "bert.encoder.layer"}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-not-json": _case(dict(B, freeze_layers=1, freeze_component_paths="{vision_tower: [a"), REFUSED, "freeze_component_paths"),
     "model/contradicting-tie": _case(dict(freeze_strategy="top", freeze_layers=1, freeze_embeddings=True, freeze_head=False), REFUSED, "freeze_embeddings", tied=True),
 })
 

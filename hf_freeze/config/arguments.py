@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
-from ..model.layout import refuse_overlapping_paths
+from ..errors import invalid
+from ..model.layout import check_component_paths, refuse_overlapping_paths
 from ..policies import check_options
 from .types import check_field, check_values, field_hints
 
@@ -40,6 +41,7 @@ _EXPECTS = {
     "freeze_health_check": "'warn', 'raise' or 'off'",
     "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
     "freeze_layer_stack": "'language', 'vision' or 'all'",
+    "freeze_component_paths": "a mapping from 'vision_tower', 'audio_tower', 'projector', 'language_model' to module paths",
 }
 # Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
 _COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
@@ -201,6 +203,16 @@ class FreezeArguments:
             "default), 'vision' (the vision tower's) or 'all' (every stack, in forward order: the vision tower's "
             "first). `freeze_embeddings`, `freeze_norm` and `freeze_head` cover the counted part's blocks. With "
             "`freeze_layer_paths`, the named containers are counted (default 'all')."
+        ),
+    )
+    freeze_component_paths: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "Multi-part models whose parts are not found automatically: the module path of each part, as a mapping "
+            "with the keys 'vision_tower', 'audio_tower', 'projector' (a path or a list of paths) and "
+            "'language_model', e.g. `{vision_tower: model.vision_tower, projector: model.multi_modal_projector, "
+            "language_model: model.language_model}` (on the command line as JSON). Parts not named are found by the "
+            "usual rule."
         ),
     )
     freeze_vision_tower: Optional[bool] = field(
@@ -394,6 +406,7 @@ class FreezeArguments:
                 count_or_fraction=item.name in _COUNT_OR_FRACTION,
             )
             setattr(self, item.name, value)
+        self.freeze_component_paths = check_component_paths(_mapping("freeze_component_paths", self.freeze_component_paths))
         check_options(self, freeze_fields())
         refuse_overlapping_paths(self.freeze_layer_paths or [])
         if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):
@@ -413,3 +426,15 @@ class FreezeArguments:
 def freeze_fields() -> List[str]:
     """Names of every `freeze_*` field, in declaration order."""
     return [item.name for item in fields(FreezeArguments)]
+
+
+def _mapping(name: str, value: Any) -> Any:
+    """A mapping given on the command line arrives as text (JSON, or YAML's ``{key: value}``): read it."""
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise invalid(name, value, "a mapping written as JSON or YAML, e.g. '{\"vision_tower\": \"model.vision_tower\"}'") from None

@@ -68,7 +68,9 @@ class LayerFreezer:
                 "already decides what trains. To train extra modules, list them in the PEFT config's `modules_to_save`."
             )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
-        self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
+        self.layout = None if self.peft_reason else discover_layout(
+            self.model, self.arguments.freeze_layer_paths, self.arguments.freeze_component_paths
+        )
         self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",

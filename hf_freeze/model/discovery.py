@@ -55,13 +55,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return extract_model_from_parallel(model, keep_fp32_wrapper=True)
 
 
-def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = None) -> ModelLayout:
+def discover_layout(
+    model: nn.Module,
+    layer_paths: Optional[Sequence[str]] = None,
+    component_paths: Optional[Dict[str, List[str]]] = None,
+) -> ModelLayout:
     """Describe ``model`` as ordered blocks.
 
     Args:
         model: A transformers ``PreTrainedModel`` or any ``nn.Module``.
         layer_paths: Dotted paths of the layer containers, in forward order, when the general rule does not
             find them (``["model.layers"]``). This is the ``freeze_layer_paths`` option.
+        component_paths: The parts of a multi-part model by hand, ``{"vision_tower": [...], "projector": [...],
+            "language_model": [...]}``, when they are not found automatically: the ``freeze_component_paths``
+            option, as `check_component_paths` returns it.
 
     Raises:
         LayerDiscoveryError: no layers could be found, or a given path is not a container of layers.
@@ -78,13 +85,13 @@ def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = Non
     """
     model = unwrap_model(model)
     canonical = _canonical_parameter_names(model)
-    parts = find_parts(model) if _is_transformers_model(model) else []
+    parts = find_parts(model, component_paths) if _is_transformers_model(model) or component_paths else []
     if layer_paths:
         refuse_overlapping_paths(layer_paths)
         stacks = [stack_at(model, path) for path in layer_paths]
         # Containers named by the user are the layers, every one of them counted.
         return with_parts(model, _layout_from_stacks(model, stacks, canonical, notes=[]), parts, counted=None)
-    if _is_transformers_model(model):
+    if _is_transformers_model(model) or parts:
         if parts:
             stacks, notes = find_part_stacks(model, parts)
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import LayerDiscoveryError
+from ..errors import LayerDiscoveryError, invalid, invalid_choice
 
 EMBEDDINGS = "embeddings"
 LAYER = "layer"
@@ -216,3 +216,43 @@ def refuse_overlapping_paths(layer_paths: Sequence[str]) -> None:
                     f"container of layers once (got {list(layer_paths)!r}).",
                     fields=["freeze_layer_paths"],
                 )
+
+
+# `freeze_component_paths` keys (the names users know from LLaMA-Factory and ms-swift) -> parts.
+COMPONENT_KEYS = {"vision_tower": VISION, "audio_tower": AUDIO, "projector": PROJECTOR, "language_model": LANGUAGE}
+
+
+def check_component_paths(value: Optional[Dict[str, object]]) -> Optional[Dict[str, List[str]]]:
+    """``freeze_component_paths`` as ``{key: [module paths]}``: the parts of a multi-part model named by hand, for
+    models whose parts discovery cannot tell apart. Keys are those of `COMPONENT_KEYS`; a part may span several
+    modules (two projectors), the language model is one."""
+    if value is None:
+        return None
+    name = "freeze_component_paths"
+    expected = "a mapping from " + ", ".join(repr(key) for key in COMPONENT_KEYS) + " to dotted module paths"
+    if not isinstance(value, dict) or not value:
+        raise invalid(name, value, expected, hint="e.g. {vision_tower: model.vision_tower, language_model: model.language_model}")
+    checked: Dict[str, List[str]] = {}
+    for key, paths in value.items():
+        if key not in COMPONENT_KEYS:
+            raise invalid_choice(name, key, COMPONENT_KEYS, hint="the keys of the mapping name the parts")
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not paths or not all(isinstance(path, str) and path for path in paths):
+            raise invalid(name, {key: value[key]}, f"for {key!r}, a dotted module path or a non-empty list of them")
+        if key == "language_model" and len(paths) != 1:
+            raise invalid(name, {key: value[key]}, "for 'language_model', one dotted module path (it is one module)")
+        checked[key] = list(paths)
+    owned = [(key, path) for key, paths in checked.items() for path in paths]
+    for index, (key, path) in enumerate(owned):
+        for other_key, other in owned[:index]:
+            if not (inside(path, other) or inside(other, path)):
+                continue
+            outer_key, inner_key = (other_key, key) if inside(path, other) else (key, other_key)
+            # Qwen2-VL keeps its projector (`visual.merger`) inside the vision encoder: the one meaningful overlap.
+            if path == other or not (inner_key == "projector" and outer_key in ("vision_tower", "audio_tower")):
+                raise invalid(
+                    name, value, "paths that do not overlap (a projector inside an encoder is the one exception)",
+                    hint=f"{path!r} and {other!r} overlap",
+                )
+    return checked
+

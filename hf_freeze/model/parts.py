@@ -23,9 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..errors import LayerDiscoveryError
+from ..errors import LayerDiscoveryError, few
 from .layout import (
     AUDIO,
+    COMPONENT_KEYS,
     LANGUAGE,
     LAYER,
     PARTS,
@@ -51,13 +52,16 @@ _LANGUAGE_ATTRIBUTES = ("language_model", "text_model")
 _PROJECTOR_ATTRIBUTES = ("multi_modal_projector", "connector", "merger", "mm_projector", "aligner", "audio_projector")
 
 
-def find_parts(model: nn.Module) -> List[Tuple[str, str]]:
+def find_parts(model: nn.Module, component_paths: Optional[Dict[str, List[str]]] = None) -> List[Tuple[str, str]]:
     """``[(part, module path), ...]`` in forward order (encoders, projectors, language model); ``[]`` for a
-    single-part model. A part may be named by several paths (two projectors)."""
+    single-part model. A part may be named by several paths (two projectors). ``component_paths`` (the
+    ``freeze_component_paths`` option, checked by `check_component_paths`) names parts by hand; the others are
+    found by the rule."""
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
-    encoders: Dict[str, str] = {}
-    language: Optional[str] = None
+    given = _given_parts(model, modules, component_paths or {})
+    encoders: Dict[str, str] = {part: paths[0] for part, paths in given.items() if part in (VISION, AUDIO)}
+    language: Optional[str] = given[LANGUAGE][0] if LANGUAGE in given else None
     for path, module in modules.items():
         module_config = getattr(module, "config", None)
         if module_config is None or module is model:
@@ -71,20 +75,58 @@ def find_parts(model: nn.Module) -> List[Tuple[str, str]]:
     for part, attributes in _ENCODER_ATTRIBUTES.items():
         if part not in encoders:
             encoders.update({part: path for path in _attribute_paths(modules, bases, attributes)[:1]})
-    if not encoders:
-        return []
-    if language is None:
+    if language is None and (encoders or given):
         found = _attribute_paths(modules, bases, _LANGUAGE_ATTRIBUTES)
         language = found[0] if found else _decoder_path(model, modules)
-    if language is None:
+        if language is not None and any(inside(path, language) for path in encoders.values()):
+            language = None  # `get_decoder()` of some models returns the whole base model, encoders included
+    says_multi_part = getattr(config, "text_config", None) is not None and any(
+        getattr(config, key, None) is not None for key in _ENCODER_CONFIGS.values()
+    )
+    if (given or says_multi_part) and (not encoders or language is None):
+        missing = "language model" if encoders else "vision or audio encoder"
+        raise LayerDiscoveryError(
+            f"{type(model).__name__} is a multi-part model (its config has "
+            f"{'sub-configs for each part' if says_multi_part else 'parts named in `freeze_component_paths`'}), but "
+            f"its {missing} could not be found. Name the parts with `freeze_component_paths`, e.g. "
+            "`{vision_tower: model.vision_tower, projector: model.multi_modal_projector, language_model: "
+            "model.language_model}`, and the layer containers with `freeze_layer_paths` if they are not found either. "
+            f"Top-level modules: {few(_top_modules(model), 8)}.",
+            fields=["freeze_component_paths", "freeze_layer_paths"],
+        )
+    if not encoders:
         return []
-    projectors = [
-        path
-        for path in _attribute_paths(modules, bases + list(encoders.values()), _PROJECTOR_ATTRIBUTES)
-        if not inside(path, language) and has_parameters(modules[path])
-    ]
+    if PROJECTOR in given:
+        projectors = list(given[PROJECTOR])
+    else:
+        projectors = [
+            path
+            for path in _attribute_paths(modules, bases + list(encoders.values()), _PROJECTOR_ATTRIBUTES)
+            if not inside(path, language) and has_parameters(modules[path])
+        ]
     ordered = [(part, encoders[part]) for part in (AUDIO, VISION) if part in encoders]
     return ordered + [(PROJECTOR, path) for path in projectors] + [(LANGUAGE, language)]
+
+
+def _given_parts(model: nn.Module, modules: Dict[str, nn.Module], component_paths: Dict[str, List[str]]):
+    """``freeze_component_paths`` as ``{part: [paths]}``, each path checked to be a module with parameters."""
+    given: Dict[str, List[str]] = {}
+    for key, paths in component_paths.items():
+        for path in paths:
+            if path not in modules or not has_parameters(modules[path]):
+                what = "is not a module of" if path not in modules else "holds no parameters in"
+                raise LayerDiscoveryError(
+                    f"`freeze_component_paths` entry {key}: {path!r} {what} {type(model).__name__}. "
+                    f"Top-level modules: {few(_top_modules(model), 8)}.",
+                    fields=["freeze_component_paths"],
+                )
+        given[COMPONENT_KEYS[key]] = list(paths)
+    return given
+
+
+def _top_modules(model: nn.Module) -> List[str]:
+    """The module paths two levels down, where the parts of a multi-part model usually are."""
+    return [path for path, _ in model.named_modules() if path and path.count(".") <= 1]
 
 
 def _attribute_paths(modules: Dict[str, nn.Module], bases: Sequence[str], attributes: Sequence[str]) -> List[str]:

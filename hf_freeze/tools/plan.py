@@ -134,7 +134,7 @@ def make_plan(
     """Discover the blocks of ``model`` (real or on the meta device), run the policy and estimate the memory."""
     from ..model import discover_layout  # torch
 
-    layout = discover_layout(model, arguments.freeze_layer_paths)
+    layout = discover_layout(model, arguments.freeze_layer_paths, arguments.freeze_component_paths)
     strategy = STRATEGIES.get(arguments.freeze_strategy)
     if strategy.dynamic and not max_steps:
         raise FreezeConfigError(

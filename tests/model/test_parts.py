@@ -128,3 +128,72 @@ def test_moe_components(model_type):
     assert all(".mlp.shared_experts." in name for name in shared)
     # Components are parameter groups inside the layers: the layers themselves are unchanged.
     assert layout.num_layers == 3
+
+
+class _RenamedVisionLanguageModel(torch.nn.Module):
+    """A vision-language model whose parts have names no rule knows (``eye``, ``bridge``, ``brain``)."""
+
+    def __init__(self):
+        super().__init__()
+        llava = VLMS["llava"]()
+        self.eye = llava.model.vision_tower
+        self.bridge = llava.model.multi_modal_projector
+        self.brain = llava.model.language_model
+        self.head = llava.lm_head
+
+
+def test_component_paths_name_the_parts_discovery_cannot_find():
+    model = _RenamedVisionLanguageModel()
+    arguments = FreezeArguments(
+        freeze_strategy="bottom", freeze_layers=1,
+        freeze_component_paths='{"vision_tower": "eye", "projector": ["bridge"], "language_model": "brain"}',
+    )
+    assert arguments.freeze_component_paths == {"vision_tower": ["eye"], "projector": ["bridge"], "language_model": ["brain"]}
+    layout = discover_layout(model, component_paths=arguments.freeze_component_paths)
+    assert layout.parts == ["vision", "projector", "language"]
+    assert _part_of(layout, "bridge.linear_1.weight") == "projector"
+    assert _part_of(layout, "eye.encoder.layers.0.mlp.fc1.weight") == "vision"
+    # The counted layers are the language model's: `bottom 1` freezes the brain's first layer, and the vision tower
+    # follows the language model's embeddings (frozen with them, as `bottom` freezes the embeddings).
+    assert [block.name for block in layout.layers] == [f"brain.layers.{i}" for i in range(3)]
+    frozen = decide(layout, arguments).frozen
+    assert "brain.layers.0.mlp.up_proj.weight" in frozen and "brain.layers.1.mlp.up_proj.weight" not in frozen
+
+
+def test_a_multi_part_model_whose_parts_cannot_be_told_apart_is_refused_with_the_fix():
+    import copy
+
+    from hf_freeze import LayerDiscoveryError
+
+    model = VLMS["llava"]()
+    base = model.model
+    # Hide the language model: another attribute name, and a config that is no longer the model's text config.
+    base._modules["decoder_stack"] = base._modules.pop("language_model")
+    hidden_config = copy.deepcopy(model.config.text_config)
+    for module in base.decoder_stack.modules():
+        if getattr(module, "config", None) is model.config.text_config:
+            module.config = hidden_config
+    with pytest.raises(LayerDiscoveryError) as caught:
+        discover_layout(model)
+    assert set(caught.value.fields) == {"freeze_component_paths", "freeze_layer_paths"}
+    assert "language model could not be found" in str(caught.value)
+    # The fix the message names works.
+    layout = discover_layout(
+        model,
+        component_paths={"vision_tower": ["model.vision_tower"], "language_model": ["model.decoder_stack"]},
+    )
+    assert [block.name for block in layout.layers][0] == "model.decoder_stack.layers.0"
+
+
+def test_component_paths_from_a_yaml_file_and_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(FreezeArguments)
+    (arguments,) = parser.parse_args_into_dataclasses(
+        ["--freeze_component_paths", "{vision_tower: eye, language_model: brain}"]
+    )
+    assert arguments.freeze_component_paths == {"vision_tower": ["eye"], "language_model": ["brain"]}
+    config = tmp_path / "freeze.yaml"
+    config.write_text("freeze_component_paths:\n  vision_tower: eye\n  projector: [bridge, bridge2]\n  language_model: brain\n")
+    (arguments,) = parser.parse_yaml_file(str(config))
+    assert arguments.freeze_component_paths["projector"] == ["bridge", "bridge2"]
