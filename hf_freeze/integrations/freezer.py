@@ -16,9 +16,11 @@ from ..logging import get_logger
 from ..model import discover_layout, peft_adapter_reason, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
+from ..policies.parts import counted_layout
 from ..policies.simulate import check_against_layout, describe_inaction
 from ..processes import is_main_process
-from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, freeze_metrics
+from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, format_part_lines
+from ..report import freeze_metrics
 from ..report import model_metrics, summary_line
 from ..scores import LayerProbe
 from .saved_state import check_registered, check_shape
@@ -68,8 +70,9 @@ class LayerFreezer:
                 "already decides what trains. To train extra modules, list them in the PEFT config's `modules_to_save`."
             )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
-        self.layout = None if self.peft_reason else discover_layout(
-            self.model, self.arguments.freeze_layer_paths, self.arguments.freeze_component_paths
+        self.layout = None if self.peft_reason else counted_layout(
+            discover_layout(self.model, self.arguments.freeze_layer_paths, self.arguments.freeze_component_paths),
+            self.arguments,
         )
         self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
         self.health = HealthCheck(
@@ -310,7 +313,8 @@ class LayerFreezer:
         weight sharing), the summary line, the per-block table."""
         notes = list(self.layout.notes if self.layout is not None else ()) + list(self.decision.notes if self.decision else ())
         summary_lines = [f"strategy {self.arguments.freeze_strategy!r}: {self.summary()}"] if summary else []
-        return notes + summary_lines + ["\n" + self.table()]
+        parts = format_part_lines(self.layout, self.frozen_names()) if self.layout is not None else []
+        return notes + summary_lines + ["\n" + self.table()] + (["by part: " + "; ".join(parts)] if parts else [])
 
     def describe_update(self, change: AppliedChange, always: bool = False) -> List[str]:
         """Log lines for the last `update`: the selection an adaptive probe just made, and the change of the

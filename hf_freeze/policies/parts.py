@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import EMBEDDINGS, LANGUAGE, PROJECTOR, ROUTER, SHARED_EXPERTS, VISION, ModelLayout
 
-__all__ = ["LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "part_option", "policy_view"]
+__all__ = ["LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "counted_layout", "part_option", "policy_view"]
 
 
 # The options that settle a whole part of a multi-part model (LLaMA-Factory's names), with their ms-swift alias,
@@ -103,6 +103,30 @@ def policy_view(layout: ModelLayout, options: Any, strategy: Any = None) -> Mode
         return layout.counting(None)
     counted = (VISION,) if stack == "vision" else (LANGUAGE,)
     return layout.counting(counted).restricted_to(counted)
+
+
+def counted_layout(layout: ModelLayout, options: Any) -> ModelLayout:
+    """The whole layout with the layers of `freeze_layer_stack` counted, as the strategy counts them: what the
+    block table, the ``freeze/frozen_layers`` metric, the timeline and `hf-freeze plan` number and count.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> from hf_freeze import Block, ModelLayout
+    >>> from hf_freeze.policies.parts import counted_layout
+    >>> layout = ModelLayout((
+    ...     Block("vision.0", "layer", ("vision.0.w",), (4,), None, "vision", part="vision"),
+    ...     Block("text.0", "layer", ("text.0.w",), (4,), 0, "text", part="language"),
+    ... ), layer_parts=("language",))
+    >>> [b.name for b in counted_layout(layout, SimpleNamespace(freeze_layer_stack="vision")).layers]
+    ['vision.0']
+    ```
+    """
+    stack = getattr(options, "freeze_layer_stack", None)
+    if not layout.parts or stack is None:
+        return layout
+    return layout.counting(None if stack == "all" else (VISION,) if stack == "vision" else (LANGUAGE,))
 
 
 def _outside_view(layout: ModelLayout, view: ModelLayout) -> Dict[str, set]:

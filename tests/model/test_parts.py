@@ -197,3 +197,23 @@ def test_component_paths_from_a_yaml_file_and_the_command_line(tmp_path):
     config.write_text("freeze_component_paths:\n  vision_tower: eye\n  projector: [bridge, bridge2]\n  language_model: brain\n")
     (arguments,) = parser.parse_yaml_file(str(config))
     assert arguments.freeze_component_paths["projector"] == ["bridge", "bridge2"]
+
+
+def test_reports_count_the_stack_the_strategy_counts_and_show_every_part():
+    from hf_freeze import LayerFreezer
+
+    model = VLMS["llava"]()
+    freezer = LayerFreezer(model, freeze_strategy="bottom", freeze_layers=1, freeze_layer_stack="vision")
+    freezer.prepare()
+    metrics = freezer.metrics()
+    # The vision tower's first layer is frozen: the count is of the vision tower's two layers, not the language model's.
+    assert metrics["freeze/frozen_layers"] == 1 and freezer.layout.num_layers == 2
+    assert all(name.startswith("model.vision_tower.") for name in freezer.frozen_names() if ".layers." in name)
+    sizes = {part: sum(b.num_parameters for b in freezer.layout.blocks_of_part(part)) for part in freezer.layout.parts}
+    frozen = set(freezer.frozen_names())
+    for part, total in sizes.items():
+        trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen and _part_of(freezer.layout, n) == part)
+        assert metrics[f"freeze/trainable_params/{part}"] == trainable <= total
+    assert metrics["freeze/trainable_params"] == sum(metrics[f"freeze/trainable_params/{p}"] for p in sizes)
+    by_part = [line for line in freezer.report_lines() if line.startswith("by part: ")]
+    assert by_part and "vision: " in by_part[0] and "frozen layers 1/2" in by_part[0] and "language: " in by_part[0]
