@@ -34,6 +34,7 @@ TYPES = {
     "freeze_start": "0.5", "freeze_level": [1], "freeze_unfreeze_layers": 1.5, "freeze_unfreeze_lr_factor": "0.1",
     "freeze_unfreeze_lr_growth": True, "freeze_active_layers": "2", "freeze_block_order": 0, "freeze_score": 3,
     "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5, "freeze_component_paths": 3,
+    "freeze_unused_modalities": "yes",
 }
 CASES = {f"type/{name}": _case({name: value}, REFUSED, name) for name, value in TYPES.items()}
 
@@ -129,6 +130,7 @@ CASES.update({
     "value/component-paths-empty-list": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": []}), REFUSED, "freeze_component_paths"),
     "value/component-paths-overlap": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": "bert.encoder", "language_model": "bert.encoder.layer"}), REFUSED, "freeze_component_paths"),
     "value/component-paths-not-json": _case(dict(B, freeze_layers=1, freeze_component_paths="{vision_tower: [a"), REFUSED, "freeze_component_paths"),
+    "model/unused-modalities-on-a-text-model": _case(dict(B, freeze_layers=1, freeze_unused_modalities=True), REFUSED, "freeze_unused_modalities"),
     "model/contradicting-tie": _case(dict(freeze_strategy="top", freeze_layers=1, freeze_embeddings=True, freeze_head=False), REFUSED, "freeze_embeddings", tied=True),
 })
 

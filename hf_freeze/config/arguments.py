@@ -252,6 +252,16 @@ class FreezeArguments:
     freeze_llm: Optional[bool] = field(
         default=None, metadata=_help("ms-swift's name for `freeze_language_model` (setting both to different values is an error).")
     )
+    freeze_unused_modalities: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Multi-part models trained on text alone: true freezes the vision (audio) encoder and the projector, "
+            "which text-only batches never reach, so that DDP needs no unused-parameter search (and they get no "
+            "optimizer states). Unset: when the training data's columns (or its first example's keys) hold no image, "
+            "video or audio input, training under DDP without `ddp_find_unused_parameters` is refused before it "
+            "starts, naming this option, and otherwise a line says what it would save; false: no check."
+        ),
+    )
     freeze_router: Optional[bool] = field(
         default=None,
         metadata=_help(

@@ -15,7 +15,9 @@ from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from .freezer import LayerFreezer
 from .support import check_backend, raise_if_changed_after_wrap
+from .backends import DDP
 from .trainer_state import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state
+from .trainer_state import training_input_names
 
 logger = get_logger(__name__)
 
@@ -87,6 +89,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     "when training began (something changed requires_grad after the Trainer was built); re-applied."
                 ], warning=True)
         raise_if_ranks_disagree(self.freezer.frozen_names())
+        strict_ddp = self._setup is not None and self._setup.backend == DDP and not self._setup.find_unused_parameters
+        self._log(state, self.freezer.check_inputs(training_input_names(kwargs.get("train_dataloader")), strict_ddp))
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self._drives_steps() and self.freezer.dynamic:

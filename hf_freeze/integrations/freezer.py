@@ -12,11 +12,12 @@ from torch import nn
 
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes
 from ..config import FreezeArguments, arguments_from
+from ..errors import FreezeConfigError, few
 from ..logging import get_logger
 from ..model import discover_layout, peft_adapter_reason, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
-from ..policies.parts import counted_layout
+from ..policies.parts import counted_layout, unused_parts
 from ..policies.simulate import check_against_layout, describe_inaction
 from ..processes import is_main_process
 from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, format_part_lines
@@ -210,6 +211,50 @@ class LayerFreezer:
             self.load_state_dict(state, step=progress.step)
         self.check_training_length(progress.max_steps)
         return self.update(progress, optimizer)
+
+    def check_inputs(self, input_names: Optional[List[str]], ddp_without_unused_search: bool = False) -> List[str]:
+        """Check a multi-part model's trainable parts against the training data's inputs (its column names, or the
+        keys of its first example; ``None`` when unknown): on text-only data, the encoders and projector train
+        nothing. Under DDP without ``find_unused_parameters`` that would fail at the first step, so it is refused
+        here, naming `freeze_unused_modalities`; otherwise the returned lines say what that option would save.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoConfig, AutoModelForImageTextToText
+        >>> from hf_freeze import LayerFreezer
+        >>> config = AutoConfig.for_model("llava", image_token_index=127,
+        ...     text_config=dict(model_type="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        ...                      num_key_value_heads=1, intermediate_size=32, vocab_size=128),
+        ...     vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1,
+        ...                        num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
+        >>> freezer = LayerFreezer(AutoModelForImageTextToText.from_config(config), freeze_strategy="none")
+        >>> freezer.check_inputs(["input_ids", "pixel_values", "labels"])
+        []
+        >>> len(freezer.check_inputs(["input_ids", "labels"]))
+        1
+        ```
+        """
+        if self.layout is None or self.arguments.freeze_unused_modalities is not None:
+            return []
+        unused = unused_parts(self.layout, self.frozen_names(), input_names)
+        if not unused:
+            return []
+        what = " and ".join(f"the {part} part ({count:,} trainable parameters)" for part, count in unused.items())
+        if ddp_without_unused_search:
+            raise FreezeConfigError(
+                f"The training data has no image, video or audio input (its inputs: {few(input_names, 6)}), so {what} "
+                "will get no gradients, and DDP without unused-parameter detection stops at the first step waiting for "
+                "them. Set `freeze_unused_modalities: true` to freeze them (the run is otherwise the same), or "
+                "`ddp_find_unused_parameters: true`, or `freeze_unused_modalities: false` if a data collator adds "
+                "the image inputs.",
+                fields=["freeze_unused_modalities"],
+            )
+        return [
+            f"The training data has no image, video or audio input, so {what} train nothing; "
+            "`freeze_unused_modalities: true` would spare their gradients and optimizer states (and DDP's search "
+            "for unused parameters)."
+        ]
 
     def check_training_length(self, max_steps: int) -> None:
         """Refuse, before the first step, an adaptive probe that would last as long as training."""

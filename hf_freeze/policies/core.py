@@ -40,7 +40,7 @@ COMMON_OPTIONS = (
     "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
     "freeze_health_check", "freeze_frozen_modules_eval", "freeze_layer_stack", "freeze_vision_tower",
     "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
-    "freeze_router", "freeze_shared_experts", "freeze_component_paths",
+    "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
 )
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.

@@ -217,3 +217,16 @@ def test_reports_count_the_stack_the_strategy_counts_and_show_every_part():
     assert metrics["freeze/trainable_params"] == sum(metrics[f"freeze/trainable_params/{p}"] for p in sizes)
     by_part = [line for line in freezer.report_lines() if line.startswith("by part: ")]
     assert by_part and "vision: " in by_part[0] and "frozen layers 1/2" in by_part[0] and "language: " in by_part[0]
+
+
+def test_freeze_unused_modalities_contradicting_a_part_option_is_refused():
+    from hf_freeze import FreezeConfigError
+
+    with pytest.raises(FreezeConfigError) as caught:
+        FreezeArguments(freeze_unused_modalities=True, freeze_vit=False)
+    assert {"freeze_unused_modalities", "freeze_vit"} <= set(caught.value.fields)
+    layout = discover_layout(VLMS["qwen2_vl"]())
+    frozen = decide(layout, FreezeArguments(freeze_unused_modalities=True)).frozen
+    # Qwen2-VL's merger is the projector, inside the vision tower: both freeze, the language model does not.
+    assert {name for name in layout.parameter_names if name.startswith("model.visual.")} <= frozen
+    assert not any(name.startswith("model.language_model.") for name in frozen)
