@@ -157,7 +157,6 @@ def _count_lora(model_path: str, num_labels: int, rank: int) -> int:
 
 
 def train_once(name: str, rate: float, seed: int, data, args, model_path: str, num_labels: int) -> dict:
-    import torch
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
     from hf_freeze import FreezeCallback, FreezeTrainingArguments

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from quality import FULL, POLICIES, chosen_rate
+from quality import FULL, chosen_rate
 
 WITHIN = 0.01  # "about as good as full fine-tuning": within 1 accuracy point
 
