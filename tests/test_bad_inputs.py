@@ -34,6 +34,7 @@ TYPES = {
     "freeze_start": "0.5", "freeze_level": [1], "freeze_unfreeze_layers": 1.5, "freeze_unfreeze_lr_factor": "0.1",
     "freeze_unfreeze_lr_growth": True, "freeze_active_layers": "2", "freeze_block_order": 0, "freeze_score": 3,
     "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5, "freeze_num_new_blocks": "2",
+    "freeze_granularity": 1,
 }
 CASES = {f"type/{name}": _case({name: value}, REFUSED, name) for name, value in TYPES.items()}
 
@@ -66,6 +67,7 @@ CASES.update({
     "value/schedule-every-0": _case(dict(freeze_strategy="lisa", freeze_schedule_every=0), REFUSED, "freeze_schedule_every"),
     "value/start-1": _case(dict(freeze_strategy="progressive", freeze_start=1.0), REFUSED, "freeze_start"),
     "value/start-negative": _case(dict(freeze_strategy="progressive", freeze_start=-0.1), REFUSED, "freeze_start"),
+    "value/granularity": _case(dict(freeze_strategy="progressive", freeze_granularity="leaf"), REFUSED, "freeze_granularity"),
     "value/level-0": _case(dict(freeze_strategy="progressive", freeze_level=0), REFUSED, "freeze_level"),
     "value/level-above-1": _case(dict(freeze_strategy="progressive", freeze_level=1.5), REFUSED, "freeze_level"),
     "value/unfreeze-layers-0": _case(dict(freeze_strategy="gradual_unfreezing", freeze_unfreeze_layers=0), REFUSED, "freeze_unfreeze_layers"),
@@ -97,6 +99,7 @@ CASES.update({
     "unused/bottom-with-score": _case(dict(B, freeze_layers=1, freeze_score="snr"), REFUSED, "freeze_score"),
     "unused/lisa-with-start": _case(dict(freeze_strategy="lisa", freeze_start=0.5), REFUSED, "freeze_start"),
     "unused/bitfit-with-layers": _case(dict(freeze_strategy="bitfit", freeze_layers=2), REFUSED, "freeze_layers"),
+    "unused/bottom-with-granularity": _case(dict(B, freeze_layers=1, freeze_granularity="module"), REFUSED, "freeze_granularity"),
     "unused/progressive-with-every": _case(dict(freeze_strategy="progressive", freeze_schedule_every=3), REFUSED, "freeze_schedule_every"),
     "unused/badam-with-lr-factor": _case(dict(freeze_strategy="badam", freeze_unfreeze_lr_factor=0.5), REFUSED, "freeze_unfreeze_lr_factor"),
     "unused/llama-factory-with-new-blocks": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=1, freeze_num_new_blocks=2), REFUSED, "freeze_num_new_blocks"),
@@ -165,6 +168,7 @@ CASES.update({
     "ok/eval-mode": _case(dict(B, freeze_layers=1, freeze_frozen_modules_eval=True), ACCEPTED),
     "ok/respect-existing-false": _case(dict(B, freeze_layers=1, freeze_respect_existing=False), ACCEPTED),
     "ok/layer-paths": _case(dict(B, freeze_layers=1, freeze_layer_paths=["bert.encoder.layer"]), ACCEPTED),
+    "ok/progressive-modules": _case(dict(freeze_strategy="progressive", freeze_granularity="module"), ACCEPTED),
     "ok/lisa-defaults": _case(dict(freeze_strategy="lisa", freeze_active_layers=1, freeze_schedule_every=5), ACCEPTED),
     "ok/adaptive-snr": _case(dict(ADAPTIVE, freeze_score="snr"), ACCEPTED),
 })

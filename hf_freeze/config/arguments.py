@@ -32,6 +32,7 @@ _EXPECTS = {
     "freeze_trainable_patterns": "a list of regular expressions",
     "freeze_layer_paths": "a list of dotted module paths",
     "freeze_schedule_unit": "'step' or 'epoch'",
+    "freeze_granularity": "'layer' or 'module'",
     "freeze_block_order": "'ascending', 'descending', 'random' or 'fixed'",
     "freeze_trainable_modules": "a list of module names (or ['all'])",
     "freeze_extra_modules": "a list of module names",
@@ -301,8 +302,18 @@ class FreezeArguments:
     freeze_level: Optional[float] = field(
         default=None,
         metadata=_help(
-            "'progressive': fraction of the layers in (0, 1] frozen by the end of training; layers freeze bottom-up, "
-            "linearly in time from `freeze_start` (Composer's `freeze_level`; default 1.0)."
+            "'progressive': fraction of the layers (of the leaf modules, with `freeze_granularity: module`) in (0, 1] "
+            "frozen by the end of training; they freeze bottom-up, linearly in time from `freeze_start` (Composer's "
+            "`freeze_level`; default 1.0)."
+        ),
+    )
+    freeze_granularity: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': what freezes bottom-up. 'layer' (default): whole layers, with the embeddings when the "
+            "first layer freezes. 'module': Composer's `LayerFreezing` exactly: the model's leaf modules (modules "
+            "with parameters and no submodules, depth first), counted without the last one, which never freezes; "
+            "the count can stop inside a layer (its q_proj frozen, its k_proj training)."
         ),
     )
     freeze_unfreeze_layers: Optional[int] = field(

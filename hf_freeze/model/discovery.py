@@ -35,6 +35,7 @@ from .layout import (
     inside,
     refuse_overlapping_paths,
 )
+from .leaves import leaf_modules
 from .parts import find_moe_components, find_parts, part_of
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -81,6 +82,10 @@ def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = Non
     """
     model = unwrap_model(model)
     canonical = _canonical_parameter_names(model)
+    return replace(_discover(model, canonical, layer_paths), leaf_modules=leaf_modules(model, canonical))
+
+
+def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths: Optional[Sequence[str]]) -> ModelLayout:
     parts = find_parts(model) if _is_transformers_model(model) else []
     if layer_paths:
         refuse_overlapping_paths(layer_paths)

@@ -29,7 +29,9 @@ CONFIG_NAME = "config.json"
 # The projections LLaMA-Factory zeroes (matched as text inside the parameter name, as there): the two that write
 # into the residual stream.
 ZEROED = ("o_proj", "down_proj")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
 # The first '.<number>.' in a name: what precedes it is the layer container ("model.layers").
 _LAYER_KEY = re.compile(r"^(?P<container>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")

@@ -44,7 +44,8 @@ def test_trains_exactly_llama_factorys_layers(num_layers, num_new_blocks):
     assert trainable(layout, freeze_num_new_blocks=num_new_blocks) == expected
     # The new blocks of an expansion by N, each after k = layers / N - 1 original layers.
     group = num_layers // num_new_blocks
-    assert sorted(int(name.split(".")[1]) for name in expected) == [g * group + group - 1 for g in range(num_new_blocks)]
+    new_blocks = sorted(int(name.split(".")[1]) for name in expected)
+    assert new_blocks == [g * group + group - 1 for g in range(num_new_blocks)]
 
 
 @functools.lru_cache(maxsize=None)
