@@ -170,3 +170,17 @@ def test_a_trainer_run_with_llama_pro_trains_only_the_new_blocks(tmp_path):
         for name, parameter in model.named_parameters()
         if name.startswith(new_blocks) and "o_proj" not in name and "down_proj" not in name
     )
+
+
+def test_layer_types_that_transformers_derives_are_written_out_extended(tmp_path):
+    # An older config.json without `layer_types`: Qwen2 derives it from `max_window_layers` (full attention below
+    # it). Derived again for six layers it would give sliding attention to layer 2, the copy of full-attention
+    # layer 1: `expand` writes the list, each copy with its layer's kind.
+    original, source = save(tmp_path, "qwen2", max_window_layers=2)
+    config = json.loads((source / "config.json").read_text())
+    del config["layer_types"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert expand(source, tmp_path / "pro", 2) == 0
+    written = json.loads((tmp_path / "pro" / "config.json").read_text())
+    assert written["layer_types"] == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "pro").eval()), logits(original))
