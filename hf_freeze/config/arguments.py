@@ -33,6 +33,7 @@ _EXPECTS = {
     "freeze_trainable_patterns": "a list of regular expressions",
     "freeze_layer_paths": "a list of dotted module paths",
     "freeze_schedule_unit": "'step' or 'epoch'",
+    "freeze_granularity": "'layer' or 'module'",
     "freeze_block_order": "'ascending', 'descending', 'random' or 'fixed'",
     "freeze_trainable_modules": "a list of module names (or ['all'])",
     "freeze_extra_modules": "a list of module names",
@@ -121,44 +122,56 @@ class FreezeArguments:
             "`freeze_extra_modules` names."
         ),
     )
+    freeze_num_new_blocks: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'llama_pro': the number of blocks LLaMA Pro's block expansion added (`hf-freeze expand "
+            "--num-new-blocks`; LLaMA-Factory's `freeze_trainable_layers` with `use_llama_pro`). Only those blocks "
+            "train, the last of each of N equal groups of layers, as in LLaMA-Factory; everything else is frozen, "
+            "except what `freeze_extra_modules` names. N must divide the number of layers."
+        ),
+    )
     freeze_trainable_modules: Optional[List[str]] = field(
         default=None,
         metadata=_help(
-            "'llama_factory': LLaMA-Factory's `freeze_trainable_modules`: which submodules of the trainable layers "
-            "train, by the name that follows the layer index ('self_attn', 'mlp'; a name is matched as a prefix, "
-            "as there); the rest of those layers is frozen. Default: ['all'], the whole layers. A name the layers "
-            "do not have is refused, listing the ones they have."
+            "'llama_factory', 'llama_pro': LLaMA-Factory's `freeze_trainable_modules`: which submodules of the "
+            "trainable layers train, by the name that follows the layer index ('self_attn', 'mlp'; a name is "
+            "matched as a prefix, as there); the rest of those layers is frozen. Default: ['all'], the whole "
+            "layers. A name the layers do not have is refused, listing the ones they have."
         ),
     )
     freeze_extra_modules: Optional[List[str]] = field(
         default=None,
         metadata=_help(
-            "'llama_factory': LLaMA-Factory's `freeze_extra_modules`: modules outside the layers that train too, "
-            "named as the last part of their module path ('embed_tokens', 'norm', 'lm_head'). As in LLaMA-Factory, "
-            "every parameter whose name contains the given text trains, inside the frozen layers included: 'norm' "
-            "also trains every layer's 'input_layernorm' and 'post_attention_layernorm'. A name that is not such a "
-            "module is refused, listing the ones there are."
+            "'llama_factory', 'llama_pro': LLaMA-Factory's `freeze_extra_modules`: modules outside the layers that "
+            "train too, named as the last part of their module path ('embed_tokens', 'norm', 'lm_head'). As in "
+            "LLaMA-Factory, every parameter whose name contains the given text trains, inside the frozen layers "
+            "included: 'norm' also trains every layer's 'input_layernorm' and 'post_attention_layernorm'. A name "
+            "that is not such a module is refused, listing the ones there are."
         ),
     )
     freeze_embeddings: Optional[bool] = field(
         default=None,
         metadata=_help(
             "Freeze the input embeddings (token, position, token-type). Default: the strategy's choice (frozen "
-            "for 'bottom', 'head_only', 'bitfit', 'llama_factory'; the token embedding for 'trlx'; else trained)."
+            "for 'bottom', 'head_only', 'bitfit', 'llama_factory', 'llama_pro'; the token embedding for 'trlx'; "
+            "else trained)."
         ),
     )
     freeze_norm: Optional[bool] = field(
         default=None,
         metadata=_help(
             "Freeze the non-layer modules after the layers that are not the head (final norm, pooler). "
-            "Default: the strategy's choice (frozen for 'head_only', 'bitfit', 'llama_factory'; else trained)."
+            "Default: the strategy's choice (frozen for 'head_only', 'bitfit', 'llama_factory', 'llama_pro'; else "
+            "trained)."
         ),
     )
     freeze_head: Optional[bool] = field(
         default=None,
         metadata=_help(
             "Freeze the task head (LM head, classifier). Default: the strategy's choice (frozen for "
-            "'llama_factory' and for 'trlx' with 0; else trained). A head tied to the input embeddings follows them."
+            "'llama_factory', 'llama_pro' and for 'trlx' with 0; else trained). A head tied to the input embeddings "
+            "follows them."
         ),
     )
     freeze_respect_existing: Optional[bool] = field(
@@ -311,8 +324,18 @@ class FreezeArguments:
     freeze_level: Optional[float] = field(
         default=None,
         metadata=_help(
-            "'progressive': fraction of the layers in (0, 1] frozen by the end of training; layers freeze bottom-up, "
-            "linearly in time from `freeze_start` (Composer's `freeze_level`; default 1.0)."
+            "'progressive': fraction of the layers (of the leaf modules, with `freeze_granularity: module`) in (0, 1] "
+            "frozen by the end of training; they freeze bottom-up, linearly in time from `freeze_start` (Composer's "
+            "`freeze_level`; default 1.0)."
+        ),
+    )
+    freeze_granularity: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': what freezes bottom-up. 'layer' (default): whole layers, with the embeddings when the "
+            "first layer freezes. 'module': Composer's `LayerFreezing` exactly: the model's leaf modules (modules "
+            "with parameters and no submodules, depth first), counted without the last one, which never freezes; "
+            "the count can stop inside a layer (its q_proj frozen, its k_proj training)."
         ),
     )
     freeze_unfreeze_layers: Optional[int] = field(

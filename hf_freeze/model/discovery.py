@@ -16,6 +16,7 @@ Discovery knows nothing about policies.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from torch import nn
@@ -33,6 +34,7 @@ from .layout import (
     inside,
     refuse_overlapping_paths,
 )
+from .leaves import leaf_modules
 from .parts import base_model_prefix, find_parts, find_part_stacks, with_parts
 from .stacks import UNWRAP, Stack, find_stacks, has_parameters, no_layers_message, stack_at
 
@@ -85,6 +87,11 @@ def discover_layout(
     """
     model = unwrap_model(model)
     canonical = _canonical_parameter_names(model)
+    layout = _discover(model, canonical, layer_paths, component_paths)
+    return replace(layout, leaf_modules=leaf_modules(model, canonical))
+
+
+def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths, component_paths) -> ModelLayout:
     parts = find_parts(model, component_paths) if _is_transformers_model(model) or component_paths else []
     if layer_paths:
         refuse_overlapping_paths(layer_paths)

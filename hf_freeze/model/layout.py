@@ -81,6 +81,9 @@ class ModelLayout:
             numbers (the language model's, on a vision-language model); ``None``: every layer block.
         components: Parameter groups inside the layers, by component (``"router"``, ``"shared_experts"``,
             ``"routed_experts"`` of a mixture-of-experts model); empty on dense models.
+        leaf_modules: The modules with no submodules and at least one parameter, in Composer's depth-first order,
+            each as (module path, its parameter names): what `freeze_granularity: module` counts. Empty when the
+            layout was written by hand.
 
     Example:
 
@@ -99,6 +102,7 @@ class ModelLayout:
     notes: Tuple[str, ...] = ()
     layer_parts: Optional[Tuple[str, ...]] = None
     components: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    leaf_modules: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
     @property
     def layers(self) -> List[Block]:
@@ -141,6 +145,7 @@ class ModelLayout:
             input_embedding_parameters=tuple(n for n in self.input_embedding_parameters if n in kept),
             output_embedding_parameters=tuple(n for n in self.output_embedding_parameters if n in kept),
             components={key: tuple(n for n in names if n in kept) for key, names in self.components.items()},
+            leaf_modules=tuple(leaf for leaf in self.leaf_modules if set(leaf[1]) <= kept),
         )
 
     @property
@@ -197,7 +202,9 @@ class ModelLayout:
         if head:
             blocks.append(Block("head", HEAD, ("head.weight", "head.bias"), (head, 1)))
         input_embeddings = ("embeddings.weight",) if embeddings else ()
-        return cls(blocks=tuple(blocks), input_embedding_parameters=input_embeddings)
+        # Each block is one module here: its leaf.
+        leaves = tuple((block.name, block.parameters) for block in blocks)
+        return cls(blocks=tuple(blocks), input_embedding_parameters=input_embeddings, leaf_modules=leaves)
 
 
 def inside(path: str, ancestor: str) -> bool:
