@@ -81,6 +81,8 @@ class PrefixStore:
         dtype: Storage precision (``torch.float16`` halves the size; the states are cast back when read).
         memory_bytes: How much of the states to keep in memory.
         keep: Leave the folder (with an index) at `close`, for a later run with the same fingerprint.
+        root: The folder that holds ``directory`` (one per process) in a multi-process run: removed too when it is
+            empty at `close`.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class PrefixStore:
         dtype: torch.dtype,
         memory_bytes: float,
         keep: bool = False,
+        root: Optional[str] = None,
     ):
         self.directory, self.fingerprint, self.dtype = directory, fingerprint, dtype
         self.memory_bytes, self.keep = memory_bytes, keep
@@ -100,6 +103,8 @@ class PrefixStore:
         self._writer = None
         self._mapped: Optional[np.memmap] = None
         self._temporary = directory is None
+        self.root = root
+        self._created: List[str] = []  # the folders this store made, deepest first: removed when empty
         self.reused = 0
         if directory is not None and os.path.isdir(directory):
             self._open_existing()
@@ -161,6 +166,7 @@ class PrefixStore:
         if self._writer is None:
             if self.directory is None:
                 self.directory = tempfile.mkdtemp(prefix="hf_freeze_prefix_cache_")
+            self._created = _missing_folders(self.directory, self.root or self.directory)
             os.makedirs(self.directory, exist_ok=True)
             with open(self._path(META_FILE), "w") as handle:
                 json.dump({"fingerprint": self.fingerprint, "format": FORMAT_VERSION, "dtype": str(self.dtype)}, handle)
@@ -200,10 +206,22 @@ class PrefixStore:
         for name in (META_FILE, STATES_FILE, INDEX_FILE):
             if os.path.exists(self._path(name)):
                 os.remove(self._path(name))
-        if not os.listdir(self.directory):
-            shutil.rmtree(self.directory, ignore_errors=True)
+        # The processes of a multi-process run share the root: whichever empties it last removes it.
+        shared = [os.path.abspath(self.root)] if self.root and os.path.abspath(self.root) != os.path.abspath(self.directory) else []
+        for folder in [os.path.abspath(self.directory)] + self._created + shared:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                shutil.rmtree(folder, ignore_errors=True)
         if self._temporary:
             self.directory = None
+
+
+def _missing_folders(directory: str, root: str) -> List[str]:
+    """The folders between ``root`` and ``directory`` (both included) that do not exist yet, deepest first."""
+    folders, folder, root = [], os.path.abspath(directory), os.path.abspath(root)
+    while not os.path.exists(folder) and (folder == root or folder.startswith(root + os.sep)):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -112,9 +112,9 @@ def build_prefix_cache(
     }
     in_prefix = set(prefix.blocks)
     weights = [(name, parameters[name]) for block in layout.blocks if block.name in in_prefix for name in block.parameters]
-    directory = arguments.freeze_cache_dir or directory
+    directory = root = arguments.freeze_cache_dir or directory
     if directory is not None and world_size > 1:
         directory = os.path.join(directory, f"rank-{rank}")  # each process stores the examples it sees
     memory = arguments.freeze_cache_memory_mb if arguments.freeze_cache_memory_mb is not None else DEFAULT_MEMORY_MB
-    store = PrefixStore(directory, fingerprint(parts, weights), dtype, memory * 2**20, keep=bool(arguments.freeze_cache_keep))
+    store = PrefixStore(directory, fingerprint(parts, weights), dtype, memory * 2**20, keep=bool(arguments.freeze_cache_keep), root=root)
     return FrozenPrefixCache(model, layout, prefix, store)

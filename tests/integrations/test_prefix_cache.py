@@ -11,35 +11,10 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from hf_freeze import FreezeCallback, FreezeConfigError, LayerFreezer
 from hf_freeze.apply.prefix_store import META_FILE, STATES_FILE
 
+from prefix_cache_data import VariableLengthData, pad_right
 from tiny import build, snapshot, trainer_for, training_kwargs
 
 CACHED = dict(freeze_strategy="bottom", freeze_layers=2, freeze_frozen_modules_eval=True)
-
-
-class VariableLengthData(torch.utils.data.Dataset):
-    """Sentences of 5 to 14 tokens with a learnable label: padded to a different length in every shuffled batch."""
-
-    def __init__(self, size=24, vocab=128, seed=0):
-        self.size, self.vocab, self.seed = size, vocab, seed
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        generator = torch.Generator().manual_seed(self.seed * 1000 + index)
-        length = int(torch.randint(5, 15, (1,), generator=generator))
-        input_ids = torch.randint(1, self.vocab, (length,), generator=generator)
-        return {"input_ids": input_ids, "labels": int(input_ids[0]) % 2}
-
-
-def pad_right(examples):
-    length = max(len(example["input_ids"]) for example in examples)
-    input_ids = torch.zeros(len(examples), length, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, example in enumerate(examples):
-        input_ids[row, : len(example["input_ids"])] = example["input_ids"]
-        mask[row, : len(example["input_ids"])] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([e["labels"] for e in examples])}
 
 
 def _train_bert(tmp_path, name, cache, **overrides):
