@@ -58,9 +58,11 @@ def test_trainer_losses_and_weights_match_an_uncached_run(tmp_path):
     assert not torch.equal(snapshot(build("bert"))["classifier.weight"], expected["classifier.weight"])
 
 
-def _plain_loop(cache, epochs=3, **options):
+def _plain_loop(cache, epochs=3, model_type="gpt2", checkpointing=False, **options):
     torch.manual_seed(0)
-    model = build("gpt2", embd_pdrop=0.0)
+    model = build(model_type, **({"embd_pdrop": 0.0} if model_type == "gpt2" else {}))
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": True})
     freezer = LayerFreezer(model, **CACHED, **({"freeze_cache_prefix": True, **options} if cache else {}))
     freezer.apply()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -91,6 +93,18 @@ def test_plain_loop_from_disk_matches_and_cleans_up(tmp_path):
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
     freezer.close()
     assert not folder.exists()
+
+
+def test_llama_under_reentrant_checkpointing_matches():
+    # Rotary position embeddings and the causal mask are computed by the model itself in every epoch; the first
+    # trainable layer, checkpointed, still gets a hidden-state input that carries gradients to its weights.
+    plain, _, plain_losses = _plain_loop(cache=False, model_type="llama", checkpointing=True)
+    cached, freezer, cached_losses = _plain_loop(cache=True, model_type="llama", checkpointing=True)
+    assert freezer.prefix_cache.stats()["hits"] == 24
+    torch.testing.assert_close(cached_losses, plain_losses, rtol=1e-5, atol=1e-6)
+    expected = snapshot(plain)
+    for name, value in snapshot(cached).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_half_precision_storage_is_close_but_rounded():
