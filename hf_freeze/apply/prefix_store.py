@@ -120,7 +120,8 @@ class PrefixStore:
         return self.bytes_in_memory + self.bytes_on_disk
 
     def put(self, key: bytes, states: torch.Tensor) -> None:
-        states = states.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        # A copy: a view would keep the whole padded batch it was cut from alive.
+        states = states.detach().to(device="cpu", dtype=self.dtype).clone(memory_format=torch.contiguous_format)
         size = states.numel() * states.element_size()
         if self.bytes_in_memory + size <= self.memory_bytes:
             self.memory[key] = states
