@@ -35,6 +35,8 @@ TYPES = {
     "freeze_unfreeze_lr_growth": True, "freeze_active_layers": "2", "freeze_block_order": 0, "freeze_score": 3,
     "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5, "freeze_component_paths": 3,
     "freeze_unused_modalities": "yes", "freeze_num_new_blocks": "2", "freeze_granularity": 1,
+    "freeze_cache_prefix": "yes", "freeze_cache_memory_mb": "1GB", "freeze_cache_dir": 3, "freeze_cache_dtype": 16,
+    "freeze_cache_keep": "no",
 }
 CASES = {f"type/{name}": _case({name: value}, REFUSED, name) for name, value in TYPES.items()}
 
@@ -141,6 +143,22 @@ CASES.update({
     "value/component-paths-not-json": _case(dict(B, freeze_layers=1, freeze_component_paths="{vision_tower: [a"), REFUSED, "freeze_component_paths"),
     "model/unused-modalities-on-a-text-model": _case(dict(B, freeze_layers=1, freeze_unused_modalities=True), REFUSED, "freeze_unused_modalities"),
     "model/contradicting-tie": _case(dict(freeze_strategy="top", freeze_layers=1, freeze_embeddings=True, freeze_head=False), REFUSED, "freeze_embeddings", tied=True),
+})
+
+# The frozen-prefix cache: a policy without a fixed frozen prefix, or a prefix that is not deterministic.
+CACHE = dict(freeze_cache_prefix=True, freeze_frozen_modules_eval=True)
+CASES.update({
+    "cache/schedule": _case(dict(CACHE, freeze_strategy="progressive"), REFUSED, "freeze_cache_prefix"),
+    "cache/adaptive": _case(dict(CACHE, **ADAPTIVE), REFUSED, "freeze_cache_prefix"),
+    "cache/without-eval-mode": _case(dict(B, freeze_layers=2, freeze_cache_prefix=True), REFUSED, "freeze_frozen_modules_eval"),
+    "cache/top": _case(dict(CACHE, freeze_strategy="top", freeze_layers=2), REFUSED, "freeze_cache_prefix"),
+    "cache/interval": _case(dict(CACHE, freeze_strategy="interval", freeze_interval=2, freeze_interval_offset=1), REFUSED, "freeze_cache_prefix"),
+    "cache/every-layer": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=4), REFUSED, "freeze_cache_prefix"),
+    "cache/embeddings-trainable": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_embeddings=False), REFUSED, "freeze_cache_prefix"),
+    "cache/options-without-cache": _case(dict(B, freeze_layers=2, freeze_cache_keep=True), REFUSED, "freeze_cache_keep"),
+    "cache/dtype": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_dtype="half"), REFUSED, "freeze_cache_dtype"),
+    "cache/memory-negative": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_memory_mb=-1), REFUSED, "freeze_cache_memory_mb"),
+    "ok/cache-bottom": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_dtype="float16"), ACCEPTED),
 })
 
 # Policies that do nothing useful here, or options that do more than they say: warned once, with the reason.

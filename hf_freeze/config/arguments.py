@@ -43,6 +43,8 @@ _EXPECTS = {
     "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
     "freeze_layer_stack": "'language', 'vision' or 'all'",
     "freeze_component_paths": "a mapping from 'vision_tower', 'audio_tower', 'projector', 'language_model' to module paths",
+    "freeze_cache_memory_mb": "a number of MiB (>= 0)",
+    "freeze_cache_dtype": "'float32', 'float16' or 'bfloat16'",
 }
 # Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
 _COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
@@ -197,6 +199,44 @@ class FreezeArguments:
             "Run every module whose parameters are all frozen in eval mode (Lightning's `train_bn=False`): its "
             "BatchNorm keeps its running statistics and uses them, and its dropout is off, so a frozen module computes "
             "what it would at inference. Default: false (frozen modules follow the model's train/eval mode)."
+        ),
+    )
+    freeze_cache_prefix: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Compute the frozen prefix (the embeddings and the frozen bottom layers) once per training example and "
+            "train later epochs from its stored output, skipping those blocks. Needs a static policy that freezes the "
+            "bottom layers ('bottom', ...) and `freeze_frozen_modules_eval: true`; exact when the prefix is "
+            "deterministic (no dropout before the first trainable layer, no random input transformation per epoch). "
+            "Default: false."
+        ),
+    )
+    freeze_cache_memory_mb: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: how many MiB of stored hidden states stay in memory; the rest goes to a "
+            "memory-mapped file in `freeze_cache_dir` (default 1024)."
+        ),
+    )
+    freeze_cache_dir: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: the folder for the states beyond the memory budget. Default: "
+            "'<output_dir>/frozen_prefix_cache' with the Trainer, a temporary folder in a plain loop."
+        ),
+    )
+    freeze_cache_dtype: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: the precision of the stored states, 'float32', 'float16' or 'bfloat16' (half "
+            "the size; the states are rounded once). Default: the model's own precision (exact)."
+        ),
+    )
+    freeze_cache_keep: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: keep the cache folder after training, for a later run of the same model, frozen "
+            "prefix, precision and tokenizer (any other run rebuilds it). Default: false, the folder is deleted."
         ),
     )
     freeze_layer_paths: Optional[List[str]] = field(

@@ -19,11 +19,12 @@ from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, reg
 from ..policies.adaptive import check_against_training
 from ..policies.parts import counted_layout, unused_parts
 from ..policies.simulate import check_against_layout, describe_inaction
-from ..processes import is_main_process
+from ..processes import is_main_process, rank_and_world
 from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, format_part_lines
 from ..report import freeze_metrics
 from ..report import model_metrics, summary_line
 from ..scores import LayerProbe
+from .prefix_cache_setup import build_prefix_cache, cache_prefix
 from .saved_state import check_registered, check_shape
 
 __all__ = ["LayerFreezer"]
@@ -90,6 +91,11 @@ class LayerFreezer:
         self._warned = False
         # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
         self.registered: Optional[List[str]] = None
+        # `freeze_cache_prefix`: the stored frozen-prefix states (built by the first `apply`), where they spill to
+        # disk when `freeze_cache_dir` is unset (the callback sets the output folder), and the tokenizer they follow.
+        self.prefix_cache = None
+        self.cache_directory: Optional[str] = None
+        self.cache_tokenizer: Any = None
         if self.layout is not None:
             self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
@@ -119,6 +125,8 @@ class LayerFreezer:
         is built; `hf-freeze validate --model` runs the same): values the model cannot honour, a policy that leaves
         nothing to train, and with ``max_steps`` an adaptive probe as long as training."""
         check_against_layout(self.layout, self.arguments, max_steps, self.kept_frozen)
+        if self.arguments.freeze_cache_prefix:
+            cache_prefix(self.layout, self.decide().frozen, self.arguments.freeze_strategy)
         if max_steps:
             self.check_training_length(max_steps)
 
@@ -145,9 +153,31 @@ class LayerFreezer:
         change = self.applier.apply(self.decision, optimizer)
         if first and not self.dynamic:  # the parameters an optimizer built now would hold
             self.registered = self._trainable_names()
+        if self.arguments.freeze_cache_prefix:
+            self._follow_prefix()
         if change.changed or first or not self.health.checks:
             self.health.arm(self.applier.eval_modules.modules if self.applier.eval_modules else ())
         return change
+
+    def _follow_prefix(self) -> None:
+        """Build the frozen-prefix cache, or build it again when the frozen prefix is no longer the one it skips."""
+        prefix = cache_prefix(self.layout, self.frozen_names(), self.arguments.freeze_strategy)
+        if self.prefix_cache is not None and self.prefix_cache.prefix == prefix:
+            return
+        self.close(remove=True)
+        self.prefix_cache = build_prefix_cache(
+            self.model, self.layout, prefix, self.arguments, self.cache_directory, self.cache_tokenizer, *rank_and_world()
+        )
+
+    def close(self, remove: bool = False) -> None:
+        """Delete the frozen-prefix cache's stored states (`freeze_cache_keep` keeps them); ``remove``: also take its
+        hooks off. Call it when training ends; the cache fills again if training goes on."""
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.close()
+        if remove:
+            self.prefix_cache.remove()
+            self.prefix_cache = None
 
     def _trainable_names(self) -> List[str]:
         return [name for name, parameter in self.applier.parameters.items() if parameter.requires_grad]
@@ -343,6 +373,10 @@ class LayerFreezer:
         if self.layout is None:
             return model_metrics(self.model)
         metrics = freeze_metrics(self.layout, self.frozen_names())
+        if self.prefix_cache is not None:
+            stats = self.prefix_cache.stats()
+            metrics["freeze/prefix_cache_examples"] = stats["examples"]
+            metrics["freeze/prefix_cache_mib"] = round((stats["memory_bytes"] + stats["disk_bytes"]) / 2**20, 3)
         if self.probe is not None:
             metrics.update(self.probe.metrics())
         return metrics
