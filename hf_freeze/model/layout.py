@@ -27,6 +27,9 @@ PARTS = (AUDIO, VISION, PROJECTOR, LANGUAGE)
 ROUTER = "router"
 SHARED_EXPERTS = "shared_experts"
 ROUTED_EXPERTS = "routed_experts"
+# The module hf_freeze adds at the root of a model to hold the trainable rows of frozen parameters
+# (`freeze_trainable_tokens`, `freeze_trainable_experts`): discovery looks through it, saving leaves it out.
+ROWS_MODULE = "hf_freeze_rows"
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,10 @@ class ModelLayout:
             numbers (the language model's, on a vision-language model); ``None``: every layer block.
         components: Parameter groups inside the layers, by component (``"router"``, ``"shared_experts"``,
             ``"routed_experts"`` of a mixture-of-experts model); empty on dense models.
+        row_counts: The parameters that can train by rows, with their number of rows (first dimension): the token
+            embeddings (input and output; a row per token) and the fused routed-expert tensors (a slice per expert).
+        base_vocabulary: The vocabulary size before the model was resized (`freeze_trainable_tokens: new` trains the
+            rows past it); ``None`` when unknown.
 
     Example:
 
@@ -99,6 +106,8 @@ class ModelLayout:
     notes: Tuple[str, ...] = ()
     layer_parts: Optional[Tuple[str, ...]] = None
     components: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    row_counts: Dict[str, int] = field(default_factory=dict)
+    base_vocabulary: Optional[int] = None
 
     @property
     def layers(self) -> List[Block]:
@@ -141,6 +150,7 @@ class ModelLayout:
             input_embedding_parameters=tuple(n for n in self.input_embedding_parameters if n in kept),
             output_embedding_parameters=tuple(n for n in self.output_embedding_parameters if n in kept),
             components={key: tuple(n for n in names if n in kept) for key, names in self.components.items()},
+            row_counts={name: count for name, count in self.row_counts.items() if name in kept},
         )
 
     @property
