@@ -186,6 +186,10 @@ def run_one(run: dict, output_dir: Path) -> dict:
             for name, rows in freezer.applier.rows.selection().items()
         },
         "row_digests": {name: digest(p) for name, p in freezer.applier.rows.parameters.items()},
+        "rows_changed": {
+            name: not torch.equal(before[name][list(rows)], freezer.applier.rows.parameters[name].detach())
+            for name, rows in freezer.applier.rows.selection().items()
+        },
         "digests": {name: digest(p) for name, p in after.items()},
         "bytes_per_step": meter.per_step,
         "steps": meter.recorder.steps,
