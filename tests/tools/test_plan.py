@@ -217,3 +217,18 @@ def test_adaptive_plan_shows_the_probes_and_the_memory_after_the_selection(capsy
     # The probes train everything: the peak is full fine-tuning; after the selection, 2 of 4 layers hold no state.
     assert memory["policy_peak"]["total"] == memory["full_finetuning"]["total"] > memory["policy"]["total"]
     assert memory["policy"]["optimizer_states"] < memory["full_finetuning"]["optimizer_states"]
+
+
+def test_plan_shows_trainable_rows_and_counts_their_memory():
+    from hf_freeze.tools.plan import make_plan
+    from hf_freeze.tools.plan_report import format_plan, plan_as_dict
+
+    model = tiny.build("llama")
+    only_rows = FreezeArguments(freeze_strategy="pattern", freeze_patterns=[".*"], freeze_trainable_tokens=[3, 4, 5])
+    plan = make_plan(model, only_rows)
+    hidden = model.config.hidden_size
+    # Two matrices (untied head), three rows each: the only gradients and AdamW states of the run.
+    assert plan.policy_memory.gradients == 2 * 3 * hidden * 4
+    assert plan.policy_memory.optimizer_states == 2 * 2 * 3 * hidden * 4
+    assert "frozen except 3/128 rows of weight" in format_plan(plan)
+    assert plan_as_dict(plan)["trainable_rows"]["lm_head.weight"] == [3, 4, 5]
