@@ -142,7 +142,6 @@ class TrainableRows:
 
     def remove(self) -> None:
         """Merge the rows and take the hooks and the rows parameters away: the model is an ordinary one again."""
-        self.merge()
         for name in list(self.attachments):
             self._detach(name, None)
 
@@ -184,7 +183,10 @@ class TrainableRows:
         container.owners[name] = self
 
     def _detach(self, name: str, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        attachment = self.attachments.pop(name)
+        attachment = self.attachments[name]
+        with torch.no_grad():  # what the rows learnt stays in the full parameter
+            attachment.full.index_copy_(0, attachment.indices, attachment.rows.detach().to(attachment.full.dtype))
+        del self.attachments[name]
         for handle in attachment.handles:
             handle.remove()
         rows = attachment.rows
