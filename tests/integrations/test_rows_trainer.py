@@ -176,3 +176,16 @@ def test_experts_train_only_their_slices(tmp_path):
     expert_size = before["model.layers.0.mlp.experts.gate_up_proj"][0].numel() + before["model.layers.0.mlp.experts.down_proj"][0].numel()
     assert slices == 5 * expert_size
     assert "1/4 experts of gate_up_proj" in freezer.table()
+
+
+def test_new_counts_from_the_checkpoint_the_model_was_loaded_from(tmp_path):
+    build("llama").save_pretrained(tmp_path)
+    with pytest.raises(FreezeConfigError, match="never resized"):
+        LayerFreezer(AutoModelForCausalLM.from_pretrained(tmp_path), freeze_trainable_tokens="new")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    model.resize_token_embeddings(131)
+    freezer = LayerFreezer(model, freeze_trainable_tokens="new")
+    freezer.apply()
+    assert freezer.applier.rows.selection()["lm_head.weight"] == (128, 129, 130)
+    assert freezer.state_dict()["rows"] == {
+        "base_vocabulary": 128, "selection": {"model.embed_tokens.weight": [128, 129, 130], "lm_head.weight": [128, 129, 130]}}
