@@ -126,6 +126,25 @@ def measure_memory(way: str, steps: int) -> dict:
     return {"peak_kib": peak - before, "state_bytes": state_bytes(optimizer, parameters), "frozen_rows_moved": moved}
 
 
+def measure_sizes() -> dict:
+    """Bytes on disk: the whole checkpoint (`save_pretrained`) against the file of just the trained rows."""
+    import tempfile
+
+    from hf_freeze import LayerFreezer
+
+    model, optimizer, parameters, _ = build("whole")
+    new = list(range(BASE_VOCABULARY, BASE_VOCABULARY + NEW_TOKENS))
+    model.requires_grad_(True)
+    freezer = LayerFreezer(model, freeze_strategy="pattern", freeze_patterns=[".*"], freeze_trainable_tokens=new,
+                           freeze_health_check="off")
+    freezer.apply()
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        checkpoint = sum(os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory))
+        rows = freezer.save_rows(os.path.join(directory, "rows.safetensors"))
+    return {"checkpoint": checkpoint, "rows": rows}
+
+
 def measure_times(rounds: int, steps: int) -> dict:
     import torch
 
@@ -164,6 +183,7 @@ def main() -> None:
             if memory[way] is None or result["peak_kib"] < memory[way]["peak_kib"]:
                 memory[way] = result
     times = measure_times(options.rounds, options.steps)
+    sizes = measure_sizes()
     lines = [
         f"Tiny Llama, {BASE_VOCABULARY + NEW_TOKENS:,} tokens ({NEW_TOKENS} new) x {LAYERS} layers, hidden {HIDDEN}, "
         f"untied head; batch {BATCH} x {LENGTH}; AdamW, weight decay 0.1, clipping 1.0; CPU, one thread; "
@@ -179,6 +199,12 @@ def main() -> None:
             f"{memory[way]['state_bytes'] / 1024:,.1f} KiB | {memory[way]['state_bytes'] / memory['whole']['state_bytes']:.4f} | "
             f"{'yes' if memory[way]['frozen_rows_moved'] else 'no'} |"
         )
+    lines += [
+        "",
+        f"On disk: the whole checkpoint (`save_pretrained`, config included) {sizes['checkpoint'] / 1024:,.1f} KiB; the "
+        f"trained rows alone (`save_rows`, with their token ids) {sizes['rows'] / 1024:,.1f} KiB "
+        f"({sizes['rows'] / sizes['checkpoint']:.4f} of it).",
+    ]
     text = "\n".join(lines)
     print(text)
     if options.markdown:

@@ -328,6 +328,8 @@ class LayerFreezer:
         if self.layout is None:
             return model_metrics(self.model)
         metrics = freeze_metrics(self.layout, self.frozen_names(), self._rows())
+        if self.applier.rows.attachments:  # what the rows hold (their gradients and optimizer states scale with it)
+            metrics["freeze/trainable_row_bytes"] = sum(p.numel() * p.element_size() for p in self.applier.rows.parameters.values())
         if self.probe is not None:
             metrics.update(self.probe.metrics())
         return metrics

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..errors import FreezeConfigError, invalid
 from ..model.layout import ROUTED_EXPERTS, ModelLayout
 
-__all__ = ["ROW_OPTIONS", "check_row_options", "parse_expert_items", "row_selection", "rows_summary"]
+__all__ = ["ROW_OPTIONS", "check_row_options", "parse_expert_items", "row_selection"]
 
 TOKENS = "freeze_trainable_tokens"
 EXPERTS = "freeze_trainable_experts"
@@ -158,12 +158,4 @@ def _expert_rows(layout: ModelLayout, items: Sequence[Any]) -> Dict[str, List[in
 def _span(indices: Sequence[int]) -> str:
     return f"[{indices[0]}, {indices[-1]}]" if indices == list(range(indices[0], indices[-1] + 1)) else str(list(indices))
 
-
-def rows_summary(layout: ModelLayout, rows: RowMap) -> Dict[str, Tuple[int, int]]:
-    """``{parameter: (trainable rows, trainable elements)}``, for reports."""
-    sizes = layout.parameter_sizes
-    return {
-        name: (len(indices), len(indices) * (sizes[name] // layout.row_counts[name]) if layout.row_counts.get(name) else 0)
-        for name, indices in rows.items()
-    }
 

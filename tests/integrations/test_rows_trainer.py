@@ -65,6 +65,7 @@ def test_new_tokens_train_and_every_other_row_is_bit_identical(tmp_path, tied):
     assert model.model.embed_tokens.weight.grad is None and not model.model.embed_tokens.weight.requires_grad
     metrics = trainer.state.log_history[-1]
     assert metrics["freeze/trainable_rows"] == len(NEW_TOKENS) * len(heads)
+    assert metrics["freeze/trainable_row_bytes"] == len(NEW_TOKENS) * len(heads) * model.config.hidden_size * 4
 
 
 def test_optimizer_state_is_the_rows_alone(tmp_path):
