@@ -1,7 +1,7 @@
 """Training only new tokens' rows: hf_freeze's exact rows against the other ways to do it, on one machine, in one run.
 
 The job: a tiny Llama whose vocabulary-to-layers ratio is Llama-3-8B's (128,256 tokens over 32 layers, about 4,000
-a layer: here 8,016 tokens over 2 layers, hidden size 64, untied LM head), resized by 16 new tokens; only the new
+a layer: here 8,016 tokens over 2 layers, hidden size 64 and 256, untied LM head), resized by 16 new tokens; only the new
 tokens' rows of the input embeddings and of the LM head should train, everything else stays frozen; AdamW with
 weight decay 0.1, gradient clipping at 1.0. Four ways:
 
@@ -17,7 +17,7 @@ the ways alternating within each round, `--steps` steps per way and round, media
 memory added by training (each way in its own process, alternating, the lower of `--rounds`), the bytes of
 gradients and optimizer state after a step, and whether any frozen row changed.
 
-    python benchmarks/rows.py                     # about 5 minutes here
+    python benchmarks/rows.py                     # hidden 64 and 256: about 15 minutes here
     python benchmarks/rows.py --markdown benchmarks/results/rows.md
 """
 
@@ -39,19 +39,19 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WAYS = ("whole", "masking", "peft", "hf_freeze")
-BASE_VOCABULARY, NEW_TOKENS, HIDDEN, LAYERS = 8000, 16, 64, 2
+BASE_VOCABULARY, NEW_TOKENS, LAYERS = 8000, 16, 2
 BATCH, LENGTH = 4, 64
 
 
-def build(way: str):
+def build(way: str, hidden: int):
     """The model and optimizer of one way, ready to train; the tensors to check for frozen rows that moved."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "llama", hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=2 * HIDDEN, vocab_size=BASE_VOCABULARY, max_position_embeddings=LENGTH, tie_word_embeddings=False,
+        "llama", hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=2 * hidden, vocab_size=BASE_VOCABULARY, max_position_embeddings=LENGTH, tie_word_embeddings=False,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.resize_token_embeddings(BASE_VOCABULARY + NEW_TOKENS, mean_resizing=False)
@@ -111,12 +111,12 @@ def state_bytes(optimizer, parameters) -> int:
     return held + sum(p.numel() * p.element_size() for p in parameters)  # a gradient for each, at its peak
 
 
-def measure_memory(way: str, steps: int) -> dict:
+def measure_memory(way: str, steps: int, hidden: int) -> dict:
     """In a fresh process: the resident memory training adds at its peak, and what the optimizer holds."""
     import torch
 
     torch.set_num_threads(1)
-    model, optimizer, parameters, watched = build(way)
+    model, optimizer, parameters, watched = build(way, hidden)
     data = list(batches(steps))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for ids in data:
@@ -126,13 +126,13 @@ def measure_memory(way: str, steps: int) -> dict:
     return {"peak_kib": peak - before, "state_bytes": state_bytes(optimizer, parameters), "frozen_rows_moved": moved}
 
 
-def measure_sizes() -> dict:
+def measure_sizes(hidden: int) -> dict:
     """Bytes on disk: the whole checkpoint (`save_pretrained`) against the file of just the trained rows."""
     import tempfile
 
     from hf_freeze import LayerFreezer
 
-    model, optimizer, parameters, _ = build("whole")
+    model, optimizer, parameters, _ = build("whole", hidden)
     new = list(range(BASE_VOCABULARY, BASE_VOCABULARY + NEW_TOKENS))
     model.requires_grad_(True)
     freezer = LayerFreezer(model, freeze_strategy="pattern", freeze_patterns=[".*"], freeze_trainable_tokens=new,
@@ -145,11 +145,11 @@ def measure_sizes() -> dict:
     return {"checkpoint": checkpoint, "rows": rows}
 
 
-def measure_times(rounds: int, steps: int) -> dict:
+def measure_times(rounds: int, steps: int, hidden: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    built = {way: build(way) for way in WAYS}
+    built = {way: build(way, hidden) for way in WAYS}
     data = list(batches(steps))
     times = {way: [] for way in WAYS}
     for way in WAYS:  # one warm-up step each
@@ -168,24 +168,34 @@ def main() -> None:
     flags = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     flags.add_argument("--rounds", type=int, default=3)
     flags.add_argument("--steps", type=int, default=8)
-    flags.add_argument("--markdown", help="also write the table to this file")
+    flags.add_argument("--hidden", type=int, nargs="+", default=[64, 256], help="hidden sizes, one table each")
+    flags.add_argument("--markdown", help="also write the tables to this file")
     flags.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one way's memory, in its own process
     options = flags.parse_args()
     if options.memory_of:
-        print(json.dumps(measure_memory(options.memory_of, options.steps)))
+        print(json.dumps(measure_memory(options.memory_of, options.steps, options.hidden[0])))
         return
+    text = "\n\n".join(table(options, hidden) for hidden in options.hidden)
+    print(text)
+    if options.markdown:
+        command = "python benchmarks/rows.py " + " ".join(arg for arg in sys.argv[1:])
+        with open(options.markdown, "w") as handle:
+            handle.write(f"# Training only new tokens' rows\n\nMeasured with `{command}`.\n\n{text}\n")
+
+
+def table(options, hidden: int) -> str:
     memory = {way: None for way in WAYS}
     for _ in range(options.rounds):
         for way in WAYS:
-            out = subprocess.run([sys.executable, __file__, "--memory-of", way, "--steps", str(options.steps)],
-                                 capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            command = [sys.executable, __file__, "--memory-of", way, "--steps", str(options.steps), "--hidden", str(hidden)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             result = json.loads(out.stdout.strip().splitlines()[-1])
             if memory[way] is None or result["peak_kib"] < memory[way]["peak_kib"]:
                 memory[way] = result
-    times = measure_times(options.rounds, options.steps)
-    sizes = measure_sizes()
+    times = measure_times(options.rounds, options.steps, hidden)
+    sizes = measure_sizes(hidden)
     lines = [
-        f"Tiny Llama, {BASE_VOCABULARY + NEW_TOKENS:,} tokens ({NEW_TOKENS} new) x {LAYERS} layers, hidden {HIDDEN}, "
+        f"Tiny Llama, {BASE_VOCABULARY + NEW_TOKENS:,} tokens ({NEW_TOKENS} new) x {LAYERS} layers, hidden {hidden}, "
         f"untied head; batch {BATCH} x {LENGTH}; AdamW, weight decay 0.1, clipping 1.0; CPU, one thread; "
         f"{options.rounds} rounds x {options.steps} steps.",
         "",
@@ -205,12 +215,7 @@ def main() -> None:
         f"trained rows alone (`save_rows`, with their token ids) {sizes['rows'] / 1024:,.1f} KiB "
         f"({sizes['rows'] / sizes['checkpoint']:.4f} of it).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if options.markdown:
-        command = "python benchmarks/rows.py " + " ".join(arg for arg in sys.argv[1:])
-        with open(options.markdown, "w") as handle:
-            handle.write(f"# Training only new tokens' rows\n\nMeasured with `{command}`.\n\n{text}\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
