@@ -76,7 +76,8 @@ class LayerFreezer:
             # `freeze_trainable_tokens: new` counts from the vocabulary the model was loaded with, recorded on the
             # model (and in `state_dict`) so that a later freezer trains the same rows.
             base = loaded_vocabulary_size(self.model)
-            record_vocabulary_size(self.model, base) if base is not None else None
+            if base is not None:
+                record_vocabulary_size(self.model, base)
             self.layout = replace(self.layout, base_vocabulary=base)
         self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
         self.health = HealthCheck(
