@@ -11,12 +11,12 @@ optimizer state and gradient clipping only ever see those rows.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import FreezeConfigError, invalid
 from ..model.layout import ROUTED_EXPERTS, ModelLayout
 
-__all__ = ["ROW_OPTIONS", "check_row_options", "parse_expert_items", "row_selection"]
+__all__ = ["ROW_OPTIONS", "check_row_options", "parse_expert_items", "row_selection", "trainable_row_elements"]
 
 TOKENS = "freeze_trainable_tokens"
 EXPERTS = "freeze_trainable_experts"
@@ -159,3 +159,11 @@ def _span(indices: Sequence[int]) -> str:
     return f"[{indices[0]}, {indices[-1]}]" if indices == list(range(indices[0], indices[-1] + 1)) else str(list(indices))
 
 
+def trainable_row_elements(layout: ModelLayout, trainable_rows: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, int]:
+    """The elements that train of each frozen parameter with trainable rows."""
+    sizes = layout.parameter_sizes
+    return {
+        name: len(rows) * (sizes[name] // layout.row_counts[name])
+        for name, rows in (trainable_rows or {}).items()
+        if name in sizes and layout.row_counts.get(name)
+    }

@@ -7,11 +7,9 @@ from typing import Collection, Dict, List, Mapping, Optional, Sequence
 from torch import nn
 
 from ..model.layout import ModelLayout
+from ..policies.rows import trainable_row_elements
 
-__all__ = [
-    "block_rows", "count_metrics", "format_block_table", "freeze_metrics", "model_metrics", "summary_line",
-    "trainable_row_elements",
-]
+__all__ = ["block_rows", "count_metrics", "format_block_table", "freeze_metrics", "model_metrics", "summary_line"]
 
 
 def count_metrics(trainable: int, total: int) -> Dict[str, float]:
@@ -28,16 +26,6 @@ def model_metrics(model: nn.Module) -> Dict[str, float]:
     blocks were not discovered (a PEFT model, which hf_freeze leaves alone)."""
     parameters = list(model.parameters())
     return count_metrics(sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
-
-
-def trainable_row_elements(layout: ModelLayout, trainable_rows: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, int]:
-    """The elements that train of each frozen parameter with trainable rows."""
-    sizes = layout.parameter_sizes
-    return {
-        name: len(rows) * (sizes[name] // layout.row_counts[name])
-        for name, rows in (trainable_rows or {}).items()
-        if name in sizes and layout.row_counts.get(name)
-    }
 
 
 def block_rows(
