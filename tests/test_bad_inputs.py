@@ -37,6 +37,7 @@ TYPES = {
     "freeze_unused_modalities": "yes", "freeze_num_new_blocks": "2", "freeze_granularity": 1,
     "freeze_cache_prefix": "yes", "freeze_cache_memory_mb": "1GB", "freeze_cache_dir": 3, "freeze_cache_dtype": 16,
     "freeze_cache_keep": "no",
+    "freeze_trainable_tokens": {"new": True}, "freeze_trainable_experts": 1.5, "freeze_pattern_syntax": 3,
 }
 CASES = {f"type/{name}": _case({name: value}, REFUSED, name) for name, value in TYPES.items()}
 
@@ -161,6 +162,32 @@ CASES.update({
     "ok/cache-bottom": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_dtype="float16"), ACCEPTED),
 })
 
+# Rows of frozen parameters (new tokens, single experts, axolotl's row ranges): refused with the valid range.
+AXOLOTL = dict(freeze_strategy="pattern", freeze_pattern_syntax="axolotl")
+WORDS = "bert.embeddings.word_embeddings.weight"
+CASES.update({
+    "rows/tokens-negative": _case(dict(freeze_trainable_tokens=[-1]), REFUSED, "freeze_trainable_tokens"),
+    "rows/tokens-new-and-ids": _case(dict(freeze_trainable_tokens=["new", 5]), REFUSED, "freeze_trainable_tokens"),
+    "rows/tokens-outside-vocabulary": _case(dict(freeze_trainable_tokens=[3, 128]), REFUSED, "freeze_trainable_tokens"),
+    "rows/tokens-new-size-unknown": _case(dict(freeze_trainable_tokens="new"), REFUSED, "freeze_trainable_tokens"),
+    "rows/tokens-new-never-resized": _case(dict(freeze_trainable_tokens="new"), REFUSED, "freeze_trainable_tokens", recorded=True),
+    "rows/experts-not-an-index": _case(dict(freeze_trainable_experts=["first"]), REFUSED, "freeze_trainable_experts"),
+    "rows/experts-on-dense-model": _case(dict(freeze_trainable_experts=[0]), REFUSED, "freeze_trainable_experts"),
+    "rows/expert-past-the-last": _case(dict(freeze_trainable_experts=[4]), REFUSED, "freeze_trainable_experts", model_type="qwen3_moe"),
+    "rows/expert-layer-past-the-last": _case(dict(freeze_trainable_experts=["4:1"]), REFUSED, "freeze_trainable_experts", model_type="qwen3_moe"),
+    "rows/syntax-typo": _case(dict(AXOLOTL, freeze_pattern_syntax="axolotol", freeze_trainable_patterns=[WORDS]), REFUSED, "freeze_pattern_syntax"),
+    "rows/range-in-freeze-patterns": _case(dict(AXOLOTL, freeze_patterns=[WORDS + "$[:10]"]), REFUSED, "freeze_patterns"),
+    "rows/range-on-layers": _case(dict(AXOLOTL, freeze_trainable_patterns=["bert.encoder.layer.[23]"]), REFUSED, "freeze_trainable_patterns"),
+    "rows/range-past-the-rows": _case(dict(AXOLOTL, freeze_trainable_patterns=[WORDS + "$[100:200]"]), REFUSED, "freeze_trainable_patterns"),
+    "rows/range-empty": _case(dict(AXOLOTL, freeze_trainable_patterns=[WORDS + "$[9:3]"]), REFUSED, "freeze_trainable_patterns"),
+    "rows/axolotl-dot-star-matches-nothing": _case(dict(AXOLOTL, freeze_trainable_patterns=["bert.encoder.*dense"]), REFUSED, "freeze_trainable_patterns"),
+    "rows/axolotl-escaped-dots-match-nothing": _case(dict(AXOLOTL, freeze_trainable_patterns=[r"bert\.pooler"]), REFUSED, "freeze_trainable_patterns"),
+    "ok/tokens-ids": _case(dict(freeze_trainable_tokens=[3, 127]), ACCEPTED),
+    "ok/only-token-rows-train": _case(dict(freeze_strategy="pattern", freeze_patterns=[".*"], freeze_trainable_tokens=[5]), ACCEPTED),
+    "ok/axolotl-range": _case(dict(AXOLOTL, freeze_trainable_patterns=[WORDS + "$[100:]", "bert.encoder.+dense"]), ACCEPTED),
+    "ok/expert-with-router": _case(dict(freeze_trainable_experts=[1, "3:2"], freeze_router=True), ACCEPTED, model_type="qwen3_moe"),
+})
+
 # Policies that do nothing useful here, or options that do more than they say: warned once, with the reason.
 CASES.update({
     "warn/bottom-0": _case(dict(B, freeze_layers=0), WARNED, "freezes no part of any layer"),
@@ -199,10 +226,13 @@ CASES.update({
 })
 
 
-def _model(tied=False):
-    if tied:
-        return build("gpt2")
-    return build("bert")
+def _model(tied=False, model_type=None, recorded=False):
+    model = build(model_type or ("gpt2" if tied else "bert"))
+    if recorded:  # the vocabulary size recorded, and never resized
+        from hf_freeze.model import record_vocabulary_size
+
+        record_vocabulary_size(model)
+    return model
 
 
 def _outcome(options, max_steps, model_kwargs, caplog):

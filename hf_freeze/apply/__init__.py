@@ -4,8 +4,9 @@ the hooks that keep a frozen prefix out of the autograd graph under activation c
 from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
 from .frozen_prefix import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
 from .health import FrozenModulesEval, HealthCheck
+from .rows import TrainableRows, merge_rows_file, save_rows_file
 
 __all__ = [
     "AppliedChange", "FreezeApplier", "FrozenModulesEval", "FrozenPrefix", "FrozenPrefixHooks", "HealthCheck",
-    "frozen_prefix", "optimizer_state_bytes",
+    "TrainableRows", "frozen_prefix", "merge_rows_file", "optimizer_state_bytes", "save_rows_file",
 ]

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..model.discovery import unwrap_model
-from ..model.layout import ModelLayout
+from ..model.layout import ROWS_MODULE, ModelLayout
 from ..policies import FreezeDecision
 from .frozen_prefix import FrozenPrefixHooks
 from .health import FrozenModulesEval
+from .rows import TrainableRows
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
 
@@ -68,7 +69,11 @@ class FreezeApplier:
 
     def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False):
         self.model = unwrap_model(model)
-        self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        # The model's own parameters: the trainable rows hf_freeze adds (`rows`) stand for rows of some of them.
+        self.parameters: Dict[str, nn.Parameter] = {
+            name: parameter for name, parameter in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")
+        }
+        self.rows = TrainableRows(self.model)
         # Frozen modules in eval mode (`freeze_frozen_modules_eval`), kept in step with every application.
         self.eval_modules = FrozenModulesEval(self.model) if frozen_modules_eval else None
         self._before_step: Dict[str, Tuple[torch.Tensor, float]] = {}
@@ -105,14 +110,27 @@ class FreezeApplier:
             object.__setattr__(self.model, _FROZEN_BY_POLICY, marked)
         marked.difference_update(unfrozen)
         marked.update(frozen)
+        inner = _innermost_optimizer(optimizer) if optimizer is not None else None
+        if self.rows.update(decision.trainable_rows, inner) and optimizer is not None:
+            self._register_rows(optimizer)
         if optimizer is not None:
             self.sync_optimizer(optimizer, frozen, unfrozen)
+        # A parameter that trains by rows still takes part in the backward pass: not frozen for these two.
+        wholly_frozen = [name for name in self.frozen_names() if name not in decision.trainable_rows]
         if self.eval_modules is not None:
-            self.eval_modules.update(self.frozen_names())
+            self.eval_modules.update(wholly_frozen)
         if self.prefix_hooks is not None:
             # Every application, not only changing ones: `Trainer.train()` switches checkpointing on in between.
-            self.prefix_hooks.update(self.layout, self.frozen_names())
+            self.prefix_hooks.update(self.layout, wholly_frozen)
         return AppliedChange(frozen, unfrozen)
+
+    def _register_rows(self, optimizer: torch.optim.Optimizer) -> None:
+        """Rows attached after the optimizer was built join the param group of their full parameter's kind."""
+        inner = _innermost_optimizer(optimizer)
+        known = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
+        for name, rows in self.rows.parameters.items():
+            if id(rows) not in known:
+                self._group_for(inner, name)["params"].append(rows)
 
     def sync_optimizer(self, optimizer: torch.optim.Optimizer, frozen: List[str], unfrozen: List[str]) -> None:
         """Release the state of newly frozen parameters; give newly trainable ones a place in a param group."""

@@ -45,7 +45,13 @@ _EXPECTS = {
     "freeze_component_paths": "a mapping from 'vision_tower', 'audio_tower', 'projector', 'language_model' to module paths",
     "freeze_cache_memory_mb": "a number of MiB (>= 0)",
     "freeze_cache_dtype": "'float32', 'float16' or 'bfloat16'",
+    "freeze_pattern_syntax": "'regex' or 'axolotl'",
+    "freeze_trainable_tokens": "a list of token ids, or 'new'",
+    "freeze_trainable_experts": "a list of expert indices or 'layer:expert' strings",
 }
+# List fields whose items are integers or words: read as strings (the command line gives strings), then numbers
+# turned back into integers.
+_INTEGERS_OR_WORDS = ("freeze_trainable_tokens", "freeze_trainable_experts")
 # Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
 _COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
 
@@ -106,7 +112,19 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'pattern': regular expressions over parameter names that stay trainable (axolotl's "
-            "`unfrozen_parameters`). Alone, everything else is frozen; with `freeze_patterns`, they win."
+            "`unfrozen_parameters`). Alone, everything else is frozen; with `freeze_patterns`, they win. With "
+            "`freeze_pattern_syntax: axolotl`, a trailing row range trains only those rows of a token embedding or "
+            "expert tensor ('model.embed_tokens.weight$[32000:]')."
+        ),
+    )
+    freeze_pattern_syntax: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'pattern': how the patterns read. 'regex' (default): a regular expression from the start of the name, "
+            "'.' between name parts literal, '.*', '.+', '.?' kept. 'axolotl': axolotl's `unfrozen_parameters` "
+            "exactly: every '.' not followed by '+' is literal ('model.layers.*mlp' matches nothing), and a "
+            "trailing '[start:end]' or '[index]' is a range of rows ('name$[:32000]'), trained exactly (frozen rows "
+            "get no weight decay and no optimizer state)."
         ),
     )
     freeze_num_layers_unfrozen: Optional[int] = field(
@@ -332,6 +350,26 @@ class FreezeArguments:
         ),
     )
 
+    # -- rows of frozen parameters (hf_freeze/policies/rows.py, hf_freeze/apply/rows.py) --------------------------
+    freeze_trainable_tokens: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "Token ids whose rows of the input embeddings and of the output embeddings (LM head, tied or not) train, "
+            "while the rest of both matrices stays frozen (bit for bit: no weight decay, no optimizer state). 'new': "
+            "the rows past the vocabulary size the model was loaded with (after `resize_token_embeddings`). "
+            "Whatever the strategy chose for the embeddings and the head, they train only these rows."
+        ),
+    )
+    freeze_trainable_experts: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "Mixture-of-experts models with fused expert tensors (transformers 5): experts whose slices train, the "
+            "other experts of those tensors staying frozen bit for bit. An integer is that expert in every layer, "
+            "'layer:expert' one layer's ('0:3'). Whatever the strategy chose for the routed experts, they train only "
+            "these slices; the router follows `freeze_router`."
+        ),
+    )
+
     # -- schedules (hf_freeze/policies/schedules.py): the frozen set changes during training ----------------------
     freeze_schedule_unit: Optional[str] = field(
         default=None,
@@ -474,6 +512,9 @@ class FreezeArguments:
         # Everything downstream (LayerFreezer, policies, the callback) trusts a FreezeArguments.
         hints = field_hints(FreezeArguments)
         for item in fields(FreezeArguments):
+            if item.name in _INTEGERS_OR_WORDS:
+                setattr(self, item.name, _integers_or_words(item.name, getattr(self, item.name)))
+                continue
             value = check_field(
                 item.name, hints[item.name], getattr(self, item.name), _EXPECTS.get(item.name),
                 count_or_fraction=item.name in _COUNT_OR_FRACTION,
@@ -494,6 +535,15 @@ class FreezeArguments:
         return self.freeze_strategy != "none" or any(
             getattr(self, name) is not None for name in freeze_fields() if name != "freeze_strategy"
         )
+
+
+def _integers_or_words(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(item, bool) or not isinstance(item, (int, str)) for item in items):
+        raise invalid(name, value, _EXPECTS[name])
+    return [int(item) if isinstance(item, str) and item.strip().isdecimal() else item for item in items]
 
 
 def freeze_fields() -> List[str]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -14,7 +15,8 @@ from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_b
 from ..config import FreezeArguments, arguments_from
 from ..errors import FreezeConfigError, few
 from ..logging import get_logger
-from ..model import discover_layout, peft_adapter_reason, unwrap_model
+from ..apply import save_rows_file
+from ..model import discover_layout, loaded_vocabulary_size, peft_adapter_reason, record_vocabulary_size, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
 from ..policies.parts import counted_layout, unused_parts
@@ -76,6 +78,13 @@ class LayerFreezer:
             discover_layout(self.model, self.arguments.freeze_layer_paths, self.arguments.freeze_component_paths),
             self.arguments,
         )
+        if self.layout is not None and self.arguments.freeze_trainable_tokens is not None:
+            # `freeze_trainable_tokens: new` counts from the vocabulary the model was loaded with, recorded on the
+            # model (and in `state_dict`) so that a later freezer trains the same rows.
+            base = loaded_vocabulary_size(self.model)
+            if base is not None:
+                record_vocabulary_size(self.model, base)
+            self.layout = replace(self.layout, base_vocabulary=base)
         self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
@@ -180,7 +189,8 @@ class LayerFreezer:
             self.prefix_cache = None
 
     def _trainable_names(self) -> List[str]:
-        return [name for name, parameter in self.applier.parameters.items() if parameter.requires_grad]
+        own = [name for name, parameter in self.applier.parameters.items() if parameter.requires_grad]
+        return own + self.applier.rows.registered_names()
 
     def _warn_once(self, progress: Optional[TrainingProgress]) -> None:
         """What the user must not miss, said once: an option that did more than it says, a policy that does nothing."""
@@ -323,9 +333,12 @@ class LayerFreezer:
         The frozen set itself is not saved: it is a function of the step (and of the saved scores), recomputed by
         the next `update`.
         """
+        rows = self.applier.rows.selection()
         return {
             "options": self.arguments.freeze_options(),
             "registered": self.registered,
+            **({"rows": {"base_vocabulary": self.layout.base_vocabulary, "selection": {k: list(v) for k, v in rows.items()}}}
+               if rows else {}),
             "timeline": self.timeline.state_dict() if self.timeline is not None else None,
             "probe": self.probe.state_dict() if self.probe is not None else None,
         }
@@ -334,6 +347,17 @@ class LayerFreezer:
         """Refuse, before any optimizer state is loaded, a saved state that is damaged or whose optimizer was built
         over other parameters than this run's (a policy changed between the runs). Call it after `prepare`."""
         check_shape(state, source)
+        saved_rows = (state.get("rows") or {}).get("selection") or {}
+        rows = {name: list(indices) for name, indices in self.applier.rows.selection().items()}
+        if self.registered is not None and saved_rows != rows:
+            differ = sorted(name for name in set(saved_rows) | set(rows) if saved_rows.get(name) != rows.get(name))
+            raise FreezeConfigError(
+                f"Cannot resume: {source} trained other rows of {', '.join(differ)} than this run would "
+                f"(the checkpoint's: {_rows_text(saved_rows, differ)}; this run's: {_rows_text(rows, differ)}), so "
+                "the optimizer state of the rows would land on other rows. Give `freeze_trainable_tokens` / "
+                "`freeze_trainable_experts` the checkpoint's rows.",
+                fields=["freeze_trainable_tokens", "freeze_trainable_experts"],
+            )
         if self.registered is not None:
             check_registered(state.get("registered"), self.registered, state.get("options"), self.arguments.freeze_options())
 
@@ -368,11 +392,24 @@ class LayerFreezer:
 
     # -- report ---------------------------------------------------------------------------------------------------
 
+    def save_rows(self, path: str) -> int:
+        """Write just the trained rows (of `freeze_trainable_tokens`, `freeze_trainable_experts`, axolotl's row
+        ranges) with their row indices to a safetensors file; returns its size in bytes. `merge_rows_file` writes
+        them into a base model later."""
+        if not self.applier.rows.attachments:
+            raise FreezeConfigError(
+                "There are no trained rows to save: set `freeze_trainable_tokens`, `freeze_trainable_experts` or an "
+                "axolotl row range.", fields=["freeze_trainable_tokens", "freeze_trainable_experts"],
+            )
+        return save_rows_file(self.applier.rows, path, {"base_vocabulary": self.layout.base_vocabulary})
+
     def metrics(self) -> Dict[str, float]:
         """`freeze/...` metrics measured on the model itself (its `requires_grad` flags)."""
         if self.layout is None:
             return model_metrics(self.model)
-        metrics = freeze_metrics(self.layout, self.frozen_names())
+        metrics = freeze_metrics(self.layout, self.frozen_names(), self._rows())
+        if self.applier.rows.attachments:  # what the rows hold (their gradients and optimizer states scale with it)
+            metrics["freeze/trainable_row_bytes"] = sum(p.numel() * p.element_size() for p in self.applier.rows.parameters.values())
         if self.prefix_cache is not None:
             stats = self.prefix_cache.stats()
             metrics["freeze/prefix_cache_examples"] = stats["examples"]
@@ -385,7 +422,10 @@ class LayerFreezer:
         return summary_line(self.metrics(), None if self.layout is None else self.layout.num_layers)
 
     def table(self) -> str:
-        return "" if self.layout is None else format_block_table(self.layout, self.frozen_names())
+        return "" if self.layout is None else format_block_table(self.layout, self.frozen_names(), self._rows())
+
+    def _rows(self) -> Dict[str, tuple]:
+        return self.applier.rows.selection()
 
     def report_lines(self, summary: bool = True) -> List[str]:
         """What the user should see once the policy is applied, one log message each: the notes (tied weights,
@@ -410,3 +450,7 @@ class LayerFreezer:
         """Write ``freeze_timeline.json`` (and ``.png`` with matplotlib) when the frozen set changes in training."""
         if self.dynamic and output_dir:
             self.timeline.write(output_dir, end_step=end_step)
+
+
+def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
+    return "; ".join(f"{name} {few([str(r) for r in rows[name]], 5) if name in rows else 'none'}" for name in names)

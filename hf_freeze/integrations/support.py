@@ -155,6 +155,14 @@ def check_backend(args: Any, model: nn.Module, strategy: str, dynamic: bool, dec
     error = check_support(setup, PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units))
     if error:
         raise FreezeConfigError(error)
+    rows = getattr(decision, "trainable_rows", None)
+    if rows and (setup.backend == FSDP or (setup.backend == DEEPSPEED and setup.zero_stage != 1 and setup.zero_stage != 2)):
+        # The rows are put into the full parameter at every forward pass; a sharded parameter is not there whole.
+        raise FreezeConfigError(
+            f"Trainable rows ({', '.join(sorted(rows)[:3])}) cannot run under {setup.describe()}, which shards the "
+            "parameters they belong to. Train them on one device, with DDP, or with DeepSpeed ZeRO-1/2.",
+            fields=["freeze_trainable_tokens", "freeze_trainable_experts"],
+        )
     return setup
 
 

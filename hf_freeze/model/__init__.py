@@ -8,7 +8,10 @@ policies, which read layouts alone, import no torch.
 from .layout import BLOCK_KINDS, EMBEDDINGS, HEAD, LAYER, NORM, OTHER, Block, ModelLayout
 
 # Torch-side names -> their module, imported on first access (PEP 562).
-_LAZY = {"discover_layout": ".discovery", "unwrap_model": ".discovery", "peft_adapter_reason": ".peft"}
+_LAZY = {
+    "discover_layout": ".discovery", "unwrap_model": ".discovery", "peft_adapter_reason": ".peft",
+    "loaded_vocabulary_size": ".vocabulary", "record_vocabulary_size": ".vocabulary",
+}
 
 __all__ = [
     "BLOCK_KINDS",
@@ -20,7 +23,9 @@ __all__ = [
     "Block",
     "ModelLayout",
     "discover_layout",
+    "loaded_vocabulary_size",
     "peft_adapter_reason",
+    "record_vocabulary_size",
     "unwrap_model",
 ]
 

@@ -29,6 +29,8 @@ from .layout import (
     LAYER,
     NORM,
     OTHER,
+    ROUTED_EXPERTS,
+    ROWS_MODULE,
     Block,
     ModelLayout,
     inside,
@@ -97,7 +99,7 @@ def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths, componen
         refuse_overlapping_paths(layer_paths)
         stacks = [stack_at(model, path) for path in layer_paths]
         # Containers named by the user are the layers, every one of them counted.
-        return with_parts(model, _layout_from_stacks(model, stacks, canonical, notes=[]), parts, counted=None)
+        return _with_rows(model, with_parts(model, _layout_from_stacks(model, stacks, canonical, notes=[]), parts, counted=None))
     if _is_transformers_model(model) or parts:
         if parts:
             stacks, notes = find_part_stacks(model, parts)
@@ -106,8 +108,18 @@ def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths, componen
         if not stacks:
             raise LayerDiscoveryError(no_layers_message(model), fields=["freeze_layer_paths"])
         layout = _layout_from_stacks(model, stacks, canonical, notes)
-        return with_parts(model, layout, parts, counted=(LANGUAGE,) if parts else None)
+        return _with_rows(model, with_parts(model, layout, parts, counted=(LANGUAGE,) if parts else None))
     return _layout_by_traversal(model, canonical)
+
+
+def _with_rows(model: nn.Module, layout: ModelLayout) -> ModelLayout:
+    """Record the parameters that can train by rows: the token embeddings (a row per token) and the fused
+    routed-expert tensors of transformers 5 (``(experts, out, in)``: a slice per expert)."""
+    parameters = dict(_own_parameters(model))
+    candidates = [*layout.input_embedding_parameters, *layout.output_embedding_parameters]
+    candidates += [name for name in layout.components.get(ROUTED_EXPERTS, ()) if parameters[name].dim() == 3]
+    counts = {name: parameters[name].shape[0] for name in candidates if name in parameters and parameters[name].dim() >= 2}
+    return replace(layout, row_counts=counts)
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -122,8 +134,15 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 def _canonical_parameter_names(model: nn.Module) -> Dict[str, str]:
     """Map every parameter name, aliases included, to the name ``named_parameters()`` reports for it."""
-    first_name = {id(parameter): name for name, parameter in reversed(list(model.named_parameters()))}
-    return {name: first_name[id(parameter)] for name, parameter in model.named_parameters(remove_duplicate=False)}
+    first_name = {id(parameter): name for name, parameter in reversed(list(_own_parameters(model)))}
+    return {name: first_name[id(parameter)] for name, parameter in _own_parameters(model, remove_duplicate=False)}
+
+
+def _own_parameters(model: nn.Module, remove_duplicate: bool = True):
+    """The model's parameters without the trainable rows hf_freeze added (they stand for rows of other parameters)."""
+    for name, parameter in model.named_parameters(remove_duplicate=remove_duplicate):
+        if not name.startswith(ROWS_MODULE + "."):
+            yield name, parameter
 
 
 def _module_parameter_names(module: Optional[nn.Module], prefix_of: Dict[int, str], canonical: Dict[str, str]):
@@ -160,7 +179,7 @@ def _embedding_facts(model: nn.Module, canonical: Dict[str, str]):
 def _layout_from_stacks(
     model: nn.Module, stacks: List[Stack], canonical: Dict[str, str], notes: List[str]
 ) -> ModelLayout:
-    parameters = dict(model.named_parameters())
+    parameters = dict(_own_parameters(model))
     tied = {alias: name for alias, name in canonical.items() if alias != name}
     input_params, output_params, input_module_path = _embedding_facts(model, canonical)
     for stack in stacks:
@@ -301,7 +320,7 @@ def _anchor_stack(block_name: str, stacks: List[Stack], kind: str) -> str:
 
 def _layout_by_traversal(model: nn.Module, canonical: Dict[str, str]) -> ModelLayout:
     """Frozen Layers paper, Algorithm 1: unwrap containers recursively; every other child with parameters is a layer."""
-    parameters = dict(model.named_parameters())
+    parameters = dict(_own_parameters(model))
     block_paths: List[str] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -309,6 +328,8 @@ def _layout_by_traversal(model: nn.Module, canonical: Dict[str, str]) -> ModelLa
             block_paths.append(f"{prefix}.{name}" if prefix else name)
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
+            if path == ROWS_MODULE:
+                continue
             if isinstance(child, UNWRAP):
                 visit(child, path)
             elif has_parameters(child):

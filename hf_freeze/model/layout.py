@@ -27,6 +27,9 @@ PARTS = (AUDIO, VISION, PROJECTOR, LANGUAGE)
 ROUTER = "router"
 SHARED_EXPERTS = "shared_experts"
 ROUTED_EXPERTS = "routed_experts"
+# The module hf_freeze adds at the root of a model to hold the trainable rows of frozen parameters
+# (`freeze_trainable_tokens`, `freeze_trainable_experts`): discovery looks through it, saving leaves it out.
+ROWS_MODULE = "hf_freeze_rows"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ class ModelLayout:
         leaf_modules: The modules with no submodules and at least one parameter, in Composer's depth-first order,
             each as (module path, its parameter names): what `freeze_granularity: module` counts. Empty when the
             layout was written by hand.
+        row_counts: The parameters that can train by rows, with their number of rows (first dimension): the token
+            embeddings (input and output; a row per token) and the fused routed-expert tensors (a slice per expert).
+        base_vocabulary: The vocabulary size before the model was resized (`freeze_trainable_tokens: new` trains the
+            rows past it); ``None`` when unknown.
 
     Example:
 
@@ -103,6 +110,8 @@ class ModelLayout:
     layer_parts: Optional[Tuple[str, ...]] = None
     components: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     leaf_modules: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    row_counts: Dict[str, int] = field(default_factory=dict)
+    base_vocabulary: Optional[int] = None
 
     @property
     def layers(self) -> List[Block]:
@@ -146,6 +155,7 @@ class ModelLayout:
             output_embedding_parameters=tuple(n for n in self.output_embedding_parameters if n in kept),
             components={key: tuple(n for n in names if n in kept) for key, names in self.components.items()},
             leaf_modules=tuple(leaf for leaf in self.leaf_modules if set(leaf[1]) <= kept),
+            row_counts={name: count for name, count in self.row_counts.items() if name in kept},
         )
 
     @property

@@ -6,6 +6,8 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
+from .layout import ROWS_MODULE
+
 __all__ = ["leaf_modules"]
 
 
@@ -29,6 +31,8 @@ def leaf_modules(model: nn.Module, canonical: Dict[str, str]) -> Tuple[Tuple[str
                 found.append((path, names))
             return
         for name, child in children:
+            if not path and name == ROWS_MODULE:  # hf_freeze's own trainable rows stand for rows of other parameters
+                continue
             visit(child, f"{path}.{name}" if path else name)
 
     visit(model, "")

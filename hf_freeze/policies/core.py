@@ -23,6 +23,8 @@ from .parts import (
     _pinned_parts,
     policy_view,
 )
+from .name_patterns import pattern_rows
+from .rows import ROW_OPTIONS, check_row_options, row_selection
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -43,6 +45,7 @@ COMMON_OPTIONS = (
     "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
     "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
     "freeze_cache_prefix", "freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep",
+    *ROW_OPTIONS,
 )
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
@@ -98,6 +101,9 @@ class FreezeDecision:
     warnings: Tuple[str, ...] = ()
     # Trainable parameters whose optimizer update is multiplied by a factor (a per-layer learning-rate factor).
     update_factors: Dict[str, float] = field(default_factory=dict, compare=False)
+    # Frozen parameters of which some rows train (`freeze_trainable_tokens`, `freeze_trainable_experts`, axolotl's
+    # row ranges): parameter name -> sorted row indices along the first dimension.
+    trainable_rows: Dict[str, Tuple[int, ...]] = field(default_factory=dict, compare=False)
 
     def is_frozen(self, parameter_name: str) -> bool:
         return parameter_name in self.frozen
@@ -211,6 +217,7 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
         raise invalid_choice("freeze_health_check", options.freeze_health_check, HEALTH_CHECK_MODES)
     _check_part_options(options, strategy)
     check_cache_options(options, strategy.dynamic)
+    check_row_options(options)
     if strategy.check is not None:
         strategy.check(options)
     return strategy
@@ -248,6 +255,8 @@ def decide(
     kept, note = _keep_user_frozen(layout, options, strategy, frozen, kept_frozen)
     frozen |= kept
     notes += [note] if note else []
+    rows = trainable_rows(layout, options)
+    frozen |= set(rows)
     factors = {}
     if strategy.update_factors is not None:
         factors = {
@@ -255,7 +264,12 @@ def decide(
             for name, factor in strategy.update_factors(view, options, progress).items()
             if factor != 1.0 and name not in frozen
         }
-    return FreezeDecision(frozenset(frozen), tuple(notes), tuple(warnings), factors)
+    return FreezeDecision(frozenset(frozen), tuple(notes), tuple(warnings), factors, rows)
+
+
+def trainable_rows(layout: ModelLayout, options: Any) -> Dict[str, Tuple[int, ...]]:
+    """The rows that train of parameters otherwise frozen (the same at every step of training)."""
+    return row_selection(layout, options, pattern_rows(layout, options))
 
 
 def explicitly_trained(layout: ModelLayout, options: Any) -> set:
@@ -323,7 +337,8 @@ def registration_decision(layout: ModelLayout, options: Any, kept_frozen: Iterab
     pinned_frozen, _ = _non_layer_settings(view, options, strategy)
     pinned_frozen |= _pinned_parts(layout, view, options, strategy)[0] | _pinned_components(layout, options)[0]
     kept, _ = _keep_user_frozen(layout, options, strategy, set(pinned_frozen), kept_frozen)
-    return FreezeDecision(frozenset(pinned_frozen | kept))
+    rows = trainable_rows(layout, options)
+    return FreezeDecision(frozenset(pinned_frozen | kept | set(rows)), trainable_rows=rows)
 
 
 def _non_layer_settings(layout: ModelLayout, options: Any, strategy: Strategy) -> Tuple[set, set]:

@@ -110,7 +110,7 @@ def check_against_layout(
     fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if STRATEGIES.get(options.freeze_strategy).dynamic else (0.0,)
     for fraction in fractions:
         decision = decide(layout, options, TrainingProgress(step=int(fraction * steps), max_steps=steps), kept_frozen)
-        if fraction == 0.0 and layout.parameter_names and set(layout.parameter_names) <= decision.frozen:
+        if fraction == 0.0 and layout.parameter_names and set(layout.parameter_names) <= decision.frozen and not decision.trainable_rows:
             kept = set(kept_frozen) & decision.frozen
             because = (
                 f" ({len(kept)} of them were frozen before hf_freeze saw the model, and `freeze_respect_existing` keeps "

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import re
 
-from ..errors import FreezeConfigError, invalid
+from typing import Optional
+
+from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import HEAD, ModelLayout
 from .core import Selection, Strategy, register_strategy
 from .parts import MOE_OPTIONS, PART_OPTIONS
+from .name_patterns import PATTERN_SYNTAXES, parse_name_pattern
 from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 
 __all__ = ["check_count", "compile_name_pattern", "llama_pro_layers"]
 
+# axolotl makes every '.' not followed by '+' literal: a regex written for hf_freeze's own rule often matches nothing.
+_AXOLOTL_HINT = (
+    "In axolotl's syntax every '.' not followed by '+' is a literal dot (so '.*' means 'any number of dots') and "
+    "'\\.' is a backslash before any character: write 'model.layers.+mlp' for 'model.layers.' then anything then 'mlp'."
+)
 _ALIASES = tuple(alias for alias, _, _ in PART_OPTIONS.values())
 
 
-def compile_name_pattern(pattern: str, field_name: str) -> "re.Pattern[str]":
+def compile_name_pattern(pattern: str, field_name: str, syntax: Optional[str] = None) -> "re.Pattern[str]":
     """Compile a parameter-name pattern: anchored at the start, a '.' between name parts is literal.
 
     ``model.layers.1[0-5].mlp`` matches the dots literally; ``.*``, ``.+`` and ``.?`` keep their regex meaning.
+    With ``syntax='axolotl'``, axolotl's rule instead (`hf_freeze.policies.name_patterns`).
     """
-    literal_dots = re.sub(r"\.(?![*+?{])", r"\\.", pattern.replace("\\.", "."))
-    try:
-        return re.compile(literal_dots)
-    except re.error as error:
-        raise invalid(field_name, pattern, f"a valid regular expression ({error})") from None
+    return parse_name_pattern(pattern, field_name, syntax).regex
 
 
 def check_count(options) -> None:
@@ -95,16 +100,23 @@ def _check_patterns(options) -> None:
             "(what stays trainable), or both (got neither).",
             fields=["freeze_patterns", "freeze_trainable_patterns"],
         )
+    syntax = getattr(options, "freeze_pattern_syntax", None)
+    if syntax is not None and syntax not in PATTERN_SYNTAXES:
+        raise invalid_choice("freeze_pattern_syntax", syntax, PATTERN_SYNTAXES)
     for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
         for pattern in getattr(options, field_name) or []:
-            compile_name_pattern(pattern, field_name)
+            if parse_name_pattern(pattern, field_name, syntax).rows is not None and field_name == "freeze_patterns":
+                raise invalid(
+                    field_name, pattern, "a pattern without a row range",
+                    hint="Row ranges name rows that train: put the pattern in `freeze_trainable_patterns`.",
+                )
 
 
 def _pattern_trains(layout: ModelLayout, options):
     names = layout.parameter_names
     matched = set()
     for pattern in options.freeze_trainable_patterns or []:
-        regex = compile_name_pattern(pattern, "freeze_trainable_patterns")
+        regex = compile_name_pattern(pattern, "freeze_trainable_patterns", getattr(options, "freeze_pattern_syntax", None))
         matched |= {name for name in names if regex.match(name)}
     return matched
 
@@ -215,12 +227,13 @@ def _pattern(layout: ModelLayout, options, progress) -> Selection:
     for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
         hits = set()
         for pattern in getattr(options, field_name) or []:
-            regex = compile_name_pattern(pattern, field_name)
+            regex = compile_name_pattern(pattern, field_name, getattr(options, "freeze_pattern_syntax", None))
             found = {name for name in names if regex.match(name)}
             if not found:
                 raise invalid(
                     field_name, pattern,
                     f"a pattern that matches at least one parameter name, e.g. {names[:3] + names[-2:]}",
+                    hint=_AXOLOTL_HINT if getattr(options, "freeze_pattern_syntax", None) == "axolotl" else None,
                 )
             hits |= found
         matched[field_name] = hits
@@ -346,7 +359,7 @@ register_strategy(
 )
 register_strategy(
     Strategy(
-        "pattern", _pattern, ("freeze_patterns", "freeze_trainable_patterns"), {}, _check_patterns,
+        "pattern", _pattern, ("freeze_patterns", "freeze_trainable_patterns", "freeze_pattern_syntax"), {}, _check_patterns,
         fixed_overrides=("freeze_embeddings", "freeze_norm", "freeze_head", *PART_OPTIONS, *_ALIASES, *MOE_OPTIONS),
         trains=_pattern_trains, whole_model=True,
         description="Freeze parameters by name: `freeze_patterns` and/or `freeze_trainable_patterns`.",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Collection, Dict, List, Optional
+from typing import Collection, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
 from ..model.layout import LAYER, ModelLayout
+from ..policies.rows import trainable_row_elements
 
 __all__ = [
     "block_rows", "count_metrics", "format_block_table", "format_part_lines", "freeze_metrics", "model_metrics",
@@ -30,10 +31,13 @@ def model_metrics(model: nn.Module) -> Dict[str, float]:
     return count_metrics(sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
 
 
-def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, object]]:
+def block_rows(
+    layout: ModelLayout, frozen: Collection[str], trainable_rows: Optional[Mapping[str, Sequence[int]]] = None
+) -> List[Dict[str, object]]:
     """One row per block: position, name, kind, layer index, parameter count, state (and the part, on a
-    multi-part model)."""
+    multi-part model). A block with trainable rows of frozen parameters says how many rows train."""
     frozen = set(frozen)
+    row_elements = trainable_row_elements(layout, trainable_rows)
     rows = []
     for position, block in enumerate(layout.blocks):
         frozen_count = sum(size for name, size in zip(block.parameters, block.sizes) if name in frozen)
@@ -43,6 +47,12 @@ def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, o
             state = "frozen"
         else:
             state = f"partial ({100 * (block.num_parameters - frozen_count) / block.num_parameters:.1f}% trainable)"
+        with_rows = [name for name in block.parameters if name in row_elements]
+        if with_rows:
+            unit = {name: "experts" if block.kind == "layer" else "rows" for name in with_rows}
+            counts = [f"{len(trainable_rows[n]):,}/{layout.row_counts[n]:,} {unit[n]} of {n.rsplit('.', 1)[-1]}" for n in with_rows]
+            state += f" except {', '.join(counts)}"
+            frozen_count -= sum(row_elements[name] for name in with_rows)
         rows.append(
             {
                 "position": position,
@@ -58,8 +68,11 @@ def block_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, o
     return rows
 
 
-def freeze_metrics(layout: ModelLayout, frozen: Collection[str]) -> Dict[str, float]:
-    """The `freeze/...` metrics the callback adds to the Trainer's logs.
+def freeze_metrics(
+    layout: ModelLayout, frozen: Collection[str], trainable_rows: Optional[Mapping[str, Sequence[int]]] = None
+) -> Dict[str, float]:
+    """The `freeze/...` metrics the callback adds to the Trainer's logs (with trainable rows of frozen parameters:
+    `freeze/trainable_rows`, and their elements in `freeze/trainable_row_params`, counted in `trainable_params`).
 
     Example:
 
@@ -73,8 +86,12 @@ def freeze_metrics(layout: ModelLayout, frozen: Collection[str]) -> Dict[str, fl
     sizes = layout.parameter_sizes
     frozen = set(frozen)
     total = sum(sizes.values())
-    trainable = total - sum(size for name, size in sizes.items() if name in frozen)
+    row_elements = trainable_row_elements(layout, trainable_rows)
+    trainable = total - sum(size for name, size in sizes.items() if name in frozen) + sum(row_elements.values())
     metrics = {**count_metrics(trainable, total), "freeze/frozen_layers": len(layout.frozen_layer_indices(frozen))}
+    if row_elements:
+        metrics["freeze/trainable_rows"] = sum(len(trainable_rows[name]) for name in row_elements)
+        metrics["freeze/trainable_row_params"] = sum(row_elements.values())
     for row in part_rows(layout, frozen):  # a multi-part model: what trains in each part
         metrics[f"freeze/trainable_params/{row['part']}"] = row["trainable_parameters"]
     return metrics
@@ -126,9 +143,11 @@ def summary_line(metrics: Dict[str, float], num_layers: Optional[int] = None) ->
     )
 
 
-def format_block_table(layout: ModelLayout, frozen: Collection[str]) -> str:
+def format_block_table(
+    layout: ModelLayout, frozen: Collection[str], trainable_rows: Optional[Mapping[str, Sequence[int]]] = None
+) -> str:
     """A fixed-width table a person can read in a log."""
-    rows = block_rows(layout, frozen)
+    rows = block_rows(layout, frozen, trainable_rows)
     headers = ["#", "block", "kind", "layer", "params", "state"]
     cells = [
         [str(row["position"]), str(row["name"]), str(row["kind"]), str(row["layer"]), f"{row['parameters']:,}", str(row["state"])]

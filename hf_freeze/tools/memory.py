@@ -19,10 +19,11 @@ Activations follow what autograd really keeps:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, Mapping, Optional, Sequence
 
 from ..errors import invalid_choice
 from ..model.layout import LAYER, ModelLayout
+from ..policies.rows import trainable_row_elements
 
 __all__ = [
     "FROZEN_ON_PATH_RATIO",
@@ -160,8 +161,10 @@ def estimate_training_memory(
     precision: str = "fp32",
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
+    trainable_rows: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> MemoryEstimate:
-    """Estimate the memory of one training step with the parameters in ``frozen`` frozen.
+    """Estimate the memory of one training step with the parameters in ``frozen`` frozen (``trainable_rows``: rows
+    of frozen parameters that train, with gradients and optimizer states of their own).
 
     Example:
 
@@ -185,10 +188,12 @@ def estimate_training_memory(
     sizes = layout.parameter_sizes
     total = sum(sizes.values())
     trainable = total - sum(size for name, size in sizes.items() if name in frozen)
+    trainable += sum(trainable_row_elements(layout, trainable_rows).values())
     activations = None
     if shape is not None:
+        # A parameter that trains by rows takes part in the backward pass.
         activations = _activation_bytes(
-            layout, frozen, shape, batch_size * sequence_length, bytes_of.activation, gradient_checkpointing
+            layout, frozen - set(trainable_rows or ()), shape, batch_size * sequence_length, bytes_of.activation, gradient_checkpointing
         )
     return MemoryEstimate(
         weights=total * bytes_of.weight,

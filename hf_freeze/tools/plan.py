@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from ..config import FreezeArguments
 from ..errors import FreezeConfigError, invalid_choice
 from ..model import ModelLayout
 from ..policies import STRATEGIES
 from ..policies.parts import counted_layout
+from ..policies.core import trainable_rows
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
 from .memory import ActivationShape, MemoryEstimate, estimate_training_memory
 
@@ -110,6 +111,8 @@ class FreezePlan:
     policy_memory: MemoryEstimate
     peak_memory: MemoryEstimate
     settings: Dict[str, Any] = field(default_factory=dict)
+    # Rows of frozen parameters that train (`freeze_trainable_tokens`, `freeze_trainable_experts`, row ranges).
+    trainable_rows: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def dynamic(self) -> bool:
@@ -157,8 +160,10 @@ def make_plan(
     for key in ("max_steps", "num_epochs"):
         memory.pop(key)
 
-    def estimate(frozen) -> MemoryEstimate:
-        return estimate_training_memory(layout, frozen, shape, **memory)
+    rows = trainable_rows(layout, arguments)
+
+    def estimate(frozen, with_rows: bool = True) -> MemoryEstimate:
+        return estimate_training_memory(layout, frozen, shape, trainable_rows=rows if with_rows else None, **memory)
 
     per_entry = [estimate(entry.frozen) for entry in timeline]
     return FreezePlan(
@@ -166,11 +171,12 @@ def make_plan(
         layout=layout,
         arguments=arguments,
         timeline=timeline,
-        full_memory=estimate(()),
+        full_memory=estimate((), with_rows=False),
         # An adaptive policy starts with a probe that trains everything: its steady state is the selection.
         policy_memory=min(per_entry, key=lambda item: item.total) if strategy.needs_scores else per_entry[0],
         peak_memory=max(per_entry, key=lambda item: item.total),
         settings=settings,
+        trainable_rows=rows,
     )
 
 

@@ -22,8 +22,9 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
         "policy": {key: value for key, value in plan.arguments.freeze_options().items() if value is not None},
         "dynamic": plan.dynamic,
         "settings": plan.settings,
-        "blocks": block_rows(plan.layout, plan.frozen),
-        "totals": freeze_metrics(plan.layout, plan.frozen),
+        "blocks": block_rows(plan.layout, plan.frozen, plan.trainable_rows),
+        "totals": freeze_metrics(plan.layout, plan.frozen, plan.trainable_rows),
+        "trainable_rows": {name: list(rows) for name, rows in plan.trainable_rows.items()},
         "parts": [
             dict(row, memory_full_finetuning=full.as_dict(), memory_policy=policy.as_dict())
             for row, full, policy in _parts(plan)
@@ -38,7 +39,7 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
                 "step": entry.step,
                 "epoch": round(entry.epoch, 4),
                 "frozen_layers": plan.layout.frozen_layer_indices(entry.frozen),
-                "trainable_params": freeze_metrics(plan.layout, entry.frozen)["freeze/trainable_params"],
+                "trainable_params": freeze_metrics(plan.layout, entry.frozen, plan.trainable_rows)["freeze/trainable_params"],
             }
             for entry in plan.timeline
         ],
@@ -53,9 +54,9 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
         f"Model: {plan.model_class} from {source} (built on the meta device: no weights loaded)",
         f"Policy: {policy}",
         "",
-        format_block_table(plan.layout, plan.frozen),
+        format_block_table(plan.layout, plan.frozen, plan.trainable_rows),
         "",
-        summary_line(freeze_metrics(plan.layout, plan.frozen), plan.layout.num_layers),
+        summary_line(freeze_metrics(plan.layout, plan.frozen, plan.trainable_rows), plan.layout.num_layers),
     ]
     lines += [f"Note: {note}" for note in plan_notes(plan)]
     lines += ["", *_timeline_lines(plan), ""]

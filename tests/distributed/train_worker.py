@@ -11,6 +11,8 @@ plus optional scenario keys:
 - ``"reapply_each_step": true``: re-decide and re-apply the policy at every step (what a schedule does).
 - ``"force_apply_before_wrap": true``: apply a dynamic policy before the DDP wrap anyway (a negative control).
 - ``"unfreeze_after_init": true``: make every parameter trainable between ``Trainer(...)`` and ``train()``.
+- ``"model": "llama"``, ``"resize_to": N``: another tiny model, its vocabulary resized to N (the original size
+  recorded for `freeze_trainable_tokens: new`), trained on tokens drawn from all N.
 
 Per step it also records which parameters were frozen and which changed, and the adaptive selections (scores).
 
@@ -105,6 +107,12 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def _other_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
+    keep = torch.ones(tensor.shape[0], dtype=torch.bool)
+    keep[list(rows)] = False
+    return tensor.detach()[keep]
+
+
 def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
     training = dict(ddp_backend="gloo", max_steps=3, per_device_train_batch_size=4)
     training.update(run.get("training", {}))
@@ -116,7 +124,10 @@ def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
     callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback]) + [meter.recorder]
     if run.get("reapply_each_step"):
         callbacks.append(ReapplyEachStep(freeze_callback))
-    trainer = tiny.trainer_for(model, args, callbacks=callbacks)
+    data = None
+    if run.get("resize_to"):
+        data = tiny.TokenClassificationData(vocab=run["resize_to"], causal_lm=True)
+    trainer = tiny.trainer_for(model, args, callbacks=callbacks, data=data)
     if run.get("add_callback_late"):
         trainer.add_callback(freeze_callback)
     if run.get("force_apply_before_wrap"):
@@ -137,7 +148,13 @@ def new_model(run: dict):
         return AutoModelForSequenceClassification.from_pretrained(run["pretrained"], num_labels=2)
     if run.get("model") == "llava":  # a vision-language model, trained here on text alone
         return tiny.tiny_llava(seed=0)
-    return tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
+    model = tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
+    if run.get("resize_to"):
+        from hf_freeze.model import record_vocabulary_size
+
+        record_vocabulary_size(model)
+        model.resize_token_embeddings(run["resize_to"])
+    return model
 
 
 def run_one(run: dict, output_dir: Path) -> dict:
@@ -164,7 +181,17 @@ def run_one(run: dict, output_dir: Path) -> dict:
         "trainable_params": sum(p.numel() for p in after.values() if p.requires_grad),
         "frozen_at_start": meter.frozen_at_start,
         "frozen": sorted(name for name, p in after.items() if not p.requires_grad),
-        "changed": sorted(name for name, p in after.items() if not torch.equal(before[name], p.detach())),
+        "changed": sorted(name for name, p in after.items() if name in before and not torch.equal(before[name], p.detach())),
+        # Parameters that train by rows: whether every other row is bit-identical, and a digest of the trained rows.
+        "frozen_rows_unchanged": {
+            name: bool(torch.equal(_other_rows(before[name], rows), _other_rows(after[name], rows)))
+            for name, rows in freezer.applier.rows.selection().items()
+        },
+        "row_digests": {name: digest(p) for name, p in freezer.applier.rows.parameters.items()},
+        "rows_changed": {
+            name: not torch.equal(before[name][list(rows)], freezer.applier.rows.parameters[name].detach())
+            for name, rows in freezer.applier.rows.selection().items()
+        },
         "digests": {name: digest(p) for name, p in after.items()},
         "bytes_per_step": meter.per_step,
         "steps": meter.recorder.steps,

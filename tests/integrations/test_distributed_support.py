@@ -177,3 +177,13 @@ def test_flipping_requires_grad_after_a_wrap_is_refused():
 
 def test_rank_agreement_is_a_no_op_without_a_process_group():
     raise_if_ranks_disagree(["anything"])  # one process: nothing to compare, no collective
+
+
+@pytest.mark.parametrize("setup", [FSDP2, ZERO3], ids=["fsdp2", "zero3"])
+def test_callback_refuses_trainable_rows_on_sharded_parameters(tmp_path, monkeypatch, setup):
+    monkeypatch.setattr(distributed, "detect_setup", lambda args, model: setup)
+    model = build("bert")
+    with pytest.raises(FreezeConfigError, match="shards the parameters they belong to"):
+        trainer_for(model, TrainingArguments(**training_kwargs(tmp_path)),
+                    callbacks=[FreezeCallback(freeze_trainable_tokens=[5])])
+    assert not hasattr(model, "hf_freeze_rows")  # refused before anything was attached

@@ -48,7 +48,8 @@ def test_text_only_training_says_what_freeze_unused_modalities_would_save(tmp_pa
 
     model = tiny_llava()
     before = snapshot(model)
-    args = FreezeTrainingArguments(**training_kwargs(tmp_path), freeze_strategy="none")
+    # log_level: another test in this process may have set hf_freeze's logger to warnings only.
+    args = FreezeTrainingArguments(**training_kwargs(tmp_path, log_level="info"), freeze_strategy="none")
     logging.getLogger("hf_freeze").addHandler(caplog.handler)
     try:
         trainer_for(model, args, [FreezeCallback()]).train()  # text only: input_ids and labels

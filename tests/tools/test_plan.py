@@ -246,3 +246,18 @@ def test_a_vision_language_plan_shows_memory_per_part(capsys, tmp_path):
             assert row["memory_policy"]["gradients"] == row["memory_policy"]["optimizer_states"] == 0
     assert main(["plan", str(tmp_path), "--freeze_strategy", "llama_factory", "--freeze_trainable_layers", "1"]) == 0
     assert "By part" in capsys.readouterr().out
+
+
+def test_plan_shows_trainable_rows_and_counts_their_memory():
+    from hf_freeze.tools.plan import make_plan
+    from hf_freeze.tools.plan_report import format_plan, plan_as_dict
+
+    model = tiny.build("llama")
+    only_rows = FreezeArguments(freeze_strategy="pattern", freeze_patterns=[".*"], freeze_trainable_tokens=[3, 4, 5])
+    plan = make_plan(model, only_rows)
+    hidden = model.config.hidden_size
+    # Two matrices (untied head), three rows each: the only gradients and AdamW states of the run.
+    assert plan.policy_memory.gradients == 2 * 3 * hidden * 4
+    assert plan.policy_memory.optimizer_states == 2 * 2 * 3 * hidden * 4
+    assert "frozen except 3/128 rows of weight" in format_plan(plan)
+    assert plan_as_dict(plan)["trainable_rows"]["lm_head.weight"] == [3, 4, 5]
