@@ -11,6 +11,7 @@ from torch import nn
 from ..model.discovery import unwrap_model
 from ..model.layout import ModelLayout
 from ..policies import FreezeDecision
+from .chunked_loss import set_chunked_loss
 from .frozen_prefix import FrozenPrefixHooks
 from .health import FrozenModulesEval
 
@@ -66,8 +67,13 @@ class FreezeApplier:
     ```
     """
 
-    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False):
+    def __init__(
+        self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False,
+        chunked_loss: bool = False,
+    ):
         self.model = unwrap_model(model)
+        # The causal-LM loss in chunks of tokens (`freeze_chunked_loss`), whatever is frozen.
+        self.chunked_loss = set_chunked_loss(self.model, chunked_loss)
         self.parameters: Dict[str, nn.Parameter] = dict(self.model.named_parameters())
         # Frozen modules in eval mode (`freeze_frozen_modules_eval`), kept in step with every application.
         self.eval_modules = FrozenModulesEval(self.model) if frozen_modules_eval else None

@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes
+from ..apply import AppliedChange, FreezeApplier, HealthCheck, chunked_loss_unsupported, optimizer_state_bytes
 from ..config import FreezeArguments, arguments_from
+from ..errors import FreezeConfigError
 from ..logging import get_logger
 from ..model import discover_layout, peft_adapter_reason, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
@@ -69,7 +70,9 @@ class LayerFreezer:
             )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
         self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
-        self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
+        self.applier = FreezeApplier(
+            self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval), self._wants_chunked_loss()
+        )
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
             report=lambda message: logger.warning(message) if is_main_process() else None,
@@ -89,6 +92,19 @@ class LayerFreezer:
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
             if self.strategy.needs_scores:
                 self.probe = LayerProbe(self.model, self.layout, self.arguments)
+
+    def _wants_chunked_loss(self) -> bool:
+        """`freeze_chunked_loss`: on by default where it computes the model's own loss; asked for elsewhere, refused."""
+        setting = self.arguments.freeze_chunked_loss
+        if setting is False or self.skipped:
+            return False
+        reason = chunked_loss_unsupported(self.model)
+        if reason is not None and setting:
+            raise FreezeConfigError(
+                f"`freeze_chunked_loss` is true, but the chunked loss cannot compute this model's loss: {reason}.",
+                field="freeze_chunked_loss", value=setting, hint="Leave it unset or set it to false.",
+            )
+        return reason is None
 
     @property
     def skipped(self) -> bool:
