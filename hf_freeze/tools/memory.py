@@ -13,7 +13,9 @@ Activations follow what autograd really keeps:
   Llama, hence `FROZEN_ON_PATH_RATIO`);
 * with gradient checkpointing, a layer on the gradient path keeps only its input, plus one layer's activations at
   a time while it is recomputed;
-* an LM head adds the logits, in the activation precision and in float32 for the loss.
+* an LM head adds the logits, in the activation precision and in float32 for the loss; with the chunked loss
+  (`freeze_chunked_loss`) one chunk's logits at a time, plus the gradient of the hidden states that the loss computes
+  in the forward pass.
 """
 
 from __future__ import annotations
@@ -159,8 +161,10 @@ def estimate_training_memory(
     precision: str = "fp32",
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
+    loss_chunk_tokens: Optional[int] = None,
 ) -> MemoryEstimate:
-    """Estimate the memory of one training step with the parameters in ``frozen`` frozen.
+    """Estimate the memory of one training step with the parameters in ``frozen`` frozen; ``loss_chunk_tokens``:
+    the causal-LM loss is computed that many tokens at a time (`freeze_chunked_loss`).
 
     Example:
 
@@ -187,7 +191,8 @@ def estimate_training_memory(
     activations = None
     if shape is not None:
         activations = _activation_bytes(
-            layout, frozen, shape, batch_size * sequence_length, bytes_of.activation, gradient_checkpointing
+            layout, frozen, shape, batch_size * sequence_length, bytes_of.activation, gradient_checkpointing,
+            loss_chunk_tokens,
         )
     return MemoryEstimate(
         weights=total * bytes_of.weight,
@@ -197,7 +202,10 @@ def estimate_training_memory(
     )
 
 
-def _activation_bytes(layout, frozen, shape: ActivationShape, tokens: int, element_bytes: int, checkpointing: bool) -> int:
+def _activation_bytes(
+    layout, frozen, shape: ActivationShape, tokens: int, element_bytes: int, checkpointing: bool,
+    loss_chunk_tokens: Optional[int] = None,
+) -> int:
     trains = [any(name not in frozen for name in block.parameters) for block in layout.blocks]
     if not any(trains):
         return 0
@@ -214,8 +222,14 @@ def _activation_bytes(layout, frozen, shape: ActivationShape, tokens: int, eleme
             total += per_layer * (1.0 if block_trains else FROZEN_ON_PATH_RATIO)
     if checkpointing and on_path_layers:
         total += per_layer  # the one layer being recomputed during backward
-    # The loss upcasts the logits to float32 and keeps both copies for its backward.
-    total += tokens * shape.vocab_size * (element_bytes + 4)
+    if loss_chunk_tokens and shape.vocab_size:
+        # One chunk's logits and their float32 copy at a time, and the hidden states' gradient, held from the loss
+        # (computed in the forward pass) until the backward pass reaches the head.
+        total += min(tokens, loss_chunk_tokens) * shape.vocab_size * (element_bytes + 4)
+        total += tokens * shape.hidden_size * element_bytes
+    else:
+        # The loss upcasts the logits to float32 and keeps both copies for its backward.
+        total += tokens * shape.vocab_size * (element_bytes + 4)
     return int(total)
 
 

@@ -217,3 +217,18 @@ def test_adaptive_plan_shows_the_probes_and_the_memory_after_the_selection(capsy
     # The probes train everything: the peak is full fine-tuning; after the selection, 2 of 4 layers hold no state.
     assert memory["policy_peak"]["total"] == memory["full_finetuning"]["total"] > memory["policy"]["total"]
     assert memory["policy"]["optimizer_states"] < memory["full_finetuning"]["optimizer_states"]
+
+
+def test_the_estimate_follows_the_chunked_loss(capsys, llama_70b_json):
+    """Training computes the loss in chunks by default: the plan counts one chunk's logits, and all of them with
+    `--chunked_loss false`."""
+    plans = {}
+    for setting in ("true", "false"):
+        code, out, _ = run_cli(capsys, "plan", llama_70b_json, "--strategy", "bottom", "--layers", "60", "--batch-size",
+                               "2", "--seq-len", "4096", "--gradient-checkpointing", "--chunked_loss", setting, "--json")
+        assert code == 0
+        plans[setting] = json.loads(out)
+    assert plans["true"]["settings"]["chunked_loss"] and not plans["false"]["settings"]["chunked_loss"]
+    tokens, vocab, hidden = 2 * 4096, 128256, 8192
+    saved = plans["false"]["memory"]["policy"]["activations"] - plans["true"]["memory"]["policy"]["activations"]
+    assert saved == tokens * vocab * 8 - 256 * vocab * 8 - tokens * hidden * 4
