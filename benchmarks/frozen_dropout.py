@@ -92,17 +92,37 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "frozen_dropout"))
+    parser.add_argument("--report-only", action="store_true", help="Report the runs in OUTPUT/runs; train none.")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="Only train (several commands can share the seeds); a later command writes the report.")
     options = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    train = Encoded(tokenizer, *_read(os.path.join(options.data, "train.tsv"), options.train_samples), options.max_length)
-    dev = Encoded(tokenizer, *_read(os.path.join(options.data, "dev.tsv")), options.max_length)
+    data = None
+    if not options.report_only:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        train = Encoded(tokenizer, *_read(os.path.join(options.data, "train.tsv"), options.train_samples), options.max_length)
+        dev = Encoded(tokenizer, *_read(os.path.join(options.data, "dev.tsv")), options.max_length)
+        data = (tokenizer, train, dev)
+    # Each finished run is kept in OUTPUT/runs/: an interrupted study resumes, and seeds run by separate commands merge.
+    folder = os.path.join(options.output, "runs")
+    os.makedirs(folder, exist_ok=True)
     runs = []
     for seed in options.seeds:
         for eval_mode in (True, False):
-            runs.append(train_once(options, seed, eval_mode, (tokenizer, train, dev)))
+            path = os.path.join(folder, f"seed{seed}-{'eval' if eval_mode else 'dropout'}.json")
+            finished = os.path.exists(path) and os.path.getsize(path) > 0
+            if options.report_only and not finished:
+                continue
+            if not finished:
+                run = train_once(options, seed, eval_mode, data)
+                with open(path, "w") as handle:
+                    json.dump(run, handle)
+            with open(path) as handle:
+                runs.append(json.load(handle))
             print(json.dumps(runs[-1]), flush=True)
+    if not options.report:
+        return
     command = "python benchmarks/frozen_dropout.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.makedirs(options.output, exist_ok=True)
     with open(os.path.join(options.output, "results.json"), "w") as handle:
@@ -125,14 +145,19 @@ def report(runs, options, command: str) -> str:
         "|---|---|---|---|---|",
     ]
     for seed in seeds:
-        on, off = by[(seed, True)], by[(seed, False)]
-        lines.append(f"| {seed} | {on['accuracy']:.4f} | {off['accuracy']:.4f} | {on['accuracy'] - off['accuracy']:+.4f} | "
-                     f"{on['train_cpu_s']:.0f} s / {off['train_cpu_s']:.0f} s = {on['train_cpu_s'] / off['train_cpu_s']:.2f} |")
-    on = [by[(seed, True)]["accuracy"] for seed in seeds]
-    off = [by[(seed, False)]["accuracy"] for seed in seeds]
-    differences = [a - b for a, b in zip(on, off)]
-    lines.append(f"| mean | {statistics.fmean(on):.4f} | {statistics.fmean(off):.4f} | {statistics.fmean(differences):+.4f} "
-                 f"(min {min(differences):+.4f}, max {max(differences):+.4f}) | |")
+        on, off = by.get((seed, True)), by.get((seed, False))
+        cells = [f"{run['accuracy']:.4f}" if run else "not run" for run in (on, off)]
+        paired = on and off
+        lines.append(f"| {seed} | {cells[0]} | {cells[1]} | {on['accuracy'] - off['accuracy']:+.4f} | "
+                     f"{on['train_cpu_s']:.0f} s / {off['train_cpu_s']:.0f} s = {on['train_cpu_s'] / off['train_cpu_s']:.2f} |"
+                     if paired else f"| {seed} | {cells[0]} | {cells[1]} | | |")
+    paired = [seed for seed in seeds if (seed, True) in by and (seed, False) in by]
+    if paired:
+        on = [by[(seed, True)]["accuracy"] for seed in paired]
+        off = [by[(seed, False)]["accuracy"] for seed in paired]
+        differences = [a - b for a, b in zip(on, off)]
+        lines.append(f"| mean of {len(paired)} paired seed(s) | {statistics.fmean(on):.4f} | {statistics.fmean(off):.4f} | "
+                     f"{statistics.fmean(differences):+.4f} (min {min(differences):+.4f}, max {max(differences):+.4f}) | |")
     return "\n".join(lines) + "\n"
 
 

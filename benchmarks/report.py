@@ -112,7 +112,7 @@ def description(results, settings) -> str:
     return (
         f"Device: {device}; step time is {clock}. Batch {_batches(settings, models)} x {settings['seq_len']} tokens, "
         f"fp32, AdamW. Step time: the configurations of a model ran side by side in one process, taking turns step "
-        f"by step; {settings['repeats']} repeats (fresh processes, rotated order), each the median of "
+        f"by step; {_repeats(results, models)} (fresh processes, rotated order), each the median of "
         f"{settings['steps']} steps after {settings['warmup']} warm-up steps. Peak memory: one process per "
         f"configuration. Command: `{settings['command']}` ({settings['wall_time_s']} s).\n\n"
         "Cells: step time, median over repeats (ratio to full fine-tuning: median over repeats, min-max); FLOP limit: "
@@ -147,6 +147,14 @@ def model_table(results, model: str) -> List[str]:
             row += [_cell_time(result, ratio), f"{ratio['limit']:.3f}" if ratio else "", _cell_memory(result, ratio)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _repeats(results, models) -> str:
+    counts = {model: max((len(r.get("repeat_step_times") or [1]) for r in results if r.get("model") == model and _ok(r)),
+                         default=0) for model in models}
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} repeats"
+    return "repeats: " + ", ".join(f"{model} {count}" for model, count in counts.items())
 
 
 def _batches(settings, models) -> str:

@@ -45,6 +45,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1, see worker.py).")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="Skip the peak-memory processes.")
+    parser.add_argument("--no-time", dest="time", action="store_false",
+                        help="Run no side-by-side step timing (use the runs already in OUTPUT/runs).")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="Only measure (into OUTPUT/runs); a later command with the same options merges the runs.")
     parser.add_argument("--output", help="Folder for the table and charts (default: see above).")
     parser.add_argument("--timeout", type=int, default=3600, help="Seconds one process may take.")
     parser.add_argument("--report-only", action="store_true", help="Rewrite the table and charts from --output's results.json.")
@@ -108,6 +112,10 @@ def main(argv=None) -> None:
     started = time.time()
     groups = [(model, mode) for model in args.models for mode in args.checkpointing]
     by_key = {}
+    # Every finished run is kept in OUTPUT/runs/: an interrupted benchmark resumes there, and runs made by separate
+    # commands (one model each, memory alone) merge into one report.
+    runs = os.path.join(args.output, "runs")
+    os.makedirs(runs, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
             for model, mode in groups:
@@ -115,10 +123,16 @@ def main(argv=None) -> None:
                 options = dict(
                     model=model, configs=configs, checkpointing=mode, warmup=args.warmup, steps=args.steps,
                     batch_size=_batch_size(args, model), seq_len=args.seq_len, device=args.device, threads=args.threads,
-                    out=os.path.join(scratch, f"{model}-{mode}-{repeat}.json"),
+                    out=os.path.join(runs, f"{model}-{mode}-{repeat}.json"),
                 )
                 t0 = time.time()
-                results = _run_in_own_process(context, _side_by_side_to_file, options, args.timeout)
+                results = _finished(options["out"])
+                if results is not None:
+                    pass
+                elif args.time:
+                    results = _run_in_own_process(context, _side_by_side_to_file, options, args.timeout)
+                else:
+                    continue
                 if isinstance(results, dict):  # the whole process failed
                     results = [dict(results, config=config) for config in configs]
                 for result in results:
@@ -130,16 +144,21 @@ def main(argv=None) -> None:
         if args.memory:
             for model, mode in groups:
                 for config in args.configs:
-                    if by_key[(model, config, mode)][0].get("status") != "ok":
+                    if (model, config, mode) in by_key and by_key[(model, config, mode)][0].get("status") != "ok":
                         continue
                     options = dict(
                         model=model, config=config, checkpointing=mode, warmup=0, steps=1,
                         batch_size=_batch_size(args, model), seq_len=args.seq_len, device=args.device,
-                        threads=args.threads, measure_memory=True, out=os.path.join(scratch, f"memory-{model}-{config}-{mode}.json"),
+                        threads=args.threads, measure_memory=True, out=os.path.join(runs, f"memory-{model}-{config}-{mode}.json"),
                     )
-                    result = _run_in_own_process(context, worker.run_one, options, args.timeout)
+                    result = _finished(options["out"])
+                    if result is None:
+                        result = _run_in_own_process(context, worker.run_one, options, args.timeout)
                     memory[(model, config, mode)] = result.get("peak_memory")
                     print(f"[memory] {model} {config} ckpt={mode}: {(result.get('peak_memory') or 0) / 2**20:.0f} MB", flush=True)
+        if not args.report:
+            print(f"measured into {runs} in {time.time() - started:.0f} s")
+            return
         results = [_combine(model, config, mode, repeats, memory.get((model, config, mode)))
                    for (model, config, mode), repeats in by_key.items()]
         options = dict(out=os.path.join(scratch, "overhead.json"), seq_len=args.seq_len, batch_size=8)
@@ -158,8 +177,19 @@ def main(argv=None) -> None:
 def _side_by_side_to_file(options: dict) -> None:
     import side_by_side
 
-    with open(options["out"], "w") as handle:
-        json.dump(side_by_side.run_side_by_side(options), handle)
+    results = side_by_side.run_side_by_side(options)
+    with open(options["out"] + ".partial", "w") as handle:  # a run cut short leaves no file that looks finished
+        json.dump(results, handle)
+    os.replace(options["out"] + ".partial", options["out"])
+
+
+def _finished(path: str):
+    """The saved run at ``path``, or None when there is none (or only a run cut short)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
 
 
 def _combine(model, config, mode, repeats, peak_memory) -> dict:

@@ -71,8 +71,9 @@ def run_one(options: dict) -> dict:
         if not isinstance(error, FreezeConfigError):
             raise
         result.update(status="n/a", message=str(error).split(". ")[0].split(":")[0])
-    with open(args.out, "w") as handle:
+    with open(args.out + ".partial", "w") as handle:  # a run cut short leaves no file that looks finished
         json.dump(result, handle)
+    os.replace(args.out + ".partial", args.out)
     return result
 
 

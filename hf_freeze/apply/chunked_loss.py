@@ -74,7 +74,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in ctx.gradients]
+        # Scaled in place and handed over: a copy would hold the head's gradient twice until the graph is freed.
+        grads, ctx.gradients = ctx.gradients, None
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
         return grads[0], grads[1], grads[2], None, None, None
 
 
