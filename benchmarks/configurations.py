@@ -16,7 +16,12 @@ MODELS = {
     "gpt2": dict(kind="causal_lm", layers=8, hidden=256, description="GPT-2 style, 8 x 256, vocab 2048 (tied head)"),
     "llama": dict(kind="causal_lm", layers=8, hidden=256, description="Llama style, 8 x 256, GQA 4/2, vocab 2048"),
     "minilm": dict(kind="classification", layers=6, hidden=384, description="pretrained MiniLM-L6-H384 (BERT), 2 labels"),
+    # Llama-3's vocabulary on a tiny stack: the logits dominate the activations, as they do for Llama-3-8B at long
+    # sequences. Not in the default matrix (`--models llama128k`); batch 4 keeps a step near 2 s of CPU time.
+    "llama128k": dict(kind="causal_lm", layers=2, hidden=256, batch_size=4,
+                      description="Llama style, 2 x 256, vocab 128256 (Llama-3's), untied head"),
 }
+DEFAULT_MODELS = ["gpt2", "llama", "minilm"]
 VOCAB = 2048
 
 
@@ -35,6 +40,12 @@ def build_model(name: str, seq_len: int):
         config = AutoConfig.for_model(
             "llama", num_hidden_layers=8, hidden_size=256, intermediate_size=688, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=seq_len,
+        )
+        return AutoModelForCausalLM.from_config(config)
+    if name == "llama128k":
+        config = AutoConfig.for_model(
+            "llama", num_hidden_layers=2, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128256, max_position_embeddings=seq_len,
         )
         return AutoModelForCausalLM.from_config(config)
     if name == "minilm":
@@ -58,6 +69,7 @@ class Configuration:
         lora: Wrap the model in a PEFT LoRA adapter of this rank instead.
         by_hand: Freeze the bottom half by setting `requires_grad` directly, without hf_freeze.
         limit: The FLOP model's cost relative to full fine-tuning, from the frozen fraction f and checkpointing.
+        causal_lm_only: The row is about the LM head's loss (n/a for a classifier).
     """
 
     name: str
@@ -66,6 +78,7 @@ class Configuration:
     by_hand: bool = False
     limit: Optional[Callable[[float, bool], float]] = None
     label: str = ""
+    causal_lm_only: bool = False
 
 
 # FLOP model, per layer: forward 1, backward 2 (1 for the input gradient, 1 for the weight gradient), plus a
@@ -98,7 +111,9 @@ CONFIGURATIONS = {
     for c in [
         Configuration("full", limit=lambda f, c: 1.0, label="full fine-tuning"),
         Configuration("bottom25", {"freeze_strategy": "bottom", "freeze_layers": 0.25}, limit=bottom_limit, label="bottom 25%"),
-        Configuration("bottom50", {"freeze_strategy": "bottom", "freeze_layers": 0.5}, limit=bottom_limit, label="bottom 50%"),
+        # Frozen modules follow the model's training mode (dropout on); `bottom50_eval` below runs them in eval mode.
+        Configuration("bottom50", {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_frozen_modules_eval": False},
+                      limit=bottom_limit, label="bottom 50%"),
         Configuration("bottom75", {"freeze_strategy": "bottom", "freeze_layers": 0.75}, limit=bottom_limit, label="bottom 75%"),
         Configuration("top50", {"freeze_strategy": "top", "freeze_layers": 0.5}, limit=_backward_through_all, label="top 50%"),
         Configuration("interval", {"freeze_strategy": "interval", "freeze_interval": 2}, limit=_backward_through_all, label="interval (every 2nd)"),
@@ -106,6 +121,19 @@ CONFIGURATIONS = {
         Configuration("head_only", {"freeze_strategy": "head_only"}, limit=_forward_only, label="head only"),
         Configuration("lora8", lora=8, limit=_input_gradients_only, label="LoRA r=8 (peft)"),
         Configuration("bottom50_hand", by_hand=True, limit=bottom_limit, label="bottom 50% by hand (no hf_freeze)"),
+        # The levers, one at a time against bottom 50% with hf_freeze's defaults.
+        Configuration("full_chunked", {"freeze_strategy": "none", "freeze_chunked_loss": True}, limit=lambda f, c: 1.0,
+                      label="full fine-tuning, chunked loss", causal_lm_only=True),
+        Configuration("bottom50_unchunked", {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_chunked_loss": False,
+                                             "freeze_frozen_modules_eval": False},
+                      limit=bottom_limit, label="bottom 50%, unchunked loss", causal_lm_only=True),
+        Configuration("bottom50_eval", {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_frozen_modules_eval": True},
+                      limit=bottom_limit, label="bottom 50%, frozen modules in eval mode"),
     ]
 }
 QUICK_CONFIGURATIONS = ["full", "bottom50", "top50", "lora8", "bottom50_hand"]
+# The default matrix: the rows that carry a figure of the docs (the other rows on request, `--configs`).
+DEFAULT_CONFIGURATIONS = ["full", "bottom50", "bottom75", "lora8", "bottom50_hand", "full_chunked", "bottom50_unchunked",
+                          "bottom50_eval"]
+# hf_freeze's bottom 50% against the same freezing by hand: the same loss on both sides.
+BY_HAND_PEER = {"causal_lm": "bottom50_unchunked", "classification": "bottom50"}

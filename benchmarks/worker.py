@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,31 +71,36 @@ def run_one(options: dict) -> dict:
         if not isinstance(error, FreezeConfigError):
             raise
         result.update(status="n/a", message=str(error).split(". ")[0].split(":")[0])
-    with open(args.out, "w") as handle:
+    with open(args.out + ".partial", "w") as handle:  # a run cut short leaves no file that looks finished
         json.dump(result, handle)
+    os.replace(args.out + ".partial", args.out)
     return result
 
 
-def measure(args) -> dict:
+def build_trainer(args, callbacks, max_steps: int):
+    """The model of ``args.model`` with configuration ``args.config`` applied, under a real Trainer.
+
+    Returns (trainer, model, layout); raises `FreezeConfigError` for a configuration that does not apply.
+    """
     import torch
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
-
     from transformers.utils import logging as transformers_logging
 
-    from hf_freeze import FreezeArguments, FreezeCallback, decide, discover_layout
+    from hf_freeze import FreezeArguments, FreezeCallback, FreezeConfigError, decide, discover_layout
 
     transformers_logging.disable_progress_bar()
-
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    cuda = _on_gpu(args)
     if not cuda:
         torch.set_num_threads(getattr(args, "threads", 1) or 1)
     configuration = CONFIGURATIONS[args.config]
+    if configuration.causal_lm_only and MODELS[args.model]["kind"] != "causal_lm":
+        raise FreezeConfigError(f"{configuration.label!r} needs a causal language model")
     model = build_model(args.model, args.seq_len)
     layout = discover_layout(model)
-    callbacks = []
+    callbacks = list(callbacks)
     if configuration.freeze:
-        callbacks.append(FreezeCallback(**configuration.freeze))
+        callbacks.insert(0, FreezeCallback(**configuration.freeze))
     if configuration.by_hand:
         # The same parameters as hf_freeze's bottom-50%, frozen the way a user does it by hand.
         frozen = decide(layout, FreezeArguments(freeze_strategy="bottom", freeze_layers=0.5)).frozen
@@ -105,58 +111,76 @@ def measure(args) -> dict:
 
         task = TaskType.CAUSAL_LM if MODELS[args.model]["kind"] == "causal_lm" else TaskType.SEQ_CLS
         model = get_peft_model(model, LoraConfig(r=configuration.lora, lora_alpha=2 * configuration.lora, task_type=task))
-
-    # On CPU one more step, untimed, is profiled for its memory.
-    extra = 0 if cuda or not getattr(args, "measure_memory", True) else 1
-    timer = StepTimer(cuda, profiled_step=args.warmup + args.steps)
-    model.register_forward_pre_hook(timer.forward_begins)
-    model.register_forward_hook(timer.forward_ends)
     checkpointing = args.checkpointing != "off"
-    with tempfile.TemporaryDirectory() as output_dir:
-        training_args = TrainingArguments(
-            output_dir=output_dir,
-            max_steps=args.warmup + args.steps + extra,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=1e-4,
-            logging_steps=1,  # the worst case for a callback that reports on every log
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            log_level="warning",  # keeps hf_freeze's block table out of the benchmark's output
-            use_cpu=not cuda,
-            seed=0,
-            dataloader_num_workers=0,
-            gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": args.checkpointing == "reentrant"} if checkpointing else None,
-        )
-        data = RandomTokens((args.warmup + args.steps + extra) * args.batch_size, args.seq_len, model, MODELS[args.model]["kind"])
-        trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks + [timer])
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
+    output_dir = tempfile.mkdtemp(prefix="hf_freeze_bench_")
+    training_args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4,
+        logging_steps=1,  # the worst case for a callback that reports on every log
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        log_level="warning",  # keeps hf_freeze's block table out of the benchmark's output
+        use_cpu=not cuda,
+        seed=0,
+        dataloader_num_workers=0,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": args.checkpointing == "reentrant"} if checkpointing else None,
+    )
+    data = RandomTokens(max_steps * args.batch_size, args.seq_len, model, MODELS[args.model]["kind"])
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    return trainer, model, layout
 
-    measured = timer.step_times[args.warmup:]
+
+def describe(args, model, layout) -> dict:
+    """What a configuration trains: parameter counts and frozen layers."""
+    configuration = CONFIGURATIONS[args.config]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     frozen_layers = len(layout.frozen_layer_indices(frozen)) if not configuration.lora else 0
+    return dict(trainable_params=trainable, total_params=total, frozen_layers=frozen_layers,
+                num_layers=layout.num_layers, frozen_fraction=frozen_layers / layout.num_layers)
+
+
+def _on_gpu(args) -> bool:
+    import torch
+
+    return torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+
+
+def measure(args) -> dict:
+    import torch
+
+    cuda = _on_gpu(args)
+    # On CPU one more step, untimed, is profiled for its memory.
+    extra = 0 if cuda or not getattr(args, "measure_memory", True) else 1
+    timer = StepTimer(cuda, profiled_step=args.warmup + args.steps)
+    trainer, model, layout = build_trainer(args, [timer], args.warmup + args.steps + extra)
+    model.register_forward_pre_hook(timer.forward_begins)
+    model.register_forward_hook(timer.forward_ends)
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    measured = timer.step_times[args.warmup:]
     return dict(
         device=torch.cuda.get_device_name() if cuda else "cpu",
         clock="wall time (cuda synchronized)" if cuda else f"process CPU time, {torch.get_num_threads()} thread(s)",
         step_times=timer.step_times,
         wall_times=timer.wall_times,
-        step_time=statistics.median(measured),
+        step_time=statistics.median(measured) if measured else None,
         forward_times=timer.forward_times,
-        forward_time=statistics.median(timer.forward_times[args.warmup:args.warmup + args.steps]),
-        wall_time=statistics.median(timer.wall_times[args.warmup:]),
+        forward_time=statistics.median(timer.forward_times[args.warmup:args.warmup + args.steps]) if measured else None,
+        wall_time=statistics.median(timer.wall_times[args.warmup:]) if measured else None,
         peak_memory=timer.peak_memory,
         memory_method=timer.memory_method,
-        trainable_params=trainable,
-        total_params=total,
-        frozen_layers=frozen_layers,
-        num_layers=layout.num_layers,
-        frozen_fraction=frozen_layers / layout.num_layers,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        **describe(args, model, layout),
     )
 
 

@@ -257,6 +257,17 @@ class FreezeArguments:
             "prefix, precision and tokenizer (any other run rebuilds it). Default: false, the folder is deleted."
         ),
     )
+    freeze_chunked_loss: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Causal language models: compute the training loss in chunks of 256 tokens, so that the logits "
+            "(batch x sequence x vocabulary) and their gradient are never held in full; the loss and the gradients "
+            "are those of transformers' own loss, and training forward calls return `logits=None` (evaluation calls "
+            "and calls without labels are untouched). Default: on for causal LMs whose loss it can compute (a "
+            "linear LM head, transformers' causal-LM loss, no logit soft-capping or scaling), off otherwise; true "
+            "refuses other models, false turns it off."
+        ),
+    )
     freeze_layer_paths: Optional[List[str]] = field(
         default=None,
         metadata=_help(

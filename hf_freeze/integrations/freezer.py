@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes
+from ..apply import AppliedChange, FreezeApplier, HealthCheck, chunked_loss_unsupported, optimizer_state_bytes
 from ..config import FreezeArguments, arguments_from
 from ..errors import FreezeConfigError, few
 from ..logging import get_logger
@@ -85,7 +85,9 @@ class LayerFreezer:
             if base is not None:
                 record_vocabulary_size(self.model, base)
             self.layout = replace(self.layout, base_vocabulary=base)
-        self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
+        self.applier = FreezeApplier(
+            self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval), self._wants_chunked_loss()
+        )
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
             report=lambda message: logger.warning(message) if is_main_process() else None,
@@ -110,6 +112,25 @@ class LayerFreezer:
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
             if self.strategy.needs_scores:
                 self.probe = LayerProbe(self.model, self.layout, self.arguments)
+
+    def _wants_chunked_loss(self) -> bool:
+        """`freeze_chunked_loss`: on by default where it computes the model's own loss; asked for elsewhere, refused."""
+        setting = self.arguments.freeze_chunked_loss
+        if setting is False or self.skipped:
+            return False
+        reason = chunked_loss_unsupported(self.model)
+        ranges = self.arguments.freeze_pattern_syntax == "axolotl" and any(
+            "[" in pattern for pattern in self.arguments.freeze_trainable_patterns or ()
+        )
+        if reason is None and (self.arguments.freeze_trainable_tokens is not None or ranges):
+            # Trainable rows of the LM head are put in place by a hook on its forward, which the chunked loss skips.
+            reason = "rows of the LM head train (`freeze_trainable_tokens` or a row range), which it does not compute"
+        if reason is not None and setting:
+            raise FreezeConfigError(
+                f"`freeze_chunked_loss` is true, but the chunked loss cannot compute this model's loss: {reason}.",
+                field="freeze_chunked_loss", value=setting, hint="Leave it unset or set it to false.",
+            )
+        return reason is None
 
     @property
     def skipped(self) -> bool:

@@ -13,7 +13,9 @@ Activations follow what autograd really keeps:
   Llama, hence `FROZEN_ON_PATH_RATIO`);
 * with gradient checkpointing, a layer on the gradient path keeps only its input, plus one layer's activations at
   a time while it is recomputed;
-* an LM head adds the logits, in the activation precision and in float32 for the loss.
+* an LM head adds the logits, in the activation precision and in float32 for the loss; with the chunked loss
+  (`freeze_chunked_loss`) one chunk's logits at a time, plus the gradient of the hidden states that the loss computes
+  in the forward pass.
 """
 
 from __future__ import annotations
@@ -162,9 +164,11 @@ def estimate_training_memory(
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
     trainable_rows: Optional[Mapping[str, Sequence[int]]] = None,
+    loss_chunk_tokens: Optional[int] = None,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step with the parameters in ``frozen`` frozen (``trainable_rows``: rows
-    of frozen parameters that train, with gradients and optimizer states of their own).
+    of frozen parameters that train, with gradients and optimizer states of their own; ``loss_chunk_tokens``: the
+    causal-LM loss is computed that many tokens at a time, `freeze_chunked_loss`).
 
     Example:
 
@@ -193,7 +197,8 @@ def estimate_training_memory(
     if shape is not None:
         # A parameter that trains by rows takes part in the backward pass.
         activations = _activation_bytes(
-            layout, frozen - set(trainable_rows or ()), shape, batch_size * sequence_length, bytes_of.activation, gradient_checkpointing
+            layout, frozen - set(trainable_rows or ()), shape, batch_size * sequence_length, bytes_of.activation,
+            gradient_checkpointing, loss_chunk_tokens,
         )
     return MemoryEstimate(
         weights=total * bytes_of.weight,
@@ -228,7 +233,10 @@ def part_memory(
     }
 
 
-def _activation_bytes(layout, frozen, shape: ActivationShape, tokens: int, element_bytes: int, checkpointing: bool) -> int:
+def _activation_bytes(
+    layout, frozen, shape: ActivationShape, tokens: int, element_bytes: int, checkpointing: bool,
+    loss_chunk_tokens: Optional[int] = None,
+) -> int:
     trains = [any(name not in frozen for name in block.parameters) for block in layout.blocks]
     if not any(trains):
         return 0
@@ -245,8 +253,14 @@ def _activation_bytes(layout, frozen, shape: ActivationShape, tokens: int, eleme
             total += per_layer * (1.0 if block_trains else FROZEN_ON_PATH_RATIO)
     if checkpointing and on_path_layers:
         total += per_layer  # the one layer being recomputed during backward
-    # The loss upcasts the logits to float32 and keeps both copies for its backward.
-    total += tokens * shape.vocab_size * (element_bytes + 4)
+    if loss_chunk_tokens and shape.vocab_size:
+        # One chunk's logits and their float32 copy at a time, and the hidden states' gradient, held from the loss
+        # (computed in the forward pass) until the backward pass reaches the head.
+        total += min(tokens, loss_chunk_tokens) * shape.vocab_size * (element_bytes + 4)
+        total += tokens * shape.hidden_size * element_bytes
+    else:
+        # The loss upcasts the logits to float32 and keeps both copies for its backward.
+        total += tokens * shape.vocab_size * (element_bytes + 4)
     return int(total)
 
 

@@ -63,7 +63,8 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
     lines.append(
         f"Estimated training memory per device (batch {settings['batch_size']} x {settings['sequence_length']} tokens, "
         f"{settings['precision']}, {settings['optimizer']}, gradient checkpointing "
-        f"{'on' if settings['gradient_checkpointing'] else 'off'}):"
+        f"{'on' if settings['gradient_checkpointing'] else 'off'}"
+        + (", causal-LM loss in chunks (`freeze_chunked_loss`)" if settings.get("chunked_loss") else "") + "):"
     )
     columns = [("full fine-tuning", plan.full_memory), ("policy", plan.policy_memory)]
     if plan.dynamic and plan.peak_memory != plan.policy_memory:

@@ -261,3 +261,18 @@ def test_plan_shows_trainable_rows_and_counts_their_memory():
     assert plan.policy_memory.optimizer_states == 2 * 2 * 3 * hidden * 4
     assert "frozen except 3/128 rows of weight" in format_plan(plan)
     assert plan_as_dict(plan)["trainable_rows"]["lm_head.weight"] == [3, 4, 5]
+
+
+def test_the_estimate_follows_the_chunked_loss(capsys, llama_70b_json):
+    """Training computes the loss in chunks by default: the plan counts one chunk's logits, and all of them with
+    `--chunked_loss false`."""
+    plans = {}
+    for setting in ("true", "false"):
+        code, out, _ = run_cli(capsys, "plan", llama_70b_json, "--strategy", "bottom", "--layers", "60", "--batch-size",
+                               "2", "--seq-len", "4096", "--gradient-checkpointing", "--chunked_loss", setting, "--json")
+        assert code == 0
+        plans[setting] = json.loads(out)
+    assert plans["true"]["settings"]["chunked_loss"] and not plans["false"]["settings"]["chunked_loss"]
+    tokens, vocab, hidden = 2 * 4096, 128256, 8192
+    saved = plans["false"]["memory"]["policy"]["activations"] - plans["true"]["memory"]["policy"]["activations"]
+    assert saved == tokens * vocab * 8 - 256 * vocab * 8 - tokens * hidden * 4

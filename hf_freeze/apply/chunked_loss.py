@@ -1,0 +1,233 @@
+"""The causal-LM loss computed in chunks of tokens, so that the logits (batch × sequence × vocabulary) and their
+gradient never exist in full.
+
+With freezing and activation checkpointing, the logits and their gradient are what is left of a training step's
+activation memory: they do not shrink with the frozen set, and for a 128k vocabulary they are larger than all the
+layers' checkpoints together. `ChunkedLossHooks` leaves the model's code alone:
+
+* a forward pre-hook on the model takes `labels` (and `num_items_in_batch`, `shift_labels`) out of a training call,
+  so that the model computes no loss of its own;
+* a forward pre-hook on the LM head keeps the hidden states the head receives and hands it an empty sequence, so
+  that the head computes logits for no token;
+* a forward hook on the model computes transformers' causal-LM loss (`ForCausalLMLoss`: labels shifted by one,
+  `ignore_index` -100, divided by `num_items_in_batch` when the Trainer passes it for gradient accumulation, else
+  the mean) with `chunked_cross_entropy`, and returns the model's output with that loss and ``logits=None``.
+
+`chunked_cross_entropy` computes the gradients of the hidden states and of the head in the forward pass, one chunk
+at a time (Liger-Kernel's "fused linear cross entropy"): the head's matrix products are the same three as without
+chunks, and no chunk's logits outlive the chunk. The backward pass only scales them by the incoming gradient.
+Evaluation calls, calls without labels, and calls under `torch.no_grad()` run the model as it is, logits included.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["CHUNK_TOKENS", "ChunkedLossHooks", "chunked_cross_entropy", "chunked_loss_unsupported", "set_chunked_loss"]
+
+# Tokens per chunk: the logits of one chunk are CHUNK_TOKENS × vocabulary floats (128 MiB for Llama-3's 128k
+# vocabulary), large enough that each chunk's matrix products read the head's weights efficiently.
+CHUNK_TOKENS = 256
+IGNORE_INDEX = -100
+# Config attributes that change the logits between the head and the loss: the hooks would compute another loss.
+_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+# The attribute of the model that holds its installed hooks: a second freezer on the same model reuses them.
+_INSTALLED = "_hf_freeze_chunked_loss"
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, divisor, chunk_tokens):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        grad_bias = torch.zeros_like(bias) if needs_bias else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            chunk, target = hidden[rows], labels[rows]
+            # As `ForCausalLMLoss`: logits in the model's precision, the loss in float32.
+            logits = nn.functional.linear(chunk, weight, bias).float()
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            counted = target != IGNORE_INDEX
+            safe_target = torch.where(counted, target, 0)
+            picked = logits.gather(1, safe_target[:, None]).squeeze(1)
+            loss += torch.where(counted, log_normalizer - picked, 0.0).sum()
+            if not (needs_hidden or needs_weight or needs_bias):
+                continue
+            # d loss / d logits = (softmax - one-hot) / divisor, zero for ignored tokens; computed in place.
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            grad_logits.scatter_add_(1, safe_target[:, None], torch.full_like(picked[:, None], -1.0))
+            grad_logits.mul_((counted.float() / divisor)[:, None])
+            grad_logits = grad_logits.to(hidden.dtype)
+            if needs_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if needs_weight:
+                grad_weight.addmm_(grad_logits.t(), chunk)
+            if needs_bias:
+                grad_bias += grad_logits.sum(0)
+        ctx.gradients = (grad_hidden, grad_weight, grad_bias)  # computed here, scaled in backward
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Scaled in place and handed over: a copy would hold the head's gradient twice until the graph is freed.
+        grads, ctx.gradients = ctx.gradients, None
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    num_items_in_batch: Optional[Any] = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Cross-entropy of ``linear(hidden, weight, bias)`` against ``labels`` (already aligned with ``hidden``;
+    ``-100`` is ignored), computed ``chunk_tokens`` rows at a time: the sum divided by ``num_items_in_batch`` when
+    given, else the mean over the counted tokens, as transformers' `fixed_cross_entropy`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_freeze.apply.chunked_loss import chunked_cross_entropy
+    >>> hidden, weight = torch.randn(10, 4), torch.randn(7, 4)
+    >>> labels = torch.tensor([1, 2, 3, -100, 4, 5, 6, 0, 1, 2])
+    >>> full = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels)
+    >>> torch.allclose(chunked_cross_entropy(hidden, weight, None, labels, chunk_tokens=3), full)
+    True
+    ```
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(hidden.device)
+    if num_items_in_batch is None:
+        divisor = (labels != IGNORE_INDEX).sum().float()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+    return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, divisor, chunk_tokens)
+
+
+def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
+    """Why the chunked loss cannot stand in for this model's own loss, or None when it can."""
+    if not hasattr(model, "get_output_embeddings") or not hasattr(model, "config"):
+        return "the model is not a transformers model"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return "the model has no linear LM head" if head is None else f"its LM head is a {type(head).__name__}, not a Linear"
+    if getattr(model, "loss_type", None) not in (None, "ForCausalLM") or "_loss_function" in vars(model):
+        return "its loss is not transformers' causal-LM loss"
+    if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return f"{type(model).__name__} is not a causal language model"
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    changes = [name for name in _LOGIT_CHANGES if getattr(config, name, None) not in (None, False)]
+    if changes:
+        return f"its config changes the logits before the loss ({', '.join(changes)})"
+    return None
+
+
+def set_chunked_loss(model: nn.Module, enabled: bool) -> Optional["ChunkedLossHooks"]:
+    """Install the hooks on ``model`` (once, however many freezers are built on it) or remove them."""
+    installed = getattr(model, _INSTALLED, None)
+    if not enabled:
+        if installed is not None:
+            installed.remove()
+        return None
+    if installed is None:
+        installed = ChunkedLossHooks(model)
+    return installed
+
+
+class ChunkedLossHooks:
+    """Compute a causal LM's training loss with `chunked_cross_entropy` instead of from the full logits.
+
+    Training calls (module in training mode, gradients enabled, ``labels`` given as a keyword, a dict-like output)
+    return the same loss and gradients as the model's own loss, with ``logits=None``; every other call is untouched.
+
+    Args:
+        model: A transformers causal LM (see `chunked_loss_unsupported`).
+        chunk_tokens: Tokens per chunk.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoConfig, AutoModelForCausalLM
+    >>> from hf_freeze.apply import ChunkedLossHooks
+    >>> config = AutoConfig.for_model(
+    ...     "llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100)
+    >>> model = AutoModelForCausalLM.from_config(config).train()
+    >>> ids = torch.randint(0, 100, (2, 16))
+    >>> reference = model(ids, labels=ids).loss
+    >>> hooks = ChunkedLossHooks(model, chunk_tokens=8)
+    >>> output = model(ids, labels=ids)
+    >>> torch.allclose(output.loss, reference), output.logits
+    (True, None)
+    >>> hooks.remove()
+    ```
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = CHUNK_TOKENS):
+        reason = chunked_loss_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the chunked loss does not apply: {reason}")
+        self.model, self.head, self.chunk_tokens = model, model.get_output_embeddings(), chunk_tokens
+        self._call: Optional[Dict[str, Any]] = None
+        self._handles = [
+            model.register_forward_pre_hook(self._take_labels, with_kwargs=True),
+            self.head.register_forward_pre_hook(self._keep_hidden_states),
+            model.register_forward_hook(self._compute_loss),
+        ]
+        object.__setattr__(model, _INSTALLED, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if getattr(self.model, _INSTALLED, None) is self:
+            object.__delattr__(self.model, _INSTALLED)
+
+    def _take_labels(self, module, args, kwargs):
+        self._call = None
+        if (
+            not module.training or not torch.is_grad_enabled() or kwargs.get("labels") is None
+            or kwargs.get("return_dict") is False or kwargs.get("logits_to_keep") not in (None, 0)
+            or "fused_lm_head" in kwargs  # TRL's own fused head computes the loss and the metrics it needs
+        ):
+            return None
+        kwargs = dict(kwargs)
+        self._call = {
+            "labels": kwargs.pop("labels"),
+            "num_items_in_batch": kwargs.pop("num_items_in_batch", None),
+            "shift_labels": kwargs.pop("shift_labels", None),
+        }
+        return args, kwargs
+
+    def _keep_hidden_states(self, module, args):
+        if self._call is None or "hidden" in self._call:
+            return None
+        (hidden,) = args
+        self._call["hidden"] = hidden
+        return (hidden[..., :0, :],)
+
+    def _compute_loss(self, module, args, output):
+        call, self._call = self._call, None
+        if call is None:
+            return None
+        if "hidden" not in call:
+            raise RuntimeError("the chunked loss saw no call of the LM head: set `freeze_chunked_loss: false`")
+        shifted = call["shift_labels"]
+        if shifted is None:  # as `ForCausalLMLoss`: token t predicts label t + 1
+            shifted = nn.functional.pad(call["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+        loss = chunked_cross_entropy(
+            call["hidden"], self.head.weight, self.head.bias, shifted, call["num_items_in_batch"], self.chunk_tokens
+        )
+        fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
+        return type(output)(loss=loss, logits=None, **fields)
