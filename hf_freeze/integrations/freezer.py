@@ -125,6 +125,9 @@ class LayerFreezer:
         if reason is None and (self.arguments.freeze_trainable_tokens is not None or ranges):
             # Trainable rows of the LM head are put in place by a hook on its forward, which the chunked loss skips.
             reason = "rows of the LM head train (`freeze_trainable_tokens` or a row range), which it does not compute"
+        if reason is None and self.arguments.freeze_cache_prefix:
+            # Not combined yet: the cache runs the model's prefix inside the model's own forward call.
+            reason = "`freeze_cache_prefix` is on, and the two are not combined"
         if reason is not None and setting:
             raise FreezeConfigError(
                 f"`freeze_chunked_loss` is true, but the chunked loss cannot compute this model's loss: {reason}.",

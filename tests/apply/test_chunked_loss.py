@@ -156,3 +156,14 @@ def test_trainable_head_rows_turn_the_chunked_loss_off_and_asking_for_both_is_re
     with pytest.raises(FreezeConfigError) as caught:
         LayerFreezer(build("llama"), freeze_trainable_tokens=[3], freeze_chunked_loss=True)
     assert list(caught.value.fields) == ["freeze_chunked_loss"] and "rows of the LM head" in str(caught.value)
+
+
+def test_the_prefix_cache_turns_the_chunked_loss_off_and_asking_for_both_is_refused():
+    from hf_freeze import FreezeConfigError, LayerFreezer
+    from tiny import build
+
+    cached = dict(freeze_strategy="bottom", freeze_layers=2, freeze_cache_prefix=True, freeze_frozen_modules_eval=True)
+    assert LayerFreezer(build("llama"), **cached).applier.chunked_loss is None
+    with pytest.raises(FreezeConfigError) as caught:
+        LayerFreezer(build("llama"), **cached, freeze_chunked_loss=True)
+    assert "freeze_cache_prefix" in str(caught.value)
