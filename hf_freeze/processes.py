@@ -7,17 +7,25 @@ for the one process) when training runs in a single process.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Tuple
 
 from .errors import FreezeConfigError
 
-__all__ = ["broadcast_from_main", "is_main_process", "raise_if_ranks_disagree"]
+__all__ = ["broadcast_from_main", "is_main_process", "raise_if_ranks_disagree", "rank_and_world"]
 
 
 def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """This process's index and the number of processes (``(0, 1)`` in a single process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
 
 
 def _world_size() -> int:

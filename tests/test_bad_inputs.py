@@ -33,7 +33,10 @@ TYPES = {
     "freeze_frozen_modules_eval": "on", "freeze_layer_paths": 5, "freeze_schedule_unit": 1, "freeze_schedule_every": "20",
     "freeze_start": "0.5", "freeze_level": [1], "freeze_unfreeze_layers": 1.5, "freeze_unfreeze_lr_factor": "0.1",
     "freeze_unfreeze_lr_growth": True, "freeze_active_layers": "2", "freeze_block_order": 0, "freeze_score": 3,
-    "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5,
+    "freeze_select": False, "freeze_probe_steps": "5", "freeze_reselect_every": 2.5, "freeze_component_paths": 3,
+    "freeze_unused_modalities": "yes", "freeze_num_new_blocks": "2", "freeze_granularity": 1,
+    "freeze_cache_prefix": "yes", "freeze_cache_memory_mb": "1GB", "freeze_cache_dir": 3, "freeze_cache_dtype": 16,
+    "freeze_cache_keep": "no",
 }
 CASES = {f"type/{name}": _case({name: value}, REFUSED, name) for name, value in TYPES.items()}
 
@@ -58,11 +61,15 @@ CASES.update({
     "value/trlx-minus-2": _case(dict(freeze_strategy="trlx", freeze_num_layers_unfrozen=-2), REFUSED, "freeze_num_layers_unfrozen"),
     "value/llama-factory-0": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=0), REFUSED, "freeze_trainable_layers"),
     "value/llama-factory-missing": _case(dict(freeze_strategy="llama_factory"), REFUSED, "freeze_trainable_layers"),
+    "value/llama-pro-missing": _case(dict(freeze_strategy="llama_pro"), REFUSED, "freeze_num_new_blocks"),
+    "value/llama-pro-0": _case(dict(freeze_strategy="llama_pro", freeze_num_new_blocks=0), REFUSED, "freeze_num_new_blocks"),
+    "value/llama-pro-empty-modules": _case(dict(freeze_strategy="llama_pro", freeze_num_new_blocks=2, freeze_trainable_modules=[]), REFUSED, "freeze_trainable_modules"),
     "value/health-mode": _case(dict(freeze_health_check="loud"), REFUSED, "freeze_health_check"),
     "value/schedule-unit": _case(dict(freeze_strategy="lisa", freeze_schedule_unit="epochs"), REFUSED, "freeze_schedule_unit"),
     "value/schedule-every-0": _case(dict(freeze_strategy="lisa", freeze_schedule_every=0), REFUSED, "freeze_schedule_every"),
     "value/start-1": _case(dict(freeze_strategy="progressive", freeze_start=1.0), REFUSED, "freeze_start"),
     "value/start-negative": _case(dict(freeze_strategy="progressive", freeze_start=-0.1), REFUSED, "freeze_start"),
+    "value/granularity": _case(dict(freeze_strategy="progressive", freeze_granularity="leaf"), REFUSED, "freeze_granularity"),
     "value/level-0": _case(dict(freeze_strategy="progressive", freeze_level=0), REFUSED, "freeze_level"),
     "value/level-above-1": _case(dict(freeze_strategy="progressive", freeze_level=1.5), REFUSED, "freeze_level"),
     "value/unfreeze-layers-0": _case(dict(freeze_strategy="gradual_unfreezing", freeze_unfreeze_layers=0), REFUSED, "freeze_unfreeze_layers"),
@@ -94,8 +101,10 @@ CASES.update({
     "unused/bottom-with-score": _case(dict(B, freeze_layers=1, freeze_score="snr"), REFUSED, "freeze_score"),
     "unused/lisa-with-start": _case(dict(freeze_strategy="lisa", freeze_start=0.5), REFUSED, "freeze_start"),
     "unused/bitfit-with-layers": _case(dict(freeze_strategy="bitfit", freeze_layers=2), REFUSED, "freeze_layers"),
+    "unused/bottom-with-granularity": _case(dict(B, freeze_layers=1, freeze_granularity="module"), REFUSED, "freeze_granularity"),
     "unused/progressive-with-every": _case(dict(freeze_strategy="progressive", freeze_schedule_every=3), REFUSED, "freeze_schedule_every"),
     "unused/badam-with-lr-factor": _case(dict(freeze_strategy="badam", freeze_unfreeze_lr_factor=0.5), REFUSED, "freeze_unfreeze_lr_factor"),
+    "unused/llama-factory-with-new-blocks": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=1, freeze_num_new_blocks=2), REFUSED, "freeze_num_new_blocks"),
     "unused/trlx-with-trainable-layers": _case(dict(freeze_strategy="trlx", freeze_num_layers_unfrozen=1, freeze_trainable_layers=1), REFUSED, "freeze_trainable_layers"),
     "fixed/pattern-with-head": _case(dict(freeze_strategy="pattern", freeze_patterns=["bert.encoder.*"], freeze_head=False), REFUSED, "freeze_head"),
     "fixed/head-only-with-head": _case(dict(freeze_strategy="head_only", freeze_head=True), REFUSED, "freeze_head"),
@@ -113,6 +122,9 @@ CASES.update({
     "model/trainable-pattern-matches-nothing": _case(dict(freeze_strategy="pattern", freeze_trainable_patterns=["lm_head.*"]), REFUSED, "freeze_trainable_patterns"),
     "model/trlx-5-of-4": _case(dict(freeze_strategy="trlx", freeze_num_layers_unfrozen=5), REFUSED, "freeze_num_layers_unfrozen"),
     "model/llama-factory-minus-5": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=-5), REFUSED, "freeze_trainable_layers"),
+    "model/llama-pro-3-of-4": _case(dict(freeze_strategy="llama_pro", freeze_num_new_blocks=3), REFUSED, "freeze_num_new_blocks"),
+    "model/llama-pro-4-of-4": _case(dict(freeze_strategy="llama_pro", freeze_num_new_blocks=4), REFUSED, "freeze_num_new_blocks"),
+    "model/llama-pro-unknown-module": _case(dict(freeze_strategy="llama_pro", freeze_num_new_blocks=2, freeze_trainable_modules=["mlp"]), REFUSED, "freeze_trainable_modules"),
     "model/lisa-5-of-4": _case(dict(freeze_strategy="lisa", freeze_active_layers=5), REFUSED, "freeze_active_layers"),
     "model/badam-5-of-4": _case(dict(freeze_strategy="badam", freeze_active_layers=5), REFUSED, "freeze_active_layers"),
     "model/adaptive-5-of-4": _case(dict(ADAPTIVE, freeze_layers=5), REFUSED, "freeze_layers"),
@@ -123,7 +135,30 @@ CASES.update({
     "model/everything-by-options": _case(dict(B, freeze_layers=4, freeze_norm=True, freeze_head=True), REFUSED, "freeze_strategy"),
     "model/everything-head-only-on-frozen-head": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=1, freeze_head=True), ACCEPTED),
     "model/probe-as-long-as-training": _case(dict(ADAPTIVE, freeze_probe_steps=20), REFUSED, "freeze_probe_steps", max_steps=20),
+    "model/component-path-missing": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": "vision", "language_model": "bert"}), REFUSED, "freeze_component_paths"),
+    "model/component-paths-single-part-model": _case(dict(B, freeze_layers=1, freeze_component_paths={"language_model": "bert"}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-unknown-key": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision": "bert.embeddings"}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-empty-list": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": []}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-overlap": _case(dict(B, freeze_layers=1, freeze_component_paths={"vision_tower": "bert.encoder", "language_model": "bert.encoder.layer"}), REFUSED, "freeze_component_paths"),
+    "value/component-paths-not-json": _case(dict(B, freeze_layers=1, freeze_component_paths="{vision_tower: [a"), REFUSED, "freeze_component_paths"),
+    "model/unused-modalities-on-a-text-model": _case(dict(B, freeze_layers=1, freeze_unused_modalities=True), REFUSED, "freeze_unused_modalities"),
     "model/contradicting-tie": _case(dict(freeze_strategy="top", freeze_layers=1, freeze_embeddings=True, freeze_head=False), REFUSED, "freeze_embeddings", tied=True),
+})
+
+# The frozen-prefix cache: a policy without a fixed frozen prefix, or a prefix that is not deterministic.
+CACHE = dict(freeze_cache_prefix=True, freeze_frozen_modules_eval=True)
+CASES.update({
+    "cache/schedule": _case(dict(CACHE, freeze_strategy="progressive"), REFUSED, "freeze_cache_prefix"),
+    "cache/adaptive": _case(dict(CACHE, **ADAPTIVE), REFUSED, "freeze_cache_prefix"),
+    "cache/without-eval-mode": _case(dict(B, freeze_layers=2, freeze_cache_prefix=True), REFUSED, "freeze_frozen_modules_eval"),
+    "cache/top": _case(dict(CACHE, freeze_strategy="top", freeze_layers=2), REFUSED, "freeze_cache_prefix"),
+    "cache/interval": _case(dict(CACHE, freeze_strategy="interval", freeze_interval=2, freeze_interval_offset=1), REFUSED, "freeze_cache_prefix"),
+    "cache/every-layer": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=4), REFUSED, "freeze_cache_prefix"),
+    "cache/embeddings-trainable": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_embeddings=False), REFUSED, "freeze_cache_prefix"),
+    "cache/options-without-cache": _case(dict(B, freeze_layers=2, freeze_cache_keep=True), REFUSED, "freeze_cache_keep"),
+    "cache/dtype": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_dtype="half"), REFUSED, "freeze_cache_dtype"),
+    "cache/memory-negative": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_memory_mb=-1), REFUSED, "freeze_cache_memory_mb"),
+    "ok/cache-bottom": _case(dict(CACHE, freeze_strategy="bottom", freeze_layers=2, freeze_cache_dtype="float16"), ACCEPTED),
 })
 
 # Policies that do nothing useful here, or options that do more than they say: warned once, with the reason.
@@ -153,10 +188,12 @@ CASES.update({
     "ok/layers-single-int": _case(dict(freeze_strategy="layers", freeze_layer_indices=3), ACCEPTED),
     "ok/pattern-single-string": _case(dict(freeze_strategy="pattern", freeze_patterns="bert.encoder.layer.0.*"), ACCEPTED),
     "ok/llama-factory-first": _case(dict(freeze_strategy="llama_factory", freeze_trainable_layers=-1), ACCEPTED),
+    "ok/llama-pro-2-of-4": _case(dict(freeze_strategy="llama_pro", freeze_num_new_blocks=2), ACCEPTED),
     "ok/health-off": _case(dict(B, freeze_layers=1, freeze_health_check="off"), ACCEPTED),
     "ok/eval-mode": _case(dict(B, freeze_layers=1, freeze_frozen_modules_eval=True), ACCEPTED),
     "ok/respect-existing-false": _case(dict(B, freeze_layers=1, freeze_respect_existing=False), ACCEPTED),
     "ok/layer-paths": _case(dict(B, freeze_layers=1, freeze_layer_paths=["bert.encoder.layer"]), ACCEPTED),
+    "ok/progressive-modules": _case(dict(freeze_strategy="progressive", freeze_granularity="module"), ACCEPTED),
     "ok/lisa-defaults": _case(dict(freeze_strategy="lisa", freeze_active_layers=1, freeze_schedule_every=5), ACCEPTED),
     "ok/adaptive-snr": _case(dict(ADAPTIVE, freeze_score="snr"), ACCEPTED),
 })

@@ -4,9 +4,11 @@ They run in a child process: some examples register a strategy or a score, which
 the other tests read.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 RUNNER = textwrap.dedent(
     """
@@ -36,6 +38,11 @@ RUNNER = textwrap.dedent(
 
 def test_every_docstring_example_runs(tmp_path):
     # Examples that build a Trainer write into "out": run them in a private folder.
-    result = subprocess.run([sys.executable, "-c", RUNNER], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # The copy of hf_freeze under test (this checkout), whatever copy is installed.
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert int(result.stdout.split("examples: ")[1].split(",")[0]) >= 30

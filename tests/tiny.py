@@ -56,6 +56,21 @@ def build(model_type: str, seed: int = 0, **overrides) -> nn.Module:
     return auto.from_config(config)
 
 
+def tiny_llava(seed: int = 0, image_token_index: int = 127) -> nn.Module:
+    """A tiny LLaVA (CLIP vision tower, projector, Llama language model): 32 x 32 images of 16 patches."""
+    from transformers import AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(
+        "llava", image_token_index=image_token_index,
+        text_config=dict(model_type="llama", hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, vocab_size=128, max_position_embeddings=64),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, image_size=32, patch_size=8, projection_dim=32),
+    )
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config)
+
+
 def tiny_bert(num_layers: int = 4, seed: int = 0) -> nn.Module:
     return build("bert", seed=seed, num_hidden_layers=num_layers)
 
@@ -82,10 +97,14 @@ class TokenClassificationData(torch.utils.data.Dataset):
 
 
 def trainer_for(model: nn.Module, args, callbacks=None, data: Optional[torch.utils.data.Dataset] = None) -> Trainer:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    causal = type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    generative = {**MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}.values()
+    causal = type(base).__name__ in set(generative)
     data = data or TokenClassificationData(causal_lm=causal)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
-from ..model.layout import refuse_overlapping_paths
+from ..errors import invalid
+from ..model.layout import check_component_paths, refuse_overlapping_paths
 from ..policies import check_options
 from .types import check_field, check_values, field_hints
 
@@ -32,6 +33,7 @@ _EXPECTS = {
     "freeze_trainable_patterns": "a list of regular expressions",
     "freeze_layer_paths": "a list of dotted module paths",
     "freeze_schedule_unit": "'step' or 'epoch'",
+    "freeze_granularity": "'layer' or 'module'",
     "freeze_block_order": "'ascending', 'descending', 'random' or 'fixed'",
     "freeze_trainable_modules": "a list of module names (or ['all'])",
     "freeze_extra_modules": "a list of module names",
@@ -40,6 +42,9 @@ _EXPECTS = {
     "freeze_health_check": "'warn', 'raise' or 'off'",
     "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
     "freeze_layer_stack": "'language', 'vision' or 'all'",
+    "freeze_component_paths": "a mapping from 'vision_tower', 'audio_tower', 'projector', 'language_model' to module paths",
+    "freeze_cache_memory_mb": "a number of MiB (>= 0)",
+    "freeze_cache_dtype": "'float32', 'float16' or 'bfloat16'",
 }
 # Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
 _COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
@@ -119,44 +124,56 @@ class FreezeArguments:
             "`freeze_extra_modules` names."
         ),
     )
+    freeze_num_new_blocks: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "'llama_pro': the number of blocks LLaMA Pro's block expansion added (`hf-freeze expand "
+            "--num-new-blocks`; LLaMA-Factory's `freeze_trainable_layers` with `use_llama_pro`). Only those blocks "
+            "train, the last of each of N equal groups of layers, as in LLaMA-Factory; everything else is frozen, "
+            "except what `freeze_extra_modules` names. N must divide the number of layers."
+        ),
+    )
     freeze_trainable_modules: Optional[List[str]] = field(
         default=None,
         metadata=_help(
-            "'llama_factory': LLaMA-Factory's `freeze_trainable_modules`: which submodules of the trainable layers "
-            "train, by the name that follows the layer index ('self_attn', 'mlp'; a name is matched as a prefix, "
-            "as there); the rest of those layers is frozen. Default: ['all'], the whole layers. A name the layers "
-            "do not have is refused, listing the ones they have."
+            "'llama_factory', 'llama_pro': LLaMA-Factory's `freeze_trainable_modules`: which submodules of the "
+            "trainable layers train, by the name that follows the layer index ('self_attn', 'mlp'; a name is "
+            "matched as a prefix, as there); the rest of those layers is frozen. Default: ['all'], the whole "
+            "layers. A name the layers do not have is refused, listing the ones they have."
         ),
     )
     freeze_extra_modules: Optional[List[str]] = field(
         default=None,
         metadata=_help(
-            "'llama_factory': LLaMA-Factory's `freeze_extra_modules`: modules outside the layers that train too, "
-            "named as the last part of their module path ('embed_tokens', 'norm', 'lm_head'). As in LLaMA-Factory, "
-            "every parameter whose name contains the given text trains, inside the frozen layers included: 'norm' "
-            "also trains every layer's 'input_layernorm' and 'post_attention_layernorm'. A name that is not such a "
-            "module is refused, listing the ones there are."
+            "'llama_factory', 'llama_pro': LLaMA-Factory's `freeze_extra_modules`: modules outside the layers that "
+            "train too, named as the last part of their module path ('embed_tokens', 'norm', 'lm_head'). As in "
+            "LLaMA-Factory, every parameter whose name contains the given text trains, inside the frozen layers "
+            "included: 'norm' also trains every layer's 'input_layernorm' and 'post_attention_layernorm'. A name "
+            "that is not such a module is refused, listing the ones there are."
         ),
     )
     freeze_embeddings: Optional[bool] = field(
         default=None,
         metadata=_help(
             "Freeze the input embeddings (token, position, token-type). Default: the strategy's choice (frozen "
-            "for 'bottom', 'head_only', 'bitfit', 'llama_factory'; the token embedding for 'trlx'; else trained)."
+            "for 'bottom', 'head_only', 'bitfit', 'llama_factory', 'llama_pro'; the token embedding for 'trlx'; "
+            "else trained)."
         ),
     )
     freeze_norm: Optional[bool] = field(
         default=None,
         metadata=_help(
             "Freeze the non-layer modules after the layers that are not the head (final norm, pooler). "
-            "Default: the strategy's choice (frozen for 'head_only', 'bitfit', 'llama_factory'; else trained)."
+            "Default: the strategy's choice (frozen for 'head_only', 'bitfit', 'llama_factory', 'llama_pro'; else "
+            "trained)."
         ),
     )
     freeze_head: Optional[bool] = field(
         default=None,
         metadata=_help(
             "Freeze the task head (LM head, classifier). Default: the strategy's choice (frozen for "
-            "'llama_factory' and for 'trlx' with 0; else trained). A head tied to the input embeddings follows them."
+            "'llama_factory', 'llama_pro' and for 'trlx' with 0; else trained). A head tied to the input embeddings "
+            "follows them."
         ),
     )
     freeze_respect_existing: Optional[bool] = field(
@@ -184,6 +201,44 @@ class FreezeArguments:
             "what it would at inference. Default: false (frozen modules follow the model's train/eval mode)."
         ),
     )
+    freeze_cache_prefix: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Compute the frozen prefix (the embeddings and the frozen bottom layers) once per training example and "
+            "train later epochs from its stored output, skipping those blocks. Needs a static policy that freezes the "
+            "bottom layers ('bottom', ...) and `freeze_frozen_modules_eval: true`; exact when the prefix is "
+            "deterministic (no dropout before the first trainable layer, no random input transformation per epoch). "
+            "Default: false."
+        ),
+    )
+    freeze_cache_memory_mb: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: how many MiB of stored hidden states stay in memory; the rest goes to a "
+            "memory-mapped file in `freeze_cache_dir` (default 1024)."
+        ),
+    )
+    freeze_cache_dir: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: the folder for the states beyond the memory budget. Default: "
+            "'<output_dir>/frozen_prefix_cache' with the Trainer, a temporary folder in a plain loop."
+        ),
+    )
+    freeze_cache_dtype: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: the precision of the stored states, 'float32', 'float16' or 'bfloat16' (half "
+            "the size; the states are rounded once). Default: the model's own precision (exact)."
+        ),
+    )
+    freeze_cache_keep: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "`freeze_cache_prefix`: keep the cache folder after training, for a later run of the same model, frozen "
+            "prefix, precision and tokenizer (any other run rebuilds it). Default: false, the folder is deleted."
+        ),
+    )
     freeze_layer_paths: Optional[List[str]] = field(
         default=None,
         metadata=_help(
@@ -201,6 +256,16 @@ class FreezeArguments:
             "default), 'vision' (the vision tower's) or 'all' (every stack, in forward order: the vision tower's "
             "first). `freeze_embeddings`, `freeze_norm` and `freeze_head` cover the counted part's blocks. With "
             "`freeze_layer_paths`, the named containers are counted (default 'all')."
+        ),
+    )
+    freeze_component_paths: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "Multi-part models whose parts are not found automatically: the module path of each part, as a mapping "
+            "with the keys 'vision_tower', 'audio_tower', 'projector' (a path or a list of paths) and "
+            "'language_model', e.g. `{vision_tower: model.vision_tower, projector: model.multi_modal_projector, "
+            "language_model: model.language_model}` (on the command line as JSON). Parts not named are found by the "
+            "usual rule."
         ),
     )
     freeze_vision_tower: Optional[bool] = field(
@@ -239,6 +304,16 @@ class FreezeArguments:
     )
     freeze_llm: Optional[bool] = field(
         default=None, metadata=_help("ms-swift's name for `freeze_language_model` (setting both to different values is an error).")
+    )
+    freeze_unused_modalities: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "Multi-part models trained on text alone: true freezes the vision (audio) encoder and the projector, "
+            "which text-only batches never reach, so that DDP needs no unused-parameter search (and they get no "
+            "optimizer states). Unset: when the training data's columns (or its first example's keys) hold no image, "
+            "video or audio input, training under DDP without `ddp_find_unused_parameters` is refused before it "
+            "starts, naming this option, and otherwise a line says what it would save; false: no check."
+        ),
     )
     freeze_router: Optional[bool] = field(
         default=None,
@@ -289,8 +364,18 @@ class FreezeArguments:
     freeze_level: Optional[float] = field(
         default=None,
         metadata=_help(
-            "'progressive': fraction of the layers in (0, 1] frozen by the end of training; layers freeze bottom-up, "
-            "linearly in time from `freeze_start` (Composer's `freeze_level`; default 1.0)."
+            "'progressive': fraction of the layers (of the leaf modules, with `freeze_granularity: module`) in (0, 1] "
+            "frozen by the end of training; they freeze bottom-up, linearly in time from `freeze_start` (Composer's "
+            "`freeze_level`; default 1.0)."
+        ),
+    )
+    freeze_granularity: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "'progressive': what freezes bottom-up. 'layer' (default): whole layers, with the embeddings when the "
+            "first layer freezes. 'module': Composer's `LayerFreezing` exactly: the model's leaf modules (modules "
+            "with parameters and no submodules, depth first), counted without the last one, which never freezes; "
+            "the count can stop inside a layer (its q_proj frozen, its k_proj training)."
         ),
     )
     freeze_unfreeze_layers: Optional[int] = field(
@@ -395,6 +480,7 @@ class FreezeArguments:
                 count_or_fraction=item.name in _COUNT_OR_FRACTION,
             )
             setattr(self, item.name, value)
+        self.freeze_component_paths = check_component_paths(_mapping("freeze_component_paths", self.freeze_component_paths))
         check_options(self, freeze_fields())
         refuse_overlapping_paths(self.freeze_layer_paths or [])
         if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):
@@ -414,3 +500,15 @@ class FreezeArguments:
 def freeze_fields() -> List[str]:
     """Names of every `freeze_*` field, in declaration order."""
     return [item.name for item in fields(FreezeArguments)]
+
+
+def _mapping(name: str, value: Any) -> Any:
+    """A mapping given on the command line arrives as text (JSON, or YAML's ``{key: value}``): read it."""
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise invalid(name, value, "a mapping written as JSON or YAML, e.g. '{\"vision_tower\": \"model.vision_tower\"}'") from None

@@ -14,8 +14,11 @@ from ..logging import follow_training_log_level, get_logger
 from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from .freezer import LayerFreezer
+from .prefix_cache_setup import CACHE_FOLDER, check_cache_data
 from .support import check_backend, raise_if_changed_after_wrap
+from .backends import DDP
 from .trainer_state import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state
+from .trainer_state import training_input_names
 
 logger = get_logger(__name__)
 
@@ -53,13 +56,15 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._given = arguments_from(arguments, options)
         self.freezer: Optional[LayerFreezer] = None
         self._setup = None
+        self._tokenizer = None
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
+    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         move_before_reporters(self)
+        self._tokenizer = processing_class
         self._set_up(args, state, model, late=False)
         guard_resume(lambda checkpoint: check_checkpoint(self.freezer, type(self).__name__, checkpoint))
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         move_before_reporters(self)
         late = self.freezer is None  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
         if late:
@@ -87,6 +92,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
                     "when training began (something changed requires_grad after the Trainer was built); re-applied."
                 ], warning=True)
         raise_if_ranks_disagree(self.freezer.frozen_names())
+        strict_ddp = self._setup is not None and self._setup.backend == DDP and not self._setup.find_unused_parameters
+        self._log(state, self.freezer.check_inputs(training_input_names(train_dataloader), strict_ddp))
+        if self.freezer.arguments.freeze_cache_prefix:
+            check_cache_data(train_dataloader)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self._drives_steps() and self.freezer.dynamic:
@@ -105,6 +114,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._write_timeline(args, state)
+        if self.freezer is not None:
+            self.freezer.close()  # the frozen-prefix cache's states (unless `freeze_cache_keep`)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or logs is None:
@@ -129,6 +140,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if model is None:
             raise FreezeConfigError("FreezeCallback needs the model: the Trainer passes it to its callbacks.")
         self.freezer = LayerFreezer(model, resolve_arguments(self._given, args))
+        self.freezer.cache_directory = os.path.join(str(args.output_dir), CACHE_FOLDER)
+        self.freezer.cache_tokenizer = self._tokenizer
         if self.freezer.skipped:  # a PEFT adapter decides what trains; the freezer has said so
             return
         decision = self.freezer.decide(progress_of(args, state))

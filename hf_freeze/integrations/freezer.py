@@ -12,15 +12,19 @@ from torch import nn
 
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes
 from ..config import FreezeArguments, arguments_from
+from ..errors import FreezeConfigError, few
 from ..logging import get_logger
 from ..model import discover_layout, peft_adapter_reason, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
+from ..policies.parts import counted_layout, unused_parts
 from ..policies.simulate import check_against_layout, describe_inaction
-from ..processes import is_main_process
-from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, freeze_metrics
+from ..processes import is_main_process, rank_and_world
+from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, format_part_lines
+from ..report import freeze_metrics
 from ..report import model_metrics, summary_line
 from ..scores import LayerProbe
+from .prefix_cache_setup import build_prefix_cache, cache_prefix
 from .saved_state import check_registered, check_shape
 
 __all__ = ["LayerFreezer"]
@@ -68,7 +72,10 @@ class LayerFreezer:
                 "already decides what trains. To train extra modules, list them in the PEFT config's `modules_to_save`."
             )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
-        self.layout = None if self.peft_reason else discover_layout(self.model, self.arguments.freeze_layer_paths)
+        self.layout = None if self.peft_reason else counted_layout(
+            discover_layout(self.model, self.arguments.freeze_layer_paths, self.arguments.freeze_component_paths),
+            self.arguments,
+        )
         self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
@@ -84,6 +91,11 @@ class LayerFreezer:
         self._warned = False
         # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
         self.registered: Optional[List[str]] = None
+        # `freeze_cache_prefix`: the stored frozen-prefix states (built by the first `apply`), where they spill to
+        # disk when `freeze_cache_dir` is unset (the callback sets the output folder), and the tokenizer they follow.
+        self.prefix_cache = None
+        self.cache_directory: Optional[str] = None
+        self.cache_tokenizer: Any = None
         if self.layout is not None:
             self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
@@ -113,6 +125,8 @@ class LayerFreezer:
         is built; `hf-freeze validate --model` runs the same): values the model cannot honour, a policy that leaves
         nothing to train, and with ``max_steps`` an adaptive probe as long as training."""
         check_against_layout(self.layout, self.arguments, max_steps, self.kept_frozen)
+        if self.arguments.freeze_cache_prefix:
+            cache_prefix(self.layout, self.decide().frozen, self.arguments.freeze_strategy)
         if max_steps:
             self.check_training_length(max_steps)
 
@@ -139,9 +153,31 @@ class LayerFreezer:
         change = self.applier.apply(self.decision, optimizer)
         if first and not self.dynamic:  # the parameters an optimizer built now would hold
             self.registered = self._trainable_names()
+        if self.arguments.freeze_cache_prefix:
+            self._follow_prefix()
         if change.changed or first or not self.health.checks:
             self.health.arm(self.applier.eval_modules.modules if self.applier.eval_modules else ())
         return change
+
+    def _follow_prefix(self) -> None:
+        """Build the frozen-prefix cache, or build it again when the frozen prefix is no longer the one it skips."""
+        prefix = cache_prefix(self.layout, self.frozen_names(), self.arguments.freeze_strategy)
+        if self.prefix_cache is not None and self.prefix_cache.prefix == prefix:
+            return
+        self.close(remove=True)
+        self.prefix_cache = build_prefix_cache(
+            self.model, self.layout, prefix, self.arguments, self.cache_directory, self.cache_tokenizer, *rank_and_world()
+        )
+
+    def close(self, remove: bool = False) -> None:
+        """Delete the frozen-prefix cache's stored states (`freeze_cache_keep` keeps them); ``remove``: also take its
+        hooks off. Call it when training ends; the cache fills again if training goes on."""
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.close()
+        if remove:
+            self.prefix_cache.remove()
+            self.prefix_cache = None
 
     def _trainable_names(self) -> List[str]:
         return [name for name, parameter in self.applier.parameters.items() if parameter.requires_grad]
@@ -205,6 +241,50 @@ class LayerFreezer:
             self.load_state_dict(state, step=progress.step)
         self.check_training_length(progress.max_steps)
         return self.update(progress, optimizer)
+
+    def check_inputs(self, input_names: Optional[List[str]], ddp_without_unused_search: bool = False) -> List[str]:
+        """Check a multi-part model's trainable parts against the training data's inputs (its column names, or the
+        keys of its first example; ``None`` when unknown): on text-only data, the encoders and projector train
+        nothing. Under DDP without ``find_unused_parameters`` that would fail at the first step, so it is refused
+        here, naming `freeze_unused_modalities`; otherwise the returned lines say what that option would save.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoConfig, AutoModelForImageTextToText
+        >>> from hf_freeze import LayerFreezer
+        >>> config = AutoConfig.for_model("llava", image_token_index=127,
+        ...     text_config=dict(model_type="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        ...                      num_key_value_heads=1, intermediate_size=32, vocab_size=128),
+        ...     vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1,
+        ...                        num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
+        >>> freezer = LayerFreezer(AutoModelForImageTextToText.from_config(config), freeze_strategy="none")
+        >>> freezer.check_inputs(["input_ids", "pixel_values", "labels"])
+        []
+        >>> len(freezer.check_inputs(["input_ids", "labels"]))
+        1
+        ```
+        """
+        if self.layout is None or self.arguments.freeze_unused_modalities is not None:
+            return []
+        unused = unused_parts(self.layout, self.frozen_names(), input_names)
+        if not unused:
+            return []
+        what = " and ".join(f"the {part} part ({count:,} trainable parameters)" for part, count in unused.items())
+        if ddp_without_unused_search:
+            raise FreezeConfigError(
+                f"The training data has no image, video or audio input (its inputs: {few(input_names, 6)}), so {what} "
+                "will get no gradients, and DDP without unused-parameter detection stops at the first step waiting for "
+                "them. Set `freeze_unused_modalities: true` to freeze them (the run is otherwise the same), or "
+                "`ddp_find_unused_parameters: true`, or `freeze_unused_modalities: false` if a data collator adds "
+                "the image inputs.",
+                fields=["freeze_unused_modalities"],
+            )
+        return [
+            f"The training data has no image, video or audio input, so {what} train nothing; "
+            "`freeze_unused_modalities: true` would spare their gradients and optimizer states (and DDP's search "
+            "for unused parameters)."
+        ]
 
     def check_training_length(self, max_steps: int) -> None:
         """Refuse, before the first step, an adaptive probe that would last as long as training."""
@@ -293,6 +373,10 @@ class LayerFreezer:
         if self.layout is None:
             return model_metrics(self.model)
         metrics = freeze_metrics(self.layout, self.frozen_names())
+        if self.prefix_cache is not None:
+            stats = self.prefix_cache.stats()
+            metrics["freeze/prefix_cache_examples"] = stats["examples"]
+            metrics["freeze/prefix_cache_mib"] = round((stats["memory_bytes"] + stats["disk_bytes"]) / 2**20, 3)
         if self.probe is not None:
             metrics.update(self.probe.metrics())
         return metrics
@@ -308,7 +392,8 @@ class LayerFreezer:
         weight sharing), the summary line, the per-block table."""
         notes = list(self.layout.notes if self.layout is not None else ()) + list(self.decision.notes if self.decision else ())
         summary_lines = [f"strategy {self.arguments.freeze_strategy!r}: {self.summary()}"] if summary else []
-        return notes + summary_lines + ["\n" + self.table()]
+        parts = format_part_lines(self.layout, self.frozen_names()) if self.layout is not None else []
+        return notes + summary_lines + ["\n" + self.table()] + (["by part: " + "; ".join(parts)] if parts else [])
 
     def describe_update(self, change: AppliedChange, always: bool = False) -> List[str]:
         """Log lines for the last `update`: the selection an adaptive probe just made, and the change of the

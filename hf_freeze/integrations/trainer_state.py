@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler, TrainerCallback
@@ -32,6 +32,21 @@ def progress_of(args: Any, state: Any) -> TrainingProgress:
         num_epochs=float(getattr(state, "num_train_epochs", 0) or getattr(args, "num_train_epochs", 0) or 0),
         seed=int(getattr(args, "seed", 0) or 0),
     )
+
+
+def training_input_names(train_dataloader: Any) -> Optional[List[str]]:
+    """The names of the training data's inputs: a `datasets.Dataset`'s columns (after the Trainer removed those the
+    model does not take), else the keys of the first example of a map-style dataset of dicts; ``None`` when they
+    cannot be seen (an iterable dataset, examples that are not dicts)."""
+    dataset = getattr(train_dataloader, "dataset", None)
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, list):
+        return [str(column) for column in columns]
+    try:
+        first = dataset[0] if dataset is not None and len(dataset) > 0 else None
+    except Exception:  # an iterable dataset, or one that cannot be indexed: nothing to see
+        return None
+    return [str(key) for key in first] if isinstance(first, dict) else None
 
 
 def read_checkpoint_state(checkpoint: str) -> Optional[Dict[str, Any]]:

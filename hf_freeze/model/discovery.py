@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -29,16 +29,15 @@ from .layout import (
     LAYER,
     NORM,
     OTHER,
-    PARTS,
     Block,
     ModelLayout,
     inside,
     refuse_overlapping_paths,
 )
-from .parts import find_moe_components, find_parts, part_of
+from .leaves import leaf_modules
+from .parts import base_model_prefix, find_parts, find_part_stacks, with_parts
+from .stacks import UNWRAP, Stack, find_stacks, has_parameters, no_layers_message, stack_at
 
-_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
-_UNWRAP = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Task heads by their usual attribute names, for models whose base model is not a separate attribute.
 _HEAD_NAME = re.compile(r"^(lm_head|classifier|score|qa_outputs|head|heads|cls|pre_classifier|embed_out|proj_out)$")
 _EMBEDDING_NAME = re.compile(r"embed|^wte$|^wpe$|^shared$|patch|^cls_token$|^mask_token$", re.IGNORECASE)
@@ -58,13 +57,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return extract_model_from_parallel(model, keep_fp32_wrapper=True)
 
 
-def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = None) -> ModelLayout:
+def discover_layout(
+    model: nn.Module,
+    layer_paths: Optional[Sequence[str]] = None,
+    component_paths: Optional[Dict[str, List[str]]] = None,
+) -> ModelLayout:
     """Describe ``model`` as ordered blocks.
 
     Args:
         model: A transformers ``PreTrainedModel`` or any ``nn.Module``.
         layer_paths: Dotted paths of the layer containers, in forward order, when the general rule does not
             find them (``["model.layers"]``). This is the ``freeze_layer_paths`` option.
+        component_paths: The parts of a multi-part model by hand, ``{"vision_tower": [...], "projector": [...],
+            "language_model": [...]}``, when they are not found automatically: the ``freeze_component_paths``
+            option, as `check_component_paths` returns it.
 
     Raises:
         LayerDiscoveryError: no layers could be found, or a given path is not a container of layers.
@@ -81,188 +87,33 @@ def discover_layout(model: nn.Module, layer_paths: Optional[Sequence[str]] = Non
     """
     model = unwrap_model(model)
     canonical = _canonical_parameter_names(model)
-    parts = find_parts(model) if _is_transformers_model(model) else []
+    layout = _discover(model, canonical, layer_paths, component_paths)
+    return replace(layout, leaf_modules=leaf_modules(model, canonical))
+
+
+def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths, component_paths) -> ModelLayout:
+    parts = find_parts(model, component_paths) if _is_transformers_model(model) or component_paths else []
     if layer_paths:
         refuse_overlapping_paths(layer_paths)
-        stacks = [_stack_at(model, path) for path in layer_paths]
+        stacks = [stack_at(model, path) for path in layer_paths]
         # Containers named by the user are the layers, every one of them counted.
-        return _with_parts(model, _layout_from_stacks(model, stacks, canonical, notes=[]), parts, counted=None)
-    if _is_transformers_model(model):
+        return with_parts(model, _layout_from_stacks(model, stacks, canonical, notes=[]), parts, counted=None)
+    if _is_transformers_model(model) or parts:
         if parts:
-            stacks, notes = _find_part_stacks(model, parts)
+            stacks, notes = find_part_stacks(model, parts)
         else:
-            stacks, notes = _find_stacks(model)
+            stacks, notes = find_stacks(model)
         if not stacks:
-            raise LayerDiscoveryError(_no_layers_message(model), fields=["freeze_layer_paths"])
+            raise LayerDiscoveryError(no_layers_message(model), fields=["freeze_layer_paths"])
         layout = _layout_from_stacks(model, stacks, canonical, notes)
-        return _with_parts(model, layout, parts, counted=(LANGUAGE,) if parts else None)
+        return with_parts(model, layout, parts, counted=(LANGUAGE,) if parts else None)
     return _layout_by_traversal(model, canonical)
-
-
-def _find_part_stacks(model: nn.Module, parts) -> Tuple[List["_Stack"], List[str]]:
-    """Each encoder and the language model has its own layers, found inside it alone: a vision encoder is often a
-    tenth of the language model's size, which the size rule of `_find_stacks` would drop."""
-    stacks: List[_Stack] = []
-    notes: List[str] = []
-    for part, path in parts:
-        if part in PARTS and part != "projector":
-            found, found_notes = _find_stacks(model, path)
-            stacks += found
-            notes += found_notes
-    if not any(inside(stack.path, path) for stack in stacks for part, path in parts if part == LANGUAGE):
-        raise LayerDiscoveryError(
-            f"{type(model).__name__} is a multi-part model ({', '.join(f'{part} at {path}' for part, path in parts)}), "
-            "and no layers were found in its language model. Name the layer containers with `freeze_layer_paths`, "
-            "in forward order.",
-            fields=["freeze_layer_paths"],
-        )
-    return stacks, notes
-
-
-def _with_parts(model: nn.Module, layout: ModelLayout, parts, counted) -> ModelLayout:
-    """Tag every block with its part (splitting a block that spans two), order the parts as the data flows, count
-    the ``counted`` parts' layers, and record the mixture-of-experts components of every layer."""
-    components = find_moe_components(model, [block.name for block in layout.blocks if block.kind == LAYER])
-    if not parts:
-        return replace(layout, components=components)
-    base_prefix = _base_model_prefix(model)
-    blocks: List[Block] = []
-    for block in layout.blocks:
-        by_part: Dict[str, List[int]] = {}
-        for position, name in enumerate(block.parameters):
-            by_part.setdefault(part_of(name, parts, base_prefix), []).append(position)
-        for part, positions in by_part.items():
-            names = tuple(block.parameters[i] for i in positions)
-            name = block.name if len(by_part) == 1 else _common_prefix(names)
-            blocks.append(replace(block, name=name, parameters=names, sizes=tuple(block.sizes[i] for i in positions), part=part))
-    order = {part: index for index, part in enumerate(PARTS)}
-    blocks.sort(key=lambda block: order[block.part])
-    return replace(layout, blocks=tuple(blocks), components=components).counting(counted)
-
-
-def _shared_components(path: str, other: str) -> int:
-    count = 0
-    for mine, theirs in zip(path.split("."), other.split(".")):
-        if mine != theirs:
-            break
-        count += 1
-    return count
-
-
-def _common_prefix(names: Sequence[str]) -> str:
-    split = [name.split(".") for name in names]
-    common = []
-    for components in zip(*split):
-        if len(set(components)) > 1:
-            break
-        common.append(components[0])
-    return ".".join(common) or names[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stacks of repeated layers
-
-
-class _Stack:
-    """A layer container: its path and its distinct entries (path, module)."""
-
-    def __init__(self, path: str, container: nn.Module):
-        self.path = path
-        self.positions = len(container._modules)
-        seen = set()
-        self.entries: List[Tuple[str, nn.Module]] = []
-        for key, module in container._modules.items():
-            if module is None or id(module) in seen:
-                continue
-            seen.add(id(module))
-            self.entries.append((f"{path}.{key}" if path else key, module))
-
-    @property
-    def parent(self) -> str:
-        return self.path.rpartition(".")[0]
-
-
-def _has_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel)
-
-
-def _find_stacks(model: nn.Module, root: str = "") -> Tuple[List[_Stack], List[str]]:
-    candidates: List[_Stack] = []
-    single_entry: List[_Stack] = []
-    for path, module in model.get_submodule(root).named_modules(prefix=root):
-        if not isinstance(module, _CONTAINERS) or any(inside(path, stack.path) for stack in candidates):
-            continue
-        stack = _Stack(path, module)
-        holding = [entry for entry in stack.entries if _has_parameters(entry[1])]
-        if len(holding) >= 2:
-            candidates.append(stack)
-        elif len(holding) == 1 and not any(inside(path, other.path) for other in single_entry):
-            single_entry.append(stack)
-    notes: List[str] = []
-    if candidates:
-        largest = max(_stack_size(stack) for stack in candidates)
-        # Small side containers (per-layer scalars, auxiliary heads) are not the model's layers.
-        stacks = [stack for stack in candidates if _stack_size(stack) >= 0.1 * largest]
-    else:
-        # One entry holding every layer's weights (ALBERT's shared layer group): one honest block, never a
-        # made-up split into positions that share storage.
-        stacks = single_entry[:1]
-        if stacks:
-            repeats = getattr(getattr(model.get_submodule(root), "config", None), "num_hidden_layers", None)
-            notes.append(
-                f"{stacks[0].path} holds a single block whose weights are shared by every layer position"
-                + (f" ({repeats} positions)" if repeats else "")
-                + ": it is one block, frozen or trained as a whole."
-            )
-    return stacks, notes
-
-
-def _stack_size(stack: _Stack) -> int:
-    return sum(parameter.numel() for _, module in stack.entries for parameter in module.parameters())
-
-
-def _stack_at(model: nn.Module, path: str) -> _Stack:
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        raise LayerDiscoveryError(
-            f"`freeze_layer_paths` entry {path!r} is not a submodule of {type(model).__name__}. "
-            f"Containers of layers in this model: {_container_candidates(model) or 'none found'}.",
-            fields=["freeze_layer_paths"],
-        ) from None
-    if not isinstance(module, _UNWRAP) or len(module) == 0:
-        raise LayerDiscoveryError(
-            f"`freeze_layer_paths` entry {path!r} is a {type(module).__name__}, not a container of layers "
-            f"(nn.ModuleList, nn.ModuleDict or nn.Sequential). Containers in this model: "
-            f"{_container_candidates(model) or 'none found'}.",
-            fields=["freeze_layer_paths"],
-        )
-    return _Stack(path, module)
-
-
-def _container_candidates(model: nn.Module) -> List[str]:
-    return [
-        path
-        for path, module in model.named_modules()
-        if isinstance(module, _UNWRAP) and path and sum(_has_parameters(child) for child in module.children()) >= 2
-    ][:10]
-
-
-def _no_layers_message(model: nn.Module) -> str:
-    candidates = _container_candidates(model)
-    example = candidates[0] if candidates else "model.layers"
-    return (
-        f"Could not find the repeated layers of {type(model).__name__}: no nn.ModuleList or nn.ModuleDict in it "
-        f"holds modules with parameters. Name the layer container(s) with `freeze_layer_paths`, in forward order, "
-        f"e.g. `freeze_layer_paths: [{example}]`"
-        + (f"; containers found: {candidates}." if candidates else ".")
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +158,7 @@ def _embedding_facts(model: nn.Module, canonical: Dict[str, str]):
 
 
 def _layout_from_stacks(
-    model: nn.Module, stacks: List[_Stack], canonical: Dict[str, str], notes: List[str]
+    model: nn.Module, stacks: List[Stack], canonical: Dict[str, str], notes: List[str]
 ) -> ModelLayout:
     parameters = dict(model.named_parameters())
     tied = {alias: name for alias, name in canonical.items() if alias != name}
@@ -345,7 +196,7 @@ def _layout_from_stacks(
         groups.setdefault(_owning_block(owner_path, stack_paths), []).append(name)
     module_order = {path: index for index, (path, _) in enumerate(model.named_modules())}
 
-    base_prefix = _base_model_prefix(model)
+    base_prefix = base_model_prefix(model)
     before: Dict[str, List[Block]] = {path: [] for path in stack_paths}
     after: Dict[str, List[Block]] = {path: [] for path in stack_paths}
     heads: List[Block] = []
@@ -401,12 +252,6 @@ def _registered_before(block_name: str, stack_path: str, module_order: Dict[str,
     return module_order.get(block_module, -1) < module_order.get(stack_path, -1)
 
 
-def _base_model_prefix(model: nn.Module) -> Optional[str]:
-    prefix = getattr(model, "base_model_prefix", "")
-    base = getattr(model, prefix, None) if prefix else None
-    return prefix if isinstance(base, nn.Module) and base is not model else None
-
-
 def _classify(model, block_name, names, base_prefix, input_params, output_params) -> str:
     # Tied embeddings are one parameter: it belongs to the input side, and the head follows it.
     if set(names) & set(input_params):
@@ -430,7 +275,16 @@ def _classify(model, block_name, names, base_prefix, input_params, output_params
     return OTHER
 
 
-def _anchor_stack(block_name: str, stacks: List[_Stack], kind: str) -> str:
+def _shared_components(path: str, other: str) -> int:
+    count = 0
+    for mine, theirs in zip(path.split("."), other.split(".")):
+        if mine != theirs:
+            break
+        count += 1
+    return count
+
+
+def _anchor_stack(block_name: str, stacks: List[Stack], kind: str) -> str:
     """The layer container a non-layer block sits next to: the one whose parent encloses it most closely."""
     enclosing = [stack for stack in stacks if stack.parent and inside(block_name, stack.parent)]
     if enclosing:
@@ -455,9 +309,9 @@ def _layout_by_traversal(model: nn.Module, canonical: Dict[str, str]) -> ModelLa
             block_paths.append(f"{prefix}.{name}" if prefix else name)
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, _UNWRAP):
+            if isinstance(child, UNWRAP):
                 visit(child, path)
-            elif _has_parameters(child):
+            elif has_parameters(child):
                 block_paths.append(path)
 
     visit(model, "")

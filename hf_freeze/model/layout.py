@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import LayerDiscoveryError
+from ..errors import LayerDiscoveryError, invalid, invalid_choice
 
 EMBEDDINGS = "embeddings"
 LAYER = "layer"
@@ -81,6 +81,9 @@ class ModelLayout:
             numbers (the language model's, on a vision-language model); ``None``: every layer block.
         components: Parameter groups inside the layers, by component (``"router"``, ``"shared_experts"``,
             ``"routed_experts"`` of a mixture-of-experts model); empty on dense models.
+        leaf_modules: The modules with no submodules and at least one parameter, in Composer's depth-first order,
+            each as (module path, its parameter names): what `freeze_granularity: module` counts. Empty when the
+            layout was written by hand.
 
     Example:
 
@@ -99,6 +102,7 @@ class ModelLayout:
     notes: Tuple[str, ...] = ()
     layer_parts: Optional[Tuple[str, ...]] = None
     components: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    leaf_modules: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
     @property
     def layers(self) -> List[Block]:
@@ -141,6 +145,7 @@ class ModelLayout:
             input_embedding_parameters=tuple(n for n in self.input_embedding_parameters if n in kept),
             output_embedding_parameters=tuple(n for n in self.output_embedding_parameters if n in kept),
             components={key: tuple(n for n in names if n in kept) for key, names in self.components.items()},
+            leaf_modules=tuple(leaf for leaf in self.leaf_modules if set(leaf[1]) <= kept),
         )
 
     @property
@@ -197,7 +202,9 @@ class ModelLayout:
         if head:
             blocks.append(Block("head", HEAD, ("head.weight", "head.bias"), (head, 1)))
         input_embeddings = ("embeddings.weight",) if embeddings else ()
-        return cls(blocks=tuple(blocks), input_embedding_parameters=input_embeddings)
+        # Each block is one module here: its leaf.
+        leaves = tuple((block.name, block.parameters) for block in blocks)
+        return cls(blocks=tuple(blocks), input_embedding_parameters=input_embeddings, leaf_modules=leaves)
 
 
 def inside(path: str, ancestor: str) -> bool:
@@ -216,3 +223,43 @@ def refuse_overlapping_paths(layer_paths: Sequence[str]) -> None:
                     f"container of layers once (got {list(layer_paths)!r}).",
                     fields=["freeze_layer_paths"],
                 )
+
+
+# `freeze_component_paths` keys (the names users know from LLaMA-Factory and ms-swift) -> parts.
+COMPONENT_KEYS = {"vision_tower": VISION, "audio_tower": AUDIO, "projector": PROJECTOR, "language_model": LANGUAGE}
+
+
+def check_component_paths(value: Optional[Dict[str, object]]) -> Optional[Dict[str, List[str]]]:
+    """``freeze_component_paths`` as ``{key: [module paths]}``: the parts of a multi-part model named by hand, for
+    models whose parts discovery cannot tell apart. Keys are those of `COMPONENT_KEYS`; a part may span several
+    modules (two projectors), the language model is one."""
+    if value is None:
+        return None
+    name = "freeze_component_paths"
+    expected = "a mapping from " + ", ".join(repr(key) for key in COMPONENT_KEYS) + " to dotted module paths"
+    if not isinstance(value, dict) or not value:
+        raise invalid(name, value, expected, hint="e.g. {vision_tower: model.vision_tower, language_model: model.language_model}")
+    checked: Dict[str, List[str]] = {}
+    for key, paths in value.items():
+        if key not in COMPONENT_KEYS:
+            raise invalid_choice(name, key, COMPONENT_KEYS, hint="the keys of the mapping name the parts")
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not paths or not all(isinstance(path, str) and path for path in paths):
+            raise invalid(name, {key: value[key]}, f"for {key!r}, a dotted module path or a non-empty list of them")
+        if key == "language_model" and len(paths) != 1:
+            raise invalid(name, {key: value[key]}, "for 'language_model', one dotted module path (it is one module)")
+        checked[key] = list(paths)
+    owned = [(key, path) for key, paths in checked.items() for path in paths]
+    for index, (key, path) in enumerate(owned):
+        for other_key, other in owned[:index]:
+            if not (inside(path, other) or inside(other, path)):
+                continue
+            outer_key, inner_key = (other_key, key) if inside(path, other) else (key, other_key)
+            # Qwen2-VL keeps its projector (`visual.merger`) inside the vision encoder: the one meaningful overlap.
+            if path == other or not (inner_key == "projector" and outer_key in ("vision_tower", "audio_tower")):
+                raise invalid(
+                    name, value, "paths that do not overlap (a projector inside an encoder is the one exception)",
+                    hint=f"{path!r} and {other!r} overlap",
+                )
+    return checked
+

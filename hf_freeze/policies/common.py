@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable, List
 
-from ..errors import FreezeConfigError, invalid
+from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import EMBEDDINGS, LAYER, NORM, OTHER, ModelLayout
 
-__all__ = ["bottom_prefix", "layer_parameters", "require_layers", "resolve_count"]
+__all__ = [
+    "CACHE_DTYPES", "bottom_prefix", "check_cache_options", "layer_parameters", "require_layers", "resolve_count",
+]
+
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+_CACHE_DETAILS = ("freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep")
 
 
 def resolve_count(value: Any, num_layers: int, field_name: str = "freeze_layers") -> int:
@@ -71,3 +76,36 @@ def bottom_prefix(layout: ModelLayout, options: Any, layers: Iterable[int], embe
             if block.kind in (NORM, OTHER):
                 frozen += block.parameters
     return frozen
+
+
+def check_cache_options(options: Any, dynamic: bool) -> None:
+    """Refuse cache options that cannot work, whatever the model: `freeze_cache_prefix` with a frozen set that
+    changes, or without frozen modules in eval mode (their dropout would make every stored state a lie)."""
+    details = [name for name in _CACHE_DETAILS if getattr(options, name, None) is not None]
+    if not getattr(options, "freeze_cache_prefix", None):
+        if details:
+            raise FreezeConfigError(
+                f"{', '.join(f'`{name}`' for name in details)} only apply with `freeze_cache_prefix: true` (got "
+                f"`freeze_cache_prefix` {getattr(options, 'freeze_cache_prefix', None)!r}). Set it, or remove them.",
+                fields=["freeze_cache_prefix", *details],
+            )
+        return
+    if dynamic:
+        raise FreezeConfigError(
+            f"`freeze_cache_prefix` needs a frozen prefix that stays the same for the whole run, and "
+            f"`freeze_strategy` {options.freeze_strategy!r} changes the frozen set during training: stored states "
+            "would go stale. Use a static strategy ('bottom', 'layers', ...) or turn `freeze_cache_prefix` off.",
+            fields=["freeze_cache_prefix", "freeze_strategy"],
+        )
+    if not getattr(options, "freeze_frozen_modules_eval", None):
+        raise FreezeConfigError(
+            "`freeze_cache_prefix` stores what the frozen prefix computes once, which is right only when it computes "
+            "the same every epoch: set `freeze_frozen_modules_eval: true` so that its dropout is off (got "
+            f"`freeze_frozen_modules_eval` {getattr(options, 'freeze_frozen_modules_eval', None)!r}).",
+            fields=["freeze_cache_prefix", "freeze_frozen_modules_eval"],
+        )
+    memory = options.freeze_cache_memory_mb
+    if memory is not None and not memory >= 0:
+        raise invalid("freeze_cache_memory_mb", memory, "a number of MiB >= 0 (0: everything on disk)")
+    if options.freeze_cache_dtype is not None and options.freeze_cache_dtype not in CACHE_DTYPES:
+        raise invalid_choice("freeze_cache_dtype", options.freeze_cache_dtype, CACHE_DTYPES)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tup
 from ..errors import FreezeConfigError, few, invalid_choice
 from ..model.layout import EMBEDDINGS, HEAD, NORM, OTHER, ModelLayout
 from ..registry import Registry
+from .common import check_cache_options
 from .parts import (
     _check_part_options,
     _component_settings,
@@ -40,7 +41,8 @@ COMMON_OPTIONS = (
     "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
     "freeze_health_check", "freeze_frozen_modules_eval", "freeze_layer_stack", "freeze_vision_tower",
     "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
-    "freeze_router", "freeze_shared_experts",
+    "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
+    "freeze_cache_prefix", "freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep",
 )
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
@@ -208,6 +210,7 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
     if getattr(options, "freeze_health_check", None) not in (None, *HEALTH_CHECK_MODES):
         raise invalid_choice("freeze_health_check", options.freeze_health_check, HEALTH_CHECK_MODES)
     _check_part_options(options, strategy)
+    check_cache_options(options, strategy.dynamic)
     if strategy.check is not None:
         strategy.check(options)
     return strategy

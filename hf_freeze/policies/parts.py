@@ -4,12 +4,15 @@ options (`freeze_vision_tower`, ..., with ms-swift's aliases) and the mixture-of
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import re
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import EMBEDDINGS, LANGUAGE, PROJECTOR, ROUTER, SHARED_EXPERTS, VISION, ModelLayout
 
-__all__ = ["LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "part_option", "policy_view"]
+__all__ = [
+    "LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "counted_layout", "part_option", "policy_view", "unused_parts",
+]
 
 
 # The options that settle a whole part of a multi-part model (LLaMA-Factory's names), with their ms-swift alias,
@@ -44,6 +47,14 @@ def _check_part_options(options: Any, strategy: Any) -> None:
                 f"Set one of them.",
                 fields=[name, alias],
             )
+    if getattr(options, "freeze_unused_modalities", None):
+        for name, (alias, part, _) in PART_OPTIONS.items():
+            if part != LANGUAGE and part_option(options, name) is False:
+                raise FreezeConfigError(
+                    f"`freeze_unused_modalities` freezes the vision tower and the projector, but "
+                    f"`{_part_fields(options, name)[-1]}` is false (trains them). Set one of them.",
+                    fields=["freeze_unused_modalities", *_part_fields(options, name)],
+                )
     stack = getattr(options, "freeze_layer_stack", None)
     if stack is not None and stack not in LAYER_STACKS:
         raise invalid_choice("freeze_layer_stack", stack, LAYER_STACKS)
@@ -69,6 +80,14 @@ def _refuse_missing_parts(layout: ModelLayout, options: Any) -> None:
                 + (", or freeze the whole model's layers with a layer strategy." if part == LANGUAGE else "."),
                 fields=_part_fields(options, name),
             )
+    unused = getattr(options, "freeze_unused_modalities", None)
+    if unused is not None and not [part for part in parts if part != LANGUAGE]:
+        raise FreezeConfigError(
+            f"`freeze_unused_modalities` is set (got {unused!r}), but this model has no vision or audio encoder"
+            + (f" (its parts: {', '.join(parts)})" if parts else ": discovery found a single-part model")
+            + ". Remove it.",
+            fields=["freeze_unused_modalities"],
+        )
     stack = getattr(options, "freeze_layer_stack", None)
     if stack == "vision" and VISION not in parts:
         raise invalid(
@@ -105,6 +124,30 @@ def policy_view(layout: ModelLayout, options: Any, strategy: Any = None) -> Mode
     return layout.counting(counted).restricted_to(counted)
 
 
+def counted_layout(layout: ModelLayout, options: Any) -> ModelLayout:
+    """The whole layout with the layers of `freeze_layer_stack` counted, as the strategy counts them: what the
+    block table, the ``freeze/frozen_layers`` metric, the timeline and `hf-freeze plan` number and count.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> from hf_freeze import Block, ModelLayout
+    >>> from hf_freeze.policies.parts import counted_layout
+    >>> layout = ModelLayout((
+    ...     Block("vision.0", "layer", ("vision.0.w",), (4,), None, "vision", part="vision"),
+    ...     Block("text.0", "layer", ("text.0.w",), (4,), 0, "text", part="language"),
+    ... ), layer_parts=("language",))
+    >>> [b.name for b in counted_layout(layout, SimpleNamespace(freeze_layer_stack="vision")).layers]
+    ['vision.0']
+    ```
+    """
+    stack = getattr(options, "freeze_layer_stack", None)
+    if not layout.parts or stack is None:
+        return layout
+    return layout.counting(None if stack == "all" else (VISION,) if stack == "vision" else (LANGUAGE,))
+
+
 def _outside_view(layout: ModelLayout, view: ModelLayout) -> Dict[str, set]:
     """The parts the strategy did not see, with their parameters, in forward order."""
     seen = set(view.parameter_names)
@@ -128,6 +171,8 @@ def _pinned_parts(layout: ModelLayout, view: ModelLayout, options: Any, strategy
         value = part_option(options, option) if option else None
         if value is None and option and part in _outside_view(layout, view):
             value = strategy.defaults.get(option)
+        if value is None and part != LANGUAGE and getattr(options, "freeze_unused_modalities", None):
+            value = True
         names = set(layout.parameters_of(layout.blocks_of_part(part)))
         if value is True:
             frozen |= names
@@ -185,3 +230,41 @@ def _pinned_components(layout: ModelLayout, options: Any) -> Tuple[set, set]:
 def _component_settings(layout: ModelLayout, options: Any, frozen: set) -> set:
     pinned_frozen, pinned_trainable = _pinned_components(layout, options)
     return (frozen | pinned_frozen) - pinned_trainable
+
+
+# Input names that carry another modality than text: pixel_values, image_grid_thw, pixel_values_videos,
+# input_features (speech), input_values (audio), and raw `image`/`images`/`audio` columns a collator turns into them.
+_MODALITY_INPUT = re.compile(r"pixel|image|video|audio|vision|input_features|input_values", re.IGNORECASE)
+
+
+def unused_parts(layout: ModelLayout, frozen: Collection[str], input_names: Optional[Collection[str]]) -> Dict[str, int]:
+    """The trainable parameters, by part, that a text-only run never reaches: ``{part: count}`` for the encoders
+    and projectors of a multi-part model when ``input_names`` (the training data's columns, or the keys of its
+    first example) hold no image, video or audio input; ``{}`` when they do, when they are unknown (``None``),
+    or on a single-part model.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import Block, ModelLayout
+    >>> from hf_freeze.policies.parts import unused_parts
+    >>> layout = ModelLayout((
+    ...     Block("vision.0", "layer", ("vision.0.w",), (4,), None, "vision", part="vision"),
+    ...     Block("text.0", "layer", ("text.0.w",), (6,), 0, "text", part="language"),
+    ... ), layer_parts=("language",))
+    >>> unused_parts(layout, set(), ["input_ids", "labels"]), unused_parts(layout, set(), ["input_ids", "pixel_values"])
+    ({'vision': 4}, {})
+    ```
+    """
+    if input_names is None or any(_MODALITY_INPUT.search(str(name)) for name in input_names):
+        return {}
+    frozen = set(frozen)
+    unused = {}
+    for part in layout.parts:
+        if part == LANGUAGE:
+            continue
+        blocks = layout.blocks_of_part(part)
+        count = sum(size for block in blocks for name, size in zip(block.parameters, block.sizes) if name not in frozen)
+        if count:
+            unused[part] = count
+    return unused

@@ -1,7 +1,8 @@
 """Schedules: strategies whose frozen set changes during training.
 
 * ``progressive`` (Composer's LayerFreezing): nothing frozen until `freeze_start`, then layers freeze bottom-up,
-  linearly in time, until `freeze_level` of them are frozen at the end of training.
+  linearly in time, until `freeze_level` of them are frozen at the end of training; with `freeze_granularity:
+  module`, Composer's leaf modules instead of layers.
 * ``gradual_unfreezing`` (ULMFiT, fastai's ``freeze_to``, Lightning's ``BackboneFinetuning``): the bottom layers start
   frozen and unfreeze top-down, `freeze_unfreeze_layers` at a time, every `freeze_schedule_every` units, optionally
   with a learning-rate factor for the newly unfrozen layers.
@@ -30,18 +31,22 @@ from .common import bottom_prefix, layer_parameters, require_layers, resolve_cou
 __all__ = [
     "BLOCK_ORDERS",
     "DEFAULT_LR_GROWTH",
+    "GRANULARITIES",
     "SCHEDULE_UNITS",
     "active_block",
     "badam_switches",
     "elapsed_units",
     "lisa_layers",
     "progressive_frozen_count",
+    "progressive_frozen_leaves",
     "schedule_every",
     "schedule_unit",
     "still_frozen_count",
 ]
 
 SCHEDULE_UNITS = ("step", "epoch")
+# What 'progressive' counts: hf_freeze's layers, or Composer's leaf modules.
+GRANULARITIES = ("layer", "module")
 BLOCK_ORDERS = ("ascending", "descending", "random", "fixed")
 _DEFAULT_UNIT = {"gradual_unfreezing": "epoch"}
 _DEFAULT_EVERY = {"gradual_unfreezing": 1, "lisa": 20, "badam": 50}
@@ -117,6 +122,8 @@ def progressive_frozen_count(options, progress: TrainingProgress, num_layers: in
 
 def _check_progressive(options) -> None:
     _check_common(options)
+    if options.freeze_granularity is not None and options.freeze_granularity not in GRANULARITIES:
+        raise invalid_choice("freeze_granularity", options.freeze_granularity, GRANULARITIES)
     if options.freeze_start is not None and not 0.0 <= options.freeze_start < 1.0:
         raise invalid("freeze_start", options.freeze_start, "a fraction of training in [0, 1)")
     if options.freeze_level is not None and not 0.0 < options.freeze_level <= 1.0:
@@ -124,8 +131,29 @@ def _check_progressive(options) -> None:
 
 
 def _progressive(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
+    if options.freeze_granularity == "module":
+        return _progressive_leaves(layout, options, progress), []
     total = require_layers(layout, "progressive")
     return bottom_prefix(layout, options, range(progressive_frozen_count(options, progress, total))), []
+
+
+def progressive_frozen_leaves(options, progress: TrainingProgress, num_leaves: int) -> int:
+    """Leaf modules frozen at `progress` with `freeze_granularity: module`: Composer's count, which leaves the last
+    leaf out of both the count and the candidates, so it is never frozen (the head, on most models)."""
+    return progressive_frozen_count(options, progress, max(0, num_leaves - 1))
+
+
+def _progressive_leaves(layout: ModelLayout, options, progress: TrainingProgress) -> List[str]:
+    leaves = layout.leaf_modules
+    if not leaves:
+        raise FreezeConfigError(
+            "`freeze_granularity` 'module' counts the model's leaf modules, and this layout lists none (it was "
+            "written by hand, not discovered from a model). Use `freeze_granularity: layer`, or build the layout "
+            "with `discover_layout(model)`.",
+            fields=["freeze_granularity"],
+        )
+    count = progressive_frozen_leaves(options, progress, len(leaves))
+    return list(dict.fromkeys(name for _, names in leaves[:count] for name in names))
 
 
 # -- gradual unfreezing (ULMFiT, fastai, Lightning's BackboneFinetuning) --------------------------------------------
@@ -314,7 +342,8 @@ _PERIODIC_OPTIONS = ("freeze_schedule_unit", "freeze_schedule_every")
 
 register_strategy(
     Strategy(
-        "progressive", _progressive, _UNIT_OPTIONS + ("freeze_start", "freeze_level"), {}, _check_progressive,
+        "progressive", _progressive, _UNIT_OPTIONS + ("freeze_start", "freeze_level", "freeze_granularity"), {},
+        _check_progressive,
         dynamic=True,
         description="Freeze layers bottom-up, linearly in time from `freeze_start` to `freeze_level` (Composer).",
     )

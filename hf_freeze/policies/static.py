@@ -10,7 +10,7 @@ from .core import Selection, Strategy, register_strategy
 from .parts import MOE_OPTIONS, PART_OPTIONS
 from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 
-__all__ = ["check_count", "compile_name_pattern"]
+__all__ = ["check_count", "compile_name_pattern", "llama_pro_layers"]
 
 _ALIASES = tuple(alias for alias, _, _ in PART_OPTIONS.values())
 
@@ -116,11 +116,49 @@ def _trlx_trains(layout: ModelLayout, options):
 
 
 def _llama_factory_trains(layout: ModelLayout, options):
+    count, total = options.freeze_trainable_layers, layout.num_layers
+    chosen = range(total - count, total) if count > 0 else range(-count)
+    return _trained_in_layers(layout, options, chosen)
+
+
+def llama_pro_layers(num_layers: int, num_new_blocks: int) -> range:
+    """The layers LLaMA Pro's block expansion added, in a model of ``num_layers`` layers that gained
+    ``num_new_blocks``: the last layer of each of the ``num_new_blocks`` equal groups (LLaMA-Factory's
+    `use_llama_pro`, what `hf-freeze expand` writes).
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.policies.static import llama_pro_layers
+    >>> list(llama_pro_layers(6, 2))  # 4 layers expanded by 2: a copy after layers 1 and 3 of the original
+    [2, 5]
+    ```
+    """
+    if num_new_blocks < 1 or num_layers % num_new_blocks or num_layers // num_new_blocks < 2:
+        raise invalid(
+            "freeze_num_new_blocks", num_new_blocks,
+            f"a divisor of the model's {num_layers} layers that leaves at least one original layer per group: "
+            f"{', '.join(map(str, _new_block_counts(num_layers))) or 'none'}",
+            hint="LLaMA Pro adds one block after every k original layers, so the expanded model has a multiple of "
+            "k + 1 layers; give the number of blocks `hf-freeze expand --num-new-blocks` added.",
+        )
+    stride = num_layers // num_new_blocks
+    return range(stride - 1, num_layers + stride - 1, stride)
+
+
+def _new_block_counts(num_layers: int):
+    return [count for count in range(1, num_layers // 2 + 1) if num_layers % count == 0]
+
+
+def _llama_pro_trains(layout: ModelLayout, options):
+    chosen = llama_pro_layers(layout.num_layers, options.freeze_num_new_blocks)
+    return _trained_in_layers(layout, options, chosen)
+
+
+def _trained_in_layers(layout: ModelLayout, options, chosen) -> list:
     """What LLaMA-Factory's freeze tuning trains: the chosen submodules of the chosen layers, and every parameter
     whose name contains one of `freeze_extra_modules` (a substring, as there: 'norm' also trains every layer's
     `input_layernorm` and `post_attention_layernorm`)."""
-    count, total = options.freeze_trainable_layers, layout.num_layers
-    chosen = range(total - count, total) if count > 0 else range(-count)
     modules = options.freeze_trainable_modules or ["all"]
     _refuse_unknown("freeze_trainable_modules", [m for m in modules if m != "all"], _layer_submodules(layout))
     trainable = []
@@ -247,6 +285,10 @@ def _check_llama_factory(options) -> None:
     value = options.freeze_trainable_layers
     if value is None or value == 0:
         raise invalid("freeze_trainable_layers", value, "a non-zero integer: N > 0 trains the last N, N < 0 the first |N|")
+    _check_module_lists(options)
+
+
+def _check_module_lists(options) -> None:
     for field_name in ("freeze_trainable_modules", "freeze_extra_modules"):
         names = getattr(options, field_name)
         if names is not None and (not names or not all(names)):
@@ -261,6 +303,22 @@ def _llama_factory(layout: ModelLayout, options, progress) -> Selection:
     trainable = set(_llama_factory_trains(layout, options))
     # Everything else is frozen, embeddings, norms and head included (LLaMA-Factory's default); the strategy decides
     # them itself rather than through defaults, so that `freeze_extra_modules` can train them.
+    return [name for name in layout.parameter_names if name not in trainable], []
+
+
+def _check_llama_pro(options) -> None:
+    value = options.freeze_num_new_blocks
+    if value is None or value < 1:
+        raise invalid(
+            "freeze_num_new_blocks", value, "the number of blocks LLaMA Pro's expansion added (an integer >= 1)",
+            hint="`hf-freeze expand MODEL_DIR --num-new-blocks N OUTPUT_DIR` writes such a model.",
+        )
+    _check_module_lists(options)
+
+
+def _llama_pro(layout: ModelLayout, options, progress) -> Selection:
+    require_layers(layout, "llama_pro")
+    trainable = set(_llama_pro_trains(layout, options))
     return [name for name in layout.parameter_names if name not in trainable], []
 
 
@@ -323,6 +381,17 @@ register_strategy(
         description=(
             "LLaMA-Factory's freeze tuning (`freeze_trainable_layers`, `freeze_trainable_modules`, "
             "`freeze_extra_modules`): only the chosen layers' modules and the extra modules train."
+        ),
+    )
+)
+register_strategy(
+    Strategy(
+        "llama_pro", _llama_pro, ("freeze_num_new_blocks", "freeze_trainable_modules", "freeze_extra_modules"),
+        {"freeze_vision_tower": True, "freeze_multi_modal_projector": True}, _check_llama_pro,
+        trains=_llama_pro_trains,
+        description=(
+            "LLaMA Pro (LLaMA-Factory's `use_llama_pro`): only the `freeze_num_new_blocks` blocks added by "
+            "`hf-freeze expand` train (and `freeze_extra_modules`)."
         ),
     )
 )

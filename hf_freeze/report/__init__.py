@@ -2,7 +2,16 @@
 
 from .chart import plot_timeline
 from .lines import compact_blocks, describe_change, describe_selection, layer_ranges
-from .metrics import block_rows, count_metrics, format_block_table, freeze_metrics, model_metrics, summary_line
+from .metrics import (
+    block_rows,
+    count_metrics,
+    format_block_table,
+    format_part_lines,
+    freeze_metrics,
+    model_metrics,
+    part_rows,
+    summary_line,
+)
 from .timeline import TIMELINE_JSON, TIMELINE_PNG, FreezeTimeline, simulate_timeline
 
 
@@ -16,9 +25,11 @@ __all__ = [
     "describe_change",
     "describe_selection",
     "format_block_table",
+    "format_part_lines",
     "freeze_metrics",
     "layer_ranges",
     "model_metrics",
+    "part_rows",
     "plot_timeline",
     "simulate_timeline",
     "summary_line",

@@ -6,9 +6,12 @@ from typing import Collection, Dict, List, Optional
 
 from torch import nn
 
-from ..model.layout import ModelLayout
+from ..model.layout import LAYER, ModelLayout
 
-__all__ = ["block_rows", "count_metrics", "format_block_table", "freeze_metrics", "model_metrics", "summary_line"]
+__all__ = [
+    "block_rows", "count_metrics", "format_block_table", "format_part_lines", "freeze_metrics", "model_metrics",
+    "part_rows", "summary_line",
+]
 
 
 def count_metrics(trainable: int, total: int) -> Dict[str, float]:
@@ -71,7 +74,45 @@ def freeze_metrics(layout: ModelLayout, frozen: Collection[str]) -> Dict[str, fl
     frozen = set(frozen)
     total = sum(sizes.values())
     trainable = total - sum(size for name, size in sizes.items() if name in frozen)
-    return {**count_metrics(trainable, total), "freeze/frozen_layers": len(layout.frozen_layer_indices(frozen))}
+    metrics = {**count_metrics(trainable, total), "freeze/frozen_layers": len(layout.frozen_layer_indices(frozen))}
+    for row in part_rows(layout, frozen):  # a multi-part model: what trains in each part
+        metrics[f"freeze/trainable_params/{row['part']}"] = row["trainable_parameters"]
+    return metrics
+
+
+def part_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, object]]:
+    """One row per part of a multi-part model (none for a single-part model): parameters, trainable parameters,
+    and frozen layers out of the part's layers.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import Block, ModelLayout
+    >>> from hf_freeze.report.metrics import part_rows
+    >>> layout = ModelLayout((
+    ...     Block("vision.0", "layer", ("vision.0.w",), (4,), None, "vision", part="vision"),
+    ...     Block("text.0", "layer", ("text.0.w",), (6,), 0, "text", part="language"),
+    ... ), layer_parts=("language",))
+    >>> [(row["part"], row["trainable_parameters"], row["frozen_layers"]) for row in part_rows(layout, {"vision.0.w"})]
+    [('vision', 0, '1/1'), ('language', 6, '0/1')]
+    ```
+    """
+    frozen = set(frozen)
+    rows = []
+    for part in layout.parts:
+        blocks = layout.blocks_of_part(part)
+        sizes = {name: size for block in blocks for name, size in zip(block.parameters, block.sizes)}
+        layers = [block for block in blocks if block.kind == LAYER]
+        frozen_layers = sum(all(name in frozen for name in block.parameters) for block in layers)
+        rows.append(
+            {
+                "part": part,
+                "parameters": sum(sizes.values()),
+                "trainable_parameters": sum(size for name, size in sizes.items() if name not in frozen),
+                "frozen_layers": f"{frozen_layers}/{len(layers)}",
+            }
+        )
+    return rows
 
 
 def summary_line(metrics: Dict[str, float], num_layers: Optional[int] = None) -> str:
@@ -105,3 +146,12 @@ def format_block_table(layout: ModelLayout, frozen: Collection[str]) -> str:
 
     lines = [render(headers), render(["-" * w for w in widths])] + [render(line) for line in cells]
     return "\n".join(lines)
+
+
+def format_part_lines(layout: ModelLayout, frozen: Collection[str]) -> List[str]:
+    """One line per part of a multi-part model: ``vision: 0 of 303,507,456 parameters train; frozen layers 24/24``."""
+    return [
+        f"{row['part']}: {row['trainable_parameters']:,} of {row['parameters']:,} parameters train; "
+        f"frozen layers {row['frozen_layers']}"
+        for row in part_rows(layout, frozen)
+    ]

@@ -5,6 +5,7 @@ hyperparameters with frozen layers as the fidelity (`hpo`).
     hf-freeze plan path/to/config.json --config configs/bottom.yaml
     hf-freeze validate configs/bottom.yaml [--model path/to/model]
     hf-freeze hpo train.yaml --space configs/search_spaces/hpo_space.yaml --trials 24
+    hf-freeze expand path/to/model --num-new-blocks 8 path/to/expanded-model
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ COMMANDS = {
     "plan": "show what a policy freezes, when, and the training memory it saves (no weights are loaded)",
     "validate": "check a training YAML and report every problem (exit status 1 if any)",
     "hpo": "search hyperparameters with the fraction of trainable layers as the fidelity (Optuna)",
+    "expand": "add LLaMA Pro blocks (identity copies) to a model, for `freeze_strategy: llama_pro`",
 }
 
 
@@ -112,7 +114,26 @@ def _add_hpo_parser(commands, **kwargs) -> argparse.ArgumentParser:
     return hpo.add_parser(commands, **kwargs)
 
 
-_ADD_PARSER = {"plan": _add_plan_parser, "validate": _add_validate_parser, "hpo": _add_hpo_parser}
+def _add_expand_parser(commands, **kwargs) -> argparse.ArgumentParser:
+    expand = commands.add_parser(
+        "expand",
+        description="LLaMA Pro's block expansion, as LLaMA-Factory's scripts/llama_pro.py writes it: the layers are "
+        "split into N equal groups, and after the last layer of each a copy of it is inserted with its o_proj and "
+        "down_proj weights set to zero, so that each new block starts as the identity and the expanded model "
+        "computes what the original did. Train the new blocks with `freeze_strategy: llama_pro` and "
+        "`freeze_num_new_blocks: N`.",
+        **kwargs,
+    )
+    expand.add_argument("model_dir", metavar="MODEL_DIR", help="a local model folder (config.json and weights)")
+    expand.add_argument("output_dir", metavar="OUTPUT_DIR", help="a new or empty folder for the expanded model")
+    expand.add_argument("--num-new-blocks", type=int, required=True, help="blocks to add; must divide the layers")
+    expand.add_argument("--max-shard-size", default="5GB", help="largest weight file (an index is written if split)")
+    return expand
+
+
+_ADD_PARSER = {
+    "plan": _add_plan_parser, "validate": _add_validate_parser, "hpo": _add_hpo_parser, "expand": _add_expand_parser,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,6 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _plan(namespace)
         if namespace.command == "hpo":
             return namespace.hpo_main(namespace)
+        if namespace.command == "expand":
+            return _expand(namespace)
         return _validate(namespace)
     except FreezeConfigError as error:
         print(f"hf-freeze: error: {error}", file=sys.stderr)
@@ -215,6 +238,16 @@ def _meta_model(path: str, task: str, num_labels: Optional[int] = None):
         if isinstance(error, FreezeConfigError):
             raise
         raise FreezeConfigError(f"Could not build a model from {path!r} (task {task!r}): {error}") from None
+
+
+def _expand(namespace) -> int:
+    from .expand import expand_model, format_result
+
+    result = expand_model(
+        namespace.model_dir, namespace.num_new_blocks, namespace.output_dir, max_shard_size=namespace.max_shard_size
+    )
+    print(format_result(result, namespace.output_dir))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

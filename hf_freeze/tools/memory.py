@@ -32,6 +32,7 @@ __all__ = [
     "MemoryEstimate",
     "Precision",
     "estimate_training_memory",
+    "part_memory",
 ]
 
 # Saved activations of a frozen layer that the gradient still flows through, relative to a trainable one.
@@ -195,6 +196,31 @@ def estimate_training_memory(
         optimizer_states=trainable * states * (state_bytes or bytes_of.optimizer_state),
         activations=activations,
     )
+
+
+def part_memory(
+    layout: ModelLayout, frozen: Collection[str], precision: str = "fp32", optimizer: str = "adamw"
+) -> Dict[str, MemoryEstimate]:
+    """Weights, gradients and optimizer states of each part of a multi-part model (``{}`` for a single-part model);
+    activations are not split by part (``None``).
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import Block, ModelLayout
+    >>> from hf_freeze.tools.memory import part_memory
+    >>> layout = ModelLayout((
+    ...     Block("vision.0", "layer", ("vision.0.w",), (100,), None, "vision", part="vision"),
+    ...     Block("text.0", "layer", ("text.0.w",), (100,), 0, "text", part="language"),
+    ... ), layer_parts=("language",))
+    >>> {part: estimate.total for part, estimate in part_memory(layout, {"vision.0.w"}).items()}
+    {'vision': 400, 'language': 1600}
+    ```
+    """
+    return {
+        part: estimate_training_memory(layout.restricted_to((part,)), frozen, None, precision=precision, optimizer=optimizer)
+        for part in layout.parts
+    }
 
 
 def _activation_bytes(layout, frozen, shape: ActivationShape, tokens: int, element_bytes: int, checkpointing: bool) -> int:

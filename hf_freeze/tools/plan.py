@@ -17,6 +17,7 @@ from ..config import FreezeArguments
 from ..errors import FreezeConfigError, invalid_choice
 from ..model import ModelLayout
 from ..policies import STRATEGIES
+from ..policies.parts import counted_layout
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
 from .memory import ActivationShape, MemoryEstimate, estimate_training_memory
 
@@ -153,7 +154,9 @@ def make_plan(
     """Discover the blocks of ``model`` (real or on the meta device), run the policy and estimate the memory."""
     from ..model import discover_layout  # torch
 
-    layout = discover_layout(model, arguments.freeze_layer_paths)
+    layout = counted_layout(
+        discover_layout(model, arguments.freeze_layer_paths, arguments.freeze_component_paths), arguments
+    )
     strategy = STRATEGIES.get(arguments.freeze_strategy)
     if strategy.dynamic and not max_steps:
         raise FreezeConfigError(

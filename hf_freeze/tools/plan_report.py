@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from ..report import block_rows, format_block_table, freeze_metrics, layer_ranges, summary_line
+from ..report import block_rows, format_block_table, freeze_metrics, layer_ranges, part_rows, summary_line
+from .memory import part_memory
 from .plan import FreezePlan, plan_notes
 
 __all__ = ["format_plan", "plan_as_dict"]
@@ -23,6 +24,10 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
         "settings": plan.settings,
         "blocks": block_rows(plan.layout, plan.frozen),
         "totals": freeze_metrics(plan.layout, plan.frozen),
+        "parts": [
+            dict(row, memory_full_finetuning=full.as_dict(), memory_policy=policy.as_dict())
+            for row, full, policy in _parts(plan)
+        ],
         "memory": {
             "full_finetuning": plan.full_memory.as_dict(),
             "policy": plan.policy_memory.as_dict(),
@@ -78,11 +83,36 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
             f"({_share(plan.peak_memory, full)}) in its largest (from step {plan.timeline[largest].step}); the "
             "device must hold the largest. Each phase's total is in the timeline above."
         )
+    lines += _part_lines(plan)
     lines.append(
         "  An estimate, not a measurement: no CUDA context, allocator slack or temporary buffers; fused attention "
         "(no stored score matrix) assumed."
     )
     return "\n".join(lines)
+
+
+def _parts(plan: FreezePlan):
+    """(row, full fine-tuning estimate, policy estimate) per part of a multi-part model."""
+    memory = {key: plan.settings[key] for key in ("precision", "optimizer")}
+    full = part_memory(plan.layout, (), **memory)
+    policy = part_memory(plan.layout, plan.frozen, **memory)
+    return [(row, full[row["part"]], policy[row["part"]]) for row in part_rows(plan.layout, plan.frozen)]
+
+
+def _part_lines(plan: FreezePlan) -> List[str]:
+    parts = _parts(plan)
+    if not parts:
+        return []
+    lines = [
+        "  By part (weights, gradients and optimizer states; activations are not split by part):",
+        f"    {'part':<12}{'parameters':>16}{'trainable':>16}{'frozen layers':>15}{'full fine-tuning':>18}{'policy':>12}",
+    ]
+    for row, full, policy in parts:
+        lines.append(
+            f"    {row['part']:<12}{row['parameters']:>16,}{row['trainable_parameters']:>16,}{row['frozen_layers']:>15}"
+            f"{_bytes(full.total):>18}{_bytes(policy.total):>12}"
+        )
+    return lines
 
 
 def _timeline_lines(plan: FreezePlan) -> List[str]:

@@ -242,3 +242,38 @@ def test_trainer_with_gradient_checkpointing(tmp_path, use_reentrant):
         assert changed == parameter.requires_grad, name
     assert any(name.startswith("model.layers.2.") and p.requires_grad for name, p in model.named_parameters())
     assert not [w for w in caught if "requires_grad" in str(w.message)]
+
+
+def _vlm_gradients(checkpointing=None, freeze_vision_tower=None):
+    from tiny import tiny_llava
+
+    model = tiny_llava()
+    if checkpointing is not None:
+        model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    freezer = LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2, freeze_vision_tower=freeze_vision_tower)
+    freezer.apply()
+    runs = _count_layer_runs(model, freezer)  # the language model's layers: the counted ones
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.full((2, 16), 127), torch.randint(1, 120, (2, 8), generator=generator)], dim=1)
+    model.train()
+    model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32, generator=generator), labels=ids).loss.backward()
+    # LLaVA reads the vision tower's second-to-last layer: its last layer and final norm get no gradient.
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return grads, runs, freezer
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_vision_language_model_frozen_prefix_spans_the_vision_tower(mode):
+    # With the vision tower and projector frozen (they follow the frozen embeddings), the prefix runs from the
+    # vision tower through the language model's frozen layers: they run forward once, gradients are unchanged.
+    reference, _, _ = _vlm_gradients()
+    grads, runs, freezer = _vlm_gradients(checkpointing=mode)
+    prefix = freezer.applier.prefix_hooks.prefix
+    assert prefix.blocks[0].startswith("model.vision_tower.") and prefix.first_trainable_layer == "model.language_model.layers.2"
+    assert grads.keys() == reference.keys()
+    for name, gradient in reference.items():
+        torch.testing.assert_close(grads[name], gradient, msg=name)
+    assert runs == {0: 1, 1: 1, 2: 2}
+    # A trainable vision tower needs the backward pass through every language layer: no prefix to cut.
+    _, runs, freezer = _vlm_gradients(checkpointing=mode, freeze_vision_tower=False)
+    assert not freezer.applier.prefix_hooks.prefix.active and runs == {0: 2, 1: 2, 2: 2}

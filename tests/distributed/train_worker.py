@@ -135,6 +135,8 @@ def new_model(run: dict):
 
         torch.manual_seed(0)  # the new classifier head: identical on every rank
         return AutoModelForSequenceClassification.from_pretrained(run["pretrained"], num_labels=2)
+    if run.get("model") == "llava":  # a vision-language model, trained here on text alone
+        return tiny.tiny_llava(seed=0)
     return tiny.build(run.get("model", "bert"), seed=0, num_hidden_layers=4)
 
 

@@ -237,3 +237,45 @@ def test_ranks_that_freeze_different_parameters_are_refused_before_training():
     for result in [rank["ranks-disagree"] for rank in _dynamic_and_order_results()]:
         assert result["error_type"] == "FreezeConfigError"
         assert "froze different parameters" in result["error"] and "on_train_begin" in result["traceback"]
+
+
+# A vision-language model trained on text alone: the vision tower and projector get no gradients. DDP without
+# unused-parameter detection (the Trainer's default with gradient checkpointing, or set by the user) then stops.
+TEXT_ONLY_VLM = {"model": "llava", "training": {"ddp_find_unused_parameters": False}}
+
+
+def _text_only_vlm_results():
+    return ddp_launch.shared_launch("text-only-vlm", [
+        {"label": "no-option", **TEXT_ONLY_VLM, "policy": {"freeze_strategy": "none"}, "expect_error": True},
+        {"label": "check-off", **TEXT_ONLY_VLM, "policy": {"freeze_strategy": "none", "freeze_unused_modalities": False},
+         "expect_error": True},
+        {"label": "freeze-unused", **TEXT_ONLY_VLM,
+         "policy": {"freeze_strategy": "none", "freeze_unused_modalities": True}},
+    ])
+
+
+def test_text_only_vlm_under_ddp_is_refused_before_training_naming_the_option():
+    for result in [rank["no-option"] for rank in _text_only_vlm_results()]:
+        assert result["status"] == "error" and result["error_type"] == "FreezeConfigError", result
+        assert "`freeze_unused_modalities: true`" in result["error"] and "vision part" in result["error"]
+        assert "Trainer.train" in result["traceback"] or "on_train_begin" in result["traceback"]
+
+
+def test_the_refusal_is_real_ddp_fails_without_it():
+    # The negative control: with the check turned off, DDP itself fails on the parameters text never reaches.
+    for result in [rank["check-off"] for rank in _text_only_vlm_results()]:
+        assert result["status"] == "error" and result["error_type"] != "FreezeConfigError", result
+        assert "reduction" in result["error"] or "unused" in result["error"], result["error"]
+
+
+def test_freeze_unused_modalities_trains_a_text_only_vlm_under_ddp():
+    results = _both_ok(_text_only_vlm_results(), "freeze-unused")
+    first = results[0]
+    assert first["wrapped"] == "DistributedDataParallel" and first["find_unused_parameters"] is False
+    assert not _drifted(results)
+    unused = {n for n in first["digests"] if n.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    assert set(first["frozen"]) == unused and not set(first["changed"]) & unused
+    assert any(name.startswith("model.language_model.layers.") for name in first["changed"])
+    # DDP all-reduces only the language model's gradients.
+    language = first["trainable_params"] * FP32_BYTES
+    assert all(size == language for size in first["bytes_per_step"]), (first["bytes_per_step"], language)

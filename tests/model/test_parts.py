@@ -128,3 +128,105 @@ def test_moe_components(model_type):
     assert all(".mlp.shared_experts." in name for name in shared)
     # Components are parameter groups inside the layers: the layers themselves are unchanged.
     assert layout.num_layers == 3
+
+
+class _RenamedVisionLanguageModel(torch.nn.Module):
+    """A vision-language model whose parts have names no rule knows (``eye``, ``bridge``, ``brain``)."""
+
+    def __init__(self):
+        super().__init__()
+        llava = VLMS["llava"]()
+        self.eye = llava.model.vision_tower
+        self.bridge = llava.model.multi_modal_projector
+        self.brain = llava.model.language_model
+        self.head = llava.lm_head
+
+
+def test_component_paths_name_the_parts_discovery_cannot_find():
+    model = _RenamedVisionLanguageModel()
+    arguments = FreezeArguments(
+        freeze_strategy="bottom", freeze_layers=1,
+        freeze_component_paths='{"vision_tower": "eye", "projector": ["bridge"], "language_model": "brain"}',
+    )
+    assert arguments.freeze_component_paths == {"vision_tower": ["eye"], "projector": ["bridge"], "language_model": ["brain"]}
+    layout = discover_layout(model, component_paths=arguments.freeze_component_paths)
+    assert layout.parts == ["vision", "projector", "language"]
+    assert _part_of(layout, "bridge.linear_1.weight") == "projector"
+    assert _part_of(layout, "eye.encoder.layers.0.mlp.fc1.weight") == "vision"
+    # The counted layers are the language model's: `bottom 1` freezes the brain's first layer, and the vision tower
+    # follows the language model's embeddings (frozen with them, as `bottom` freezes the embeddings).
+    assert [block.name for block in layout.layers] == [f"brain.layers.{i}" for i in range(3)]
+    frozen = decide(layout, arguments).frozen
+    assert "brain.layers.0.mlp.up_proj.weight" in frozen and "brain.layers.1.mlp.up_proj.weight" not in frozen
+
+
+def test_a_multi_part_model_whose_parts_cannot_be_told_apart_is_refused_with_the_fix():
+    import copy
+
+    from hf_freeze import LayerDiscoveryError
+
+    model = VLMS["llava"]()
+    base = model.model
+    # Hide the language model: another attribute name, and a config that is no longer the model's text config.
+    base._modules["decoder_stack"] = base._modules.pop("language_model")
+    hidden_config = copy.deepcopy(model.config.text_config)
+    for module in base.decoder_stack.modules():
+        if getattr(module, "config", None) is model.config.text_config:
+            module.config = hidden_config
+    with pytest.raises(LayerDiscoveryError) as caught:
+        discover_layout(model)
+    assert set(caught.value.fields) == {"freeze_component_paths", "freeze_layer_paths"}
+    assert "language model could not be found" in str(caught.value)
+    # The fix the message names works.
+    layout = discover_layout(
+        model,
+        component_paths={"vision_tower": ["model.vision_tower"], "language_model": ["model.decoder_stack"]},
+    )
+    assert [block.name for block in layout.layers][0] == "model.decoder_stack.layers.0"
+
+
+def test_component_paths_from_a_yaml_file_and_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(FreezeArguments)
+    (arguments,) = parser.parse_args_into_dataclasses(
+        ["--freeze_component_paths", "{vision_tower: eye, language_model: brain}"]
+    )
+    assert arguments.freeze_component_paths == {"vision_tower": ["eye"], "language_model": ["brain"]}
+    config = tmp_path / "freeze.yaml"
+    config.write_text("freeze_component_paths:\n  vision_tower: eye\n  projector: [bridge, bridge2]\n  language_model: brain\n")
+    (arguments,) = parser.parse_yaml_file(str(config))
+    assert arguments.freeze_component_paths["projector"] == ["bridge", "bridge2"]
+
+
+def test_reports_count_the_stack_the_strategy_counts_and_show_every_part():
+    from hf_freeze import LayerFreezer
+
+    model = VLMS["llava"]()
+    freezer = LayerFreezer(model, freeze_strategy="bottom", freeze_layers=1, freeze_layer_stack="vision")
+    freezer.prepare()
+    metrics = freezer.metrics()
+    # The vision tower's first layer is frozen: the count is of the vision tower's two layers, not the language model's.
+    assert metrics["freeze/frozen_layers"] == 1 and freezer.layout.num_layers == 2
+    assert all(name.startswith("model.vision_tower.") for name in freezer.frozen_names() if ".layers." in name)
+    sizes = {part: sum(b.num_parameters for b in freezer.layout.blocks_of_part(part)) for part in freezer.layout.parts}
+    frozen = set(freezer.frozen_names())
+    for part, total in sizes.items():
+        trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen and _part_of(freezer.layout, n) == part)
+        assert metrics[f"freeze/trainable_params/{part}"] == trainable <= total
+    assert metrics["freeze/trainable_params"] == sum(metrics[f"freeze/trainable_params/{p}"] for p in sizes)
+    by_part = [line for line in freezer.report_lines() if line.startswith("by part: ")]
+    assert by_part and "vision: " in by_part[0] and "frozen layers 1/2" in by_part[0] and "language: " in by_part[0]
+
+
+def test_freeze_unused_modalities_contradicting_a_part_option_is_refused():
+    from hf_freeze import FreezeConfigError
+
+    with pytest.raises(FreezeConfigError) as caught:
+        FreezeArguments(freeze_unused_modalities=True, freeze_vit=False)
+    assert {"freeze_unused_modalities", "freeze_vit"} <= set(caught.value.fields)
+    layout = discover_layout(VLMS["qwen2_vl"]())
+    frozen = decide(layout, FreezeArguments(freeze_unused_modalities=True)).frozen
+    # Qwen2-VL's merger is the projector, inside the vision tower: both freeze, the language model does not.
+    assert {name for name in layout.parameter_names if name.startswith("model.visual.")} <= frozen
+    assert not any(name.startswith("model.language_model.") for name in frozen)

@@ -5,7 +5,8 @@ Composer (composer/algorithms/layer_freezing/layer_freezing.py), at the end of e
 elapsed fraction of training is at most `freeze_start`; after that the fraction of layers to freeze is
 `freeze_level` times the fraction of the freezing time elapsed ((elapsed - start) / (1 - start)), and the count is
 that fraction times the number of layers, truncated towards zero. (Composer counts flattened leaf modules and never
-the last one; hf_freeze counts layers: that is the unit, the arithmetic is the same.)
+the last one; hf_freeze counts layers by default: that is the unit, the arithmetic is the same. With
+`freeze_granularity: module` it counts Composer's leaves: test_parity_composer_modules.py.)
 
 Lightning (src/lightning/pytorch/callbacks/finetuning.py), at the start of every epoch: at
 `unfreeze_backbone_at_epoch` the backbone gets the rest's current rate times `backbone_initial_ratio_lr`; in every

@@ -154,7 +154,7 @@ def test_every_registered_strategy_decides_on_a_real_model():
     example_options = {
         "bottom": dict(freeze_layers=1), "top": dict(freeze_layers=1), "layers": dict(freeze_layer_indices=[1]),
         "pattern": dict(freeze_patterns=["bert.embeddings.*"]), "trlx": dict(freeze_num_layers_unfrozen=2),
-        "llama_factory": dict(freeze_trainable_layers=2),
+        "llama_factory": dict(freeze_trainable_layers=2), "llama_pro": dict(freeze_num_new_blocks=2),
     }
     for name in STRATEGIES:
         strategy = STRATEGIES.get(name)

@@ -48,7 +48,7 @@ def test_help_imports_neither_torch_nor_transformers():
     assert not _heavy(modules, "torch", "transformers"), _heavy(modules, "torch", "transformers")[:10]
 
 
-@pytest.mark.parametrize("command", ["plan", "validate"])
+@pytest.mark.parametrize("command", ["plan", "validate", "expand"])
 def test_a_command_help_imports_no_torch(command):
     status, modules = _imported(command, "--help")
     assert status == 0

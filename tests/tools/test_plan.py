@@ -244,3 +244,32 @@ def test_a_schedule_plan_shows_each_phase_memory_and_what_its_smallest_and_large
     timeline = [line for line in text.splitlines() if line.strip().startswith("step ")]
     assert len(timeline) == len(totals) and all("; memory " in line for line in timeline)
     assert "in its smallest phase (from step" in text and "0 B (0.0%) in its largest (from step 0)" in text
+
+
+def test_a_vision_language_plan_shows_memory_per_part(capsys, tmp_path):
+    import json
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "llava", image_token_index=127,
+        text_config=dict(model_type="llama", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, vocab_size=128),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, image_size=32, patch_size=8, projection_dim=32),
+    )
+    config.save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path), "--freeze_strategy", "llama_factory", "--freeze_trainable_layers", "1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    parts = {row["part"]: row for row in plan["parts"]}
+    assert list(parts) == ["vision", "projector", "language"]
+    # LLaMA-Factory's defaults: the vision tower and projector frozen, the language model's last layer trains.
+    assert parts["vision"]["trainable_parameters"] == 0 and parts["projector"]["trainable_parameters"] == 0
+    assert parts["language"]["frozen_layers"] == "3/4" and parts["language"]["trainable_parameters"] > 0
+    assert sum(row["parameters"] for row in parts.values()) == plan["totals"]["freeze/total_params"]
+    for row in parts.values():  # a frozen part keeps its weights, loses its gradients and optimizer states
+        assert row["memory_policy"]["weights"] == row["memory_full_finetuning"]["weights"]
+        if row["trainable_parameters"] == 0:
+            assert row["memory_policy"]["gradients"] == row["memory_policy"]["optimizer_states"] == 0
+    assert main(["plan", str(tmp_path), "--freeze_strategy", "llama_factory", "--freeze_trainable_layers", "1"]) == 0
+    assert "By part" in capsys.readouterr().out

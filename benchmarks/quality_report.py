@@ -1,0 +1,178 @@
+"""The quality study's tables, chart and answer, from its runs (`quality.py --report`)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from quality import FULL, chosen_rate
+
+WITHIN = 0.01  # "about as good as full fine-tuning": within 1 accuracy point
+
+
+def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
+    """Per policy: the chosen rate, dev accuracy over the seeds at that rate, and its cost against full fine-tuning."""
+    full_runs = _final_runs(runs, FULL)
+    full_step = {run["seed"]: run["train_cpu_seconds"] / run["steps"] for run in full_runs}
+    full_peak = statistics.fmean(run["peak_training_bytes"] for run in full_runs) if full_runs else None
+    table = {}
+    for name in names:
+        final = _final_runs(runs, name)
+        if not final:
+            continue
+        accuracies = [run["dev_accuracy"] for run in final]
+        step_ratios = [run["train_cpu_seconds"] / run["steps"] / full_step[run["seed"]] for run in final
+                       if run["seed"] in full_step]
+        table[name] = {
+            "rate": final[0]["rate"],
+            "seeds": len(final),
+            "accuracy": statistics.fmean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "trainable_share": statistics.fmean(run["trainable_params_mean"] / run["total_params"] for run in final),
+            "trainable_params": statistics.fmean(run["trainable_params_mean"] for run in final),
+            "step_time_ratio": statistics.fmean(step_ratios) if step_ratios else None,
+            "step_time_ratio_range": (min(step_ratios), max(step_ratios)) if step_ratios else None,
+            "peak_memory_ratio": (statistics.fmean(run["peak_training_bytes"] for run in final) / full_peak
+                                  if full_peak else None),
+            "cpu_minutes_all_runs": sum(run["train_cpu_seconds"] for run in runs if run["policy"] == name) / 60,
+            "lora_rank": final[0].get("lora_rank"),
+        }
+    return table
+
+
+def _final_runs(runs: List[dict], name: str) -> List[dict]:
+    rate = chosen_rate(runs, name)
+    if rate is None:
+        return []
+    return sorted((run for run in runs if run["policy"] == name and run["rate"] == rate), key=lambda run: run["seed"])
+
+
+def answer(table: Dict[str, dict]) -> List[str]:
+    """'Which should I use?', as far as the numbers carry it."""
+    if FULL not in table or len(table) < 2:
+        return ["Not enough finished policies to compare yet."]
+    full = table[FULL]
+    noise = max(full["accuracy_std"], 1e-9)
+    lines = []
+    priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
+    close = sorted(
+        (name for name, row in priced.items() if name != FULL and row["accuracy"] >= full["accuracy"] - WITHIN
+         and row["step_time_ratio"] < 1),
+        key=lambda name: priced[name]["step_time_ratio"],
+    )
+    if close:
+        best = close[0]
+        lines.append(
+            f"Cheapest policy within 1 point of full fine-tuning's dev accuracy ({100 * full['accuracy']:.2f}%): "
+            f"**{best}**, {100 * priced[best]['accuracy']:.2f}% at {priced[best]['step_time_ratio']:.2f} of its "
+            f"step time and {priced[best]['peak_memory_ratio']:.2f} of its peak training memory. Also within 1 point, "
+            f"at lower cost: {', '.join(close[1:]) or 'none'}."
+        )
+    else:
+        lines.append("No policy cheaper than full fine-tuning came within 1 point of its dev accuracy.")
+    front = pareto_front(priced, "step_time_ratio")
+    lines.append("Best accuracy for the time (the Pareto front, cheapest first): " + ", ".join(
+        f"{name} ({100 * priced[name]['accuracy']:.2f}%, {priced[name]['step_time_ratio']:.2f}x)" for name in front) + ".")
+    inside = [name for name, row in table.items() if name != FULL and abs(row["accuracy"] - full["accuracy"]) <= 2 * noise]
+    lines.append(
+        f"Differences within twice full fine-tuning's seed-to-seed standard deviation ({100 * noise:.2f} points) do "
+        f"not separate policies; these are inside it: {', '.join(inside) or 'none'}."
+    )
+    matched, bottom = table.get("LoRA, bottom 50%'s size"), table.get("bottom 50%")
+    if matched and bottom:
+        lines.append(
+            f"At equal trainable size, bottom 50% reaches {100 * bottom['accuracy']:.2f}% at "
+            f"{bottom['step_time_ratio']:.2f}x step time and {bottom['peak_memory_ratio']:.2f}x peak memory; LoRA of "
+            f"rank {matched['lora_rank']} ({matched['trainable_params'] / 1e6:.2f}M trainable parameters) reaches "
+            f"{100 * matched['accuracy']:.2f}% at {matched['step_time_ratio']:.2f}x and {matched['peak_memory_ratio']:.2f}x."
+        )
+    return lines
+
+
+def pareto_front(table: Dict[str, dict], cost: str) -> List[str]:
+    """Policies no other policy beats on both accuracy and ``cost``, cheapest first."""
+    ordered = sorted(table, key=lambda name: (table[name][cost], -table[name]["accuracy"]))
+    front, best = [], -1.0
+    for name in ordered:
+        if table[name]["accuracy"] > best:
+            front.append(name)
+            best = table[name]["accuracy"]
+    return front
+
+
+def markdown(table: Dict[str, dict], settings: dict) -> str:
+    lines = [
+        "| policy | learning rate | dev accuracy (mean ± std, seeds) | trainable parameters (mean share) | "
+        "step time vs full (range over seeds) | peak training memory vs full | CPU minutes, all runs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in sorted(table.items(), key=lambda item: -item[1]["accuracy"]):
+        span = row["step_time_ratio_range"]
+        step = f"{row['step_time_ratio']:.2f} ({span[0]:.2f}-{span[1]:.2f})" if span else "n/a"
+        peak = f"{row['peak_memory_ratio']:.2f}" if row["peak_memory_ratio"] else "n/a"
+        label = name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
+        lines.append(
+            f"| {label} | {row['rate']:g} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) "
+            f"| {row['trainable_params'] / 1e6:.2f}M ({100 * row['trainable_share']:.1f}%) | {step} | {peak} "
+            f"| {row['cpu_minutes_all_runs']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None and row["peak_memory_ratio"]}
+    if not priced:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for axis, cost, title in ((axes[0], "step_time_ratio", "step time (CPU, one thread)"),
+                              (axes[1], "peak_memory_ratio", "peak training memory")):
+        front = pareto_front(priced, cost)
+        for name, row in priced.items():
+            lora = name.startswith("LoRA")
+            colour = "black" if name == FULL else ("tab:purple" if lora else "tab:blue")
+            axis.errorbar(row[cost], 100 * row["accuracy"], yerr=100 * row["accuracy_std"], fmt="s" if lora else "o",
+                          color=colour, markersize=7 if name in front else 5, capsize=3, alpha=1 if name in front else 0.6)
+            axis.annotate(name, (row[cost], 100 * row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axis.plot([priced[n][cost] for n in front], [100 * priced[n]["accuracy"] for n in front], "--", color="tab:green",
+                  label="best accuracy for the cost (Pareto front)")
+        axis.axhspan(100 * (priced[FULL]["accuracy"] - WITHIN), 100 * priced[FULL]["accuracy"], color="0.9",
+                     label="within 1 point of full fine-tuning") if FULL in priced else None
+        axis.set_xlabel(f"{title}, as a fraction of full fine-tuning's (lower is cheaper)")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("dev accuracy, % (mean over seeds, bar: ± one standard deviation)")
+    figure.suptitle("Which layers should I freeze? Accuracy against cost (up and to the left is better)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_report(runs: List[dict], names: List[str], output: Path, settings: dict) -> str:
+    table = summarise(runs, names)
+    chart = plot(table, output / "quality.png")
+    pending = [name for name in names if name not in table]
+    text = "\n".join([
+        "# Quality study: every policy against full fine-tuning and LoRA",
+        "",
+        f"Settings: {json.dumps({k: v for k, v in settings.items() if k != 'tokenizer'})}",
+        f"Runs finished: {len(runs)}." + (f" Policies not finished yet: {', '.join(pending)}." if pending else ""),
+        "",
+        markdown(table, settings),
+        "",
+        *(f"- {line}" for line in answer(table)),
+        "",
+        f"![accuracy against cost]({chart.name})" if chart else "",
+    ])
+    (output / "results.md").write_text(text + "\n")
+    (output / "summary.json").write_text(json.dumps(table, indent=1))
+    return text
