@@ -29,7 +29,9 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from offline import offline_unless_hub_model  # noqa: E402  (examples/offline.py, next to this script)
+
+offline_unless_hub_model()  # before transformers reads HF_HUB_OFFLINE
 
 import torch  # noqa: E402
 import yaml  # noqa: E402

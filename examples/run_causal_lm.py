@@ -23,7 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from offline import offline_unless_hub_model  # noqa: E402  (examples/offline.py, next to this script)
+
+offline_unless_hub_model()  # before transformers reads HF_HUB_OFFLINE
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402

@@ -25,9 +25,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from offline import offline_unless_hub_model  # noqa: E402  (examples/offline.py, next to this script)
+
+offline_unless_hub_model()  # before transformers reads HF_HUB_OFFLINE
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -56,6 +58,12 @@ class ModelArguments:
     compare_full_finetuning: bool = field(
         default=False,
         metadata={"help": "Also fine-tune the whole model from the same start, and print both runs side by side."},
+    )
+    timing_rounds: int = field(
+        default=5,
+        metadata={"help": "With --compare_full_finetuning: rounds of the step-time comparison, which alternates short "
+                          "measurements of the two trained models (CPU time, one thread) so that load from other "
+                          "jobs cannot favour one run; 0 skips it."},
     )
 
 
@@ -149,7 +157,7 @@ def accuracy(prediction) -> Dict[str, float]:
     return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
 
 
-def fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_labels) -> Dict[str, float]:
+def fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_labels) -> Tuple[Trainer, Dict[str, float]]:
     set_seed(training_args.seed)  # the same classifier initialisation for every run
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
     callback = FreezeCallback()  # reads the freeze_* fields of training_args
@@ -168,7 +176,7 @@ def fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_l
     cpu_seconds = time.process_time() - cpu_started
     metrics = callback.freezer.metrics()  # after training: a schedule's or an adaptive policy's final frozen set
     evaluation = trainer.evaluate()
-    return {
+    return trainer, {
         "accuracy": evaluation["eval_accuracy"],
         "eval_loss": evaluation["eval_loss"],
         "train_runtime": train_result.metrics["train_runtime"],
@@ -176,7 +184,52 @@ def fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_l
         "train_loss": train_result.metrics["train_loss"],
         "trainable_params": metrics["freeze/trainable_params"],
         "total_params": metrics["freeze/total_params"],
+        "mean_trainable_share": mean_trainable_share(callback.freezer.timeline.changes, trainer.state.global_step,
+                                                     metrics["freeze/trainable_params"] / metrics["freeze/total_params"]),
     }
+
+
+def mean_trainable_share(changes: List[Dict], steps: int, final: float) -> float:
+    """The trainable share averaged over the optimizer steps of training: a schedule or an adaptive policy changes it
+    during the run, so its final value can be far from what most steps trained."""
+    if not changes or steps <= 0:
+        return final
+    total = 0.0
+    for entry, following in zip(changes, [*changes[1:], None]):
+        end = min(following["step"], steps) if following else steps
+        total += entry["trainable_fraction"] * max(0, end - min(entry["step"], steps))
+    return total / steps
+
+
+def step_time_ratio(trainers: Dict[str, Trainer], rounds: int, steps: int = 2) -> Dict[str, List[float]]:
+    """CPU seconds of a training step of each trained model, measured in alternating rounds.
+
+    The two training runs are sequential, so a burst of load from another job can slow one and not the other (their
+    wall times have been seen inverted). Here each round times `steps` optimizer steps of every model on the same
+    batches, one after the other, in this process's CPU time with one thread: other jobs' load does not count, and
+    what remains hits both models in the same round. The models have been evaluated already; these extra steps
+    change them after their results are taken.
+    """
+    first = next(iter(trainers.values()))
+    batches = [batch for batch, _ in zip(first.get_train_dataloader(), range(steps))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seconds: Dict[str, List[float]] = {name: [] for name in trainers}
+    try:
+        for round_index in range(rounds + 1):  # round 0 warms up and is not kept
+            for name, trainer in trainers.items():
+                model, optimizer = trainer.model, trainer.optimizer
+                model.train()
+                started = time.process_time()
+                for batch in batches:
+                    model(**{key: value.to(model.device) for key, value in batch.items()}).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if round_index:
+                    seconds[name].append((time.process_time() - started) / len(batches))
+    finally:
+        torch.set_num_threads(threads)
+    return seconds
 
 
 def without_freezing(training_args: FreezeTrainingArguments) -> FreezeTrainingArguments:
@@ -203,8 +256,12 @@ def print_results(results: Dict[str, Dict[str, float]], header: str) -> None:
     lines.append(row("train time (s)", [f"{r['train_runtime']:.1f}" for r in results.values()]))
     lines.append(row("train CPU time (s)", [f"{r['train_cpu_seconds']:.1f}" for r in results.values()]))
     lines.append(row("trainable parameters", [f"{r['trainable_params']:,}" for r in results.values()]))
-    lines.append(row("trainable share", [f"{100 * r['trainable_params'] / r['total_params']:.1f}%" for r in results.values()]))
+    lines.append(row("trainable share, mean", [f"{100 * r['mean_trainable_share']:.1f}%" for r in results.values()]))
+    lines.append(row("trainable share, end", [f"{100 * r['trainable_params'] / r['total_params']:.1f}%" for r in results.values()]))
     lines.append(row("final train loss", [f"{r['train_loss']:.4f}" for r in results.values()]))
+    if all("step_cpu_seconds" in r for r in results.values()):
+        lines.append(row("step CPU time, 1 thread", [f"{1000 * r['step_cpu_seconds']:.0f} ms" for r in results.values()]))
+    lines.append("(trainable share, mean: averaged over the optimizer steps; end: after the last step)")
     print("\n".join(lines), flush=True)
 
 
@@ -220,13 +277,21 @@ def main(args: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     eval_data = tokenize(tokenizer, eval_texts, eval_labels, label_ids, data_args.max_seq_length)
     num_labels = max(label_ids.values()) + 1
 
-    results = {}
+    results, trainers = {}, {}
     name = policy_name(training_args)
-    results[name] = fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_labels)
+    trainers[name], results[name] = fine_tune(model_path, training_args, tokenizer, train_data, eval_data, num_labels)
+    comparison = None
     if model_args.compare_full_finetuning:
         full_args = without_freezing(training_args)
-        results["full fine-tuning"] = fine_tune(model_path, full_args, tokenizer, train_data, eval_data, num_labels)
-        results = {"full fine-tuning": results["full fine-tuning"], name: results[name]}
+        full = "full fine-tuning"
+        trainers[full], results[full] = fine_tune(model_path, full_args, tokenizer, train_data, eval_data, num_labels)
+        results = {full: results[full], name: results[name]}
+        if model_args.timing_rounds > 0:
+            seconds = step_time_ratio({full: trainers[full], name: trainers[name]}, model_args.timing_rounds)
+            ratios = sorted(policy / whole for policy, whole in zip(seconds[name], seconds[full]))
+            comparison = {"ratio": ratios[len(ratios) // 2], "rounds": len(ratios), "ratios": ratios}
+            for run, values in seconds.items():
+                results[run]["step_cpu_seconds"] = sorted(values)[len(values) // 2]
 
     chance = max(eval_labels.count(label) for label in set(eval_labels)) / len(eval_labels)
     header = (
@@ -234,9 +299,14 @@ def main(args: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
         f"examples (majority class {chance:.3f}), trained on {len(train_data)} examples"
     )
     print_results(results, header)
+    if comparison:
+        print(f"step time, {name} / full fine-tuning: {comparison['ratio']:.2f} (median of {comparison['rounds']} "
+              "alternating rounds, CPU time of one thread; the train times above are of two runs one after the "
+              "other, which load from other jobs can skew)", flush=True)
     os.makedirs(training_args.output_dir, exist_ok=True)
     with open(os.path.join(training_args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"results": results, "majority_class": chance, "validation_file": data_args.validation_file}, handle, indent=2)
+        json.dump({"results": results, "step_time_ratio": comparison, "majority_class": chance,
+                   "validation_file": data_args.validation_file}, handle, indent=2)
     return results
 
 

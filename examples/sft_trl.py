@@ -20,7 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from offline import offline_unless_hub_model  # noqa: E402  (examples/offline.py, next to this script)
+
+offline_unless_hub_model()  # before transformers reads HF_HUB_OFFLINE
 
 from datasets import Dataset  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed  # noqa: E402

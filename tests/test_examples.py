@@ -77,6 +77,26 @@ def test_run_classification_main_job_config_side_by_side(tmp_path, tiny_bert_dir
     assert full["trainable_params"] == full["total_params"] == sum(p.numel() for p in model.parameters())
     assert policy["trainable_params"] < 0.5 * full["trainable_params"]
     assert all(0.0 <= run["accuracy"] <= 1.0 and run["train_runtime"] > 0 for run in results.values())
+    # A static policy trains the same share at every step; the timing is compared in alternating rounds.
+    assert policy["mean_trainable_share"] == pytest.approx(policy["trainable_params"] / policy["total_params"])
+    comparison = json.loads((tmp_path / "out" / "results.json").read_text())["step_time_ratio"]
+    assert comparison["rounds"] == 5 and comparison["ratio"] == sorted(comparison["ratios"])[2] > 0
+    assert f"step time, {policy_name} / full fine-tuning: {comparison['ratio']:.2f} (median of 5 alternating" in out
+    assert all(run["step_cpu_seconds"] > 0 for run in results.values())
+
+
+def test_run_classification_averages_the_trainable_share_over_the_steps():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from run_classification import mean_trainable_share
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    # An adaptive run: a probe trains everything for 5 steps, then a quarter trains for the remaining 95.
+    changes = [{"step": 0, "trainable_fraction": 1.0}, {"step": 5, "trainable_fraction": 0.25}]
+    assert mean_trainable_share(changes, 100, final=0.25) == pytest.approx((5 * 1.0 + 95 * 0.25) / 100)
+    # A change recorded at the last step's end counts for no step; no timeline falls back to the final share.
+    assert mean_trainable_share([*changes, {"step": 100, "trainable_fraction": 0.0}], 100, 0.0) == pytest.approx(0.2875)
+    assert mean_trainable_share([], 100, final=0.5) == 0.5
 
 
 def test_run_classification_reads_csv_with_quoted_commas(tmp_path):

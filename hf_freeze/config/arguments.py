@@ -1,7 +1,7 @@
 """Typed configuration: `FreezeArguments`, the `freeze_*` fields (`FreezeTrainingArguments` adds the Trainer's, in
 `.training`).
 
-Every field's `help` text is the one documentation of the option: `--help`, the YAML and the README read it.
+Every field's `help` text is the one documentation of the option: `--help`, the YAML and the option reference (docs/options.md) read it.
 Values are checked in `__post_init__`, so a bad YAML file fails when it is parsed, long before training.
 """
 
@@ -77,8 +77,8 @@ class FreezeArguments:
         metadata=_help(
             "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
             "'head_only', 'trlx', 'llama_factory'. Schedules (the frozen set changes during training): "
-            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. Chosen from measurements: 'adaptive'. See the "
-            "README for each strategy's options."
+            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. Chosen from measurements: 'adaptive'. The options "
+            "each strategy reads are listed in docs/options.md."
         ),
     )
     freeze_layers: Optional[float] = field(
@@ -481,7 +481,8 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'adaptive': how layers are scored. 'weight_change': relative weight change |dw|/|w| over the probe "
-            "(the adaptive strategy of seed 002; default); 'grad_norm': mean gradient norm over the probe; "
+            "(the adaptive strategy of the paper Exploring Selective Layer Freezing Strategies in Transformer "
+            "Fine-Tuning; default); 'grad_norm': mean gradient norm over the probe; "
             "'grad_norm_change': relative change of the gradient norm between the probe's halves, low when it has "
             "settled (AutoFreeze; 2 or more probe steps); 'snr': signal-to-noise ratio of the weight matrices "
             "against the Marchenko-Pastur noise edge, measured without a probe (Spectrum)."
@@ -491,8 +492,8 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'adaptive': which layers freeze: those with the 'lowest' scores (default: the layers that change "
-            "least, get the smallest or most settled gradients, carry the least signal) or the 'highest' (seed "
-            "002's ADT-H with 'weight_change'; 'lowest' is its ADT-L)."
+            "least, get the smallest or most settled gradients, carry the least signal) or the 'highest' (with "
+            "'weight_change', 'highest' is that paper's adapted-high strategy and 'lowest' its adapted-low)."
         ),
     )
     freeze_probe_steps: Optional[float] = field(

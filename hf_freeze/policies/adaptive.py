@@ -34,7 +34,7 @@ __all__ = [
 
 SELECT_ENDS = ("lowest", "highest")
 DEFAULT_SCORE = "weight_change"
-# The probe covers this fraction of training when `freeze_probe_steps` is unset (seed 002 probed 5 steps).
+# The probe covers this fraction of training when `freeze_probe_steps` is unset (the paper Exploring Selective Layer Freezing Strategies probed 5 steps).
 DEFAULT_PROBE_FRACTION = 0.05
 
 def score_name(options) -> str:

@@ -64,7 +64,7 @@ def _meter(name: str) -> Callable[..., Any]:
 
 
 register_score(
-    Score("weight_change", _meter("WeightChangeMeter"), True, "Relative weight change |dw|/|w| over the probe (seed 002).")
+    Score("weight_change", _meter("WeightChangeMeter"), True, "Relative weight change |dw|/|w| over the probe (Exploring Selective Layer Freezing Strategies).")
 )
 register_score(Score("grad_norm", _meter("GradNormMeter"), True, "Mean gradient norm over the probe."))
 register_score(

