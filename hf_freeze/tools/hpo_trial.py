@@ -116,7 +116,8 @@ class _Progress:
         done = sum(item.state.name in _FINISHED for item in study.trials)
         reached = len(trial.user_attrs.get("rungs", []))
         best = _best(study)
-        best_text = f"best so far: trial {best.number}, {self.metric} {best.value:.4g}" if best else "no complete trial yet"
+        best_text = (f"best so far: trial {best.number}, {self.metric} {best.value:.4g}" if best
+                     else "no complete trial yet")
         logger.info(f"hpo: {done}/{self.n_trials} trials done; trial {trial.number} {trial.state.name.lower()} at rung "
                     f"{reached}/{self.num_rungs}; {best_text}")
 
