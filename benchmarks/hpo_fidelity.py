@@ -129,7 +129,9 @@ def chart(rows, path: str, settings: str, configurations: int) -> None:
     right.set_ylim(0, 1.05)
     handles = axis.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     axis.legend(handles, [handle.get_label() for handle in handles], loc="lower right", fontsize=8)
-    axis.set_title(f"Trainable layers as an HPO fidelity: MiniLM-L6 on SST-2, {configurations} configurations",
+    size = len(GRID["learning_rate"]) * len(GRID["warmup_steps"])
+    partial = f" of {size} (partial)" if configurations < size else ""
+    axis.set_title(f"Trainable layers as an HPO fidelity: MiniLM-L6 on SST-2, {configurations}{partial} configurations",
                    fontsize=9)
     figure.text(0.01, 0.01, settings, fontsize=5.5, wrap=True)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
@@ -145,7 +147,10 @@ def report(study, settings: str, memory=None) -> str:
     full = {id(trial): trial.user_attrs["rungs"][-1] for trial in trials}
     full_values = [full[id(trial)]["value"] for trial in trials]
     full_cpu = statistics.median(rung["train_cpu_seconds"] for rung in full.values())
-    lines = [settings, "",
+    size = len(GRID["learning_rate"]) * len(GRID["warmup_steps"])
+    partial = ([f"**Partial: {len(trials)} of the grid's {size} configurations have finished every fidelity**; the "
+                "others are missing from every row below.", ""] if len(trials) < size else [])
+    lines = [settings, "", *partial,
              f"{len(trials)} configurations (learning_rate x warmup_steps), dev accuracy at each fidelity:",
              "", "| fidelity | trainable layers | trainable parameters | Spearman vs full | full-fidelity accuracy of "
              "this fidelity's best config | median train CPU time | time ratio | peak training memory | memory ratio |",
