@@ -9,6 +9,11 @@ configurations that rank low at a rung. A rung restarts from `model_init()` by d
 from the weights the trial's previous rung trained (the optimizer starts afresh: the moments of the weights trained
 before are not carried over).
 
+`fidelity="steps"` is the usual training-length fidelity instead, for comparison and for models whose layers should
+all train: a rung trains every layer (or what the training arguments' own `freeze_*` options leave trainable) for a
+fraction of the full run's optimizer steps, as a complete shorter run (its learning-rate schedule, and a warm-up given
+as a ratio, span the rung's steps).
+
 The study lives in an SQLite file in the output folder (`optuna.db`), so an interrupted search resumes where it
 stopped: the finished trials are kept, the interrupted one is run again, and `optuna-dashboard sqlite:///.../optuna.db`
 shows it. Several processes may share the file (each runs `run_search` with the same study name).
@@ -28,30 +33,36 @@ and the trainable layers are stored on the trial (`user_attrs['rungs']`).
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import json
+import math
 import os
-import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..config import FreezeTrainingArguments
 from ..errors import FreezeConfigError, invalid, invalid_choice
-from ..integrations import FreezeCallback
 from ..logging import get_logger
 from ..model import discover_layout
-from .hpo_space import DEFAULT_FIDELITIES, SearchSpace, load_search_space, trainable_layer_counts
+from .hpo_space import (
+    DEFAULT_FIDELITIES,
+    FIDELITY_KINDS,
+    SearchSpace,
+    load_search_space,
+    trainable_layer_counts,
+    training_step_counts,
+)
+from .hpo_trial import _FINISHED, _best, _Objective, _Progress, format_results
 
-__all__ = ["PRUNERS", "SearchResult", "add_parser", "format_results", "main", "run_search"]
+__all__ = ["FIDELITY_KINDS", "PRUNERS", "SearchResult", "add_parser", "format_results", "main", "run_search"]
 
 logger = get_logger(__name__)
 
 PRUNERS = ("successive_halving", "hyperband", "none")
 _STUDY_ATTRIBUTE = "hf_freeze_search"  # what the study was created for: a later run must search the same thing
-_FINISHED = ("COMPLETE", "PRUNED")
+_DESCRIPTION_KEYS = ("space", "fidelity", "fidelities", "metric", "direction", "continuation", "reduction_factor")
+# Studies made before the 'steps' fidelity existed searched over layers.
+_DESCRIPTION_DEFAULTS = {"fidelity": "layers"}
 
 
 @dataclass
@@ -87,6 +98,7 @@ def run_search(
     space: Union[SearchSpace, Mapping[str, Any], str],
     n_trials: int = 20,
     fidelities: Sequence[float] = DEFAULT_FIDELITIES,
+    fidelity: str = "layers",
     metric: str = "eval_loss",
     direction: Optional[str] = None,
     pruner: Union[str, Any] = "successive_halving",
@@ -97,9 +109,11 @@ def run_search(
     sampler: Any = None,
     trainer_class: Optional[type] = None,
     callbacks: Sequence[Any] = (),
+    study_callbacks: Sequence[Callable[[Any, Any], None]] = (),
     **trainer_kwargs: Any,
 ) -> SearchResult:
-    """Search hyperparameters with rungs of increasing trainable-layer fractions; resumes a stored study.
+    """Search hyperparameters with rungs of increasing fidelity (trainable-layer fractions by default, or fractions
+    of the training steps); resumes a stored study.
 
     Args:
         args: The training arguments of every rung; the searched options and the fidelity's `freeze_strategy` /
@@ -110,17 +124,23 @@ def run_search(
         space: A `SearchSpace`, its mapping, or the path of a search-space YAML.
         n_trials: Trials the study should hold when this call ends, counting finished (complete or pruned) ones
             from an earlier run of the same study.
-        fidelities: Strictly increasing fractions of trainable layers, one a rung (default 0.25, 0.5, 1.0).
+        fidelities: Strictly increasing fractions of the fidelity, one a rung (default 0.25, 0.5, 1.0).
+        fidelity: 'layers' (a rung trains the top fraction of the layers, the rest and the input embeddings frozen)
+            or 'steps' (a rung trains that fraction of the training steps, `max_steps` or the steps of
+            `num_train_epochs`, as a complete shorter run, with the training arguments' own freezing).
         metric: The key of `trainer.evaluate()` to optimise (e.g. 'eval_loss', 'eval_accuracy').
         direction: 'minimize' or 'maximize'; default: minimize a metric with 'loss' in its name, else maximize.
         pruner: 'successive_halving', 'hyperband', 'none', or an Optuna pruner.
         reduction_factor: The pruner's reduction factor: about 1/reduction_factor of the trials go on at each rung.
-        continuation: Start a rung from the weights of the trial's previous rung instead of `model_init()`.
+        continuation: Start a rung from the weights of the trial's previous rung instead of `model_init()`
+            (the 'layers' fidelity only).
         study_name: The study's name in its storage.
         storage: An Optuna storage URL; default an SQLite file `optuna.db` in `args.output_dir`.
         sampler: An Optuna sampler; default TPE seeded with `args.seed`.
         trainer_class: The `Trainer` class (default `transformers.Trainer`), e.g. a subclass or TRL's trainers.
         callbacks: More Trainer callbacks for every rung (a `FreezeCallback` is always added).
+        study_callbacks: Optuna callbacks `(study, trial)` called after every trial, e.g. one that calls
+            `study.stop()` when a budget is spent.
         trainer_kwargs: More `Trainer` keywords (`data_collator`, `compute_metrics`, `processing_class`, ...).
 
     Example:
@@ -136,17 +156,23 @@ def run_search(
 
     space = space if isinstance(space, SearchSpace) else (
         load_search_space(space) if isinstance(space, str) else SearchSpace.from_mapping(space))
-    _check_arguments(args, eval_dataset, n_trials, reduction_factor)
+    _check_arguments(args, eval_dataset, n_trials, reduction_factor, fidelity, continuation)
     direction = direction or ("minimize" if "loss" in metric else "maximize")
     if direction not in ("minimize", "maximize"):
         raise invalid_choice("direction", direction, ["minimize", "maximize"])
     num_layers = discover_layout(model_init()).num_layers
-    counts = trainable_layer_counts(fidelities, num_layers)
+    if fidelity == "layers":
+        counts = trainable_layer_counts(fidelities, num_layers)
+        unit = f"train the top {counts} of {num_layers} layers"
+    else:
+        counts = training_step_counts(fidelities, _full_training_steps(args, train_dataset))
+        unit = f"train {counts} steps"
     pruner = _make_pruner(pruner, len(counts), reduction_factor)
 
     os.makedirs(args.output_dir, exist_ok=True)
     storage = storage or "sqlite:///" + os.path.abspath(os.path.join(args.output_dir, "optuna.db"))
-    description = {"space": json.loads(space.as_json()), "fidelities": list(fidelities), "metric": metric,
+    description = {"space": json.loads(space.as_json()), "fidelity": fidelity, "fidelities": list(fidelities),
+                   "metric": metric,
                    "direction": direction, "continuation": continuation, "reduction_factor": reduction_factor}
     study = _open_study(optuna, storage, study_name, direction, pruner, sampler or optuna.samplers.TPESampler(
         seed=args.seed), description)
@@ -155,20 +181,29 @@ def run_search(
     remaining = max(0, n_trials - done)
     if remaining:
         _retry_interrupted(study)
-    logger.info(f"hpo: study {study_name!r} in {storage}: {done} finished trial(s), {remaining} to run; rungs train "
-                f"the top {counts} of {num_layers} layers (fidelities {list(fidelities)}), {direction} {metric}")
-    objective = _Objective(args, model_init, train_dataset, eval_dataset, space, fidelities, counts, num_layers,
-                           metric, reduction_factor, continuation, trainer_class, list(callbacks), trainer_kwargs)
+    logger.info(f"hpo: study {study_name!r} in {storage}: {done} finished trial(s), {remaining} to run; rungs {unit} "
+                f"(fidelities {list(fidelities)}), {direction} {metric}")
+    objective = _Objective(args, model_init, train_dataset, eval_dataset, space, fidelity, fidelities, counts,
+                           num_layers, metric, reduction_factor, continuation, trainer_class, list(callbacks),
+                           trainer_kwargs)
     if remaining:
-        study.optimize(objective, n_trials=remaining, callbacks=[_Progress(n_trials, metric, len(counts))])
+        study.optimize(objective, n_trials=remaining,
+                       callbacks=[_Progress(n_trials, metric, len(counts)), *study_callbacks])
     best = _best(study)
     logger.info("hpo: results\n" + format_results(study))
     return SearchResult(study, storage, study_name, best.params if best else None, best.value if best else None,
                         best.number if best else None)
 
 
-def _check_arguments(args, eval_dataset, n_trials, reduction_factor) -> None:
-    if args.freeze_strategy not in ("none", "bottom") or args.freeze_layers is not None:
+def _check_arguments(args, eval_dataset, n_trials, reduction_factor, fidelity, continuation) -> None:
+    if fidelity not in FIDELITY_KINDS:
+        raise invalid_choice("fidelity", fidelity, FIDELITY_KINDS)
+    if fidelity == "steps" and continuation:
+        raise FreezeConfigError(
+            "continuation=True continues a trial's weights into a rung with more trainable layers; with the 'steps' "
+            "fidelity every rung is a complete run of its own length, so there is nothing to continue.",
+            fields=["continuation", "fidelity"], hint="Fix: leave continuation off, or use fidelity='layers'.")
+    if fidelity == "layers" and (args.freeze_strategy not in ("none", "bottom") or args.freeze_layers is not None):
         raise FreezeConfigError(
             f"A layer-fidelity search sets freeze_strategy 'bottom' and freeze_layers at every rung (got "
             f"freeze_strategy={args.freeze_strategy!r}, freeze_layers={args.freeze_layers!r}).",
@@ -212,14 +247,30 @@ def _open_study(optuna, storage: str, study_name: str, direction, pruner, sample
                 fields=["study_name"], hint="Fix: choose another study name or output folder.")
         study.set_user_attr(_STUDY_ATTRIBUTE, description)
         return study
-    for key in ("space", "fidelities", "metric", "direction", "continuation", "reduction_factor"):
-        if stored.get(key) != description[key]:
+    for key in _DESCRIPTION_KEYS:
+        before = stored.get(key, _DESCRIPTION_DEFAULTS.get(key))
+        if before != description[key]:
             raise FreezeConfigError(
-                f"Study {study_name!r} in {storage} was made with a different {key}: {stored.get(key)!r}, "
+                f"Study {study_name!r} in {storage} was made with a different {key}: {before!r}, "
                 f"not {description[key]!r}; its trials would not be comparable with new ones.",
                 fields=[key], hint="Fix: restore the study's own setting, or start a new study (another "
                 "--study-name or output folder).")
     return study
+
+
+def _full_training_steps(args, train_dataset) -> int:
+    """The optimizer steps of a full-fidelity run, counted as the Trainer counts them."""
+    if args.max_steps > 0:
+        return args.max_steps
+    try:
+        examples = len(train_dataset)
+    except TypeError:
+        raise invalid("max_steps", args.max_steps, "a positive number of steps: the 'steps' fidelity takes fractions "
+                      "of it, and the training dataset has no length to count the steps of an epoch") from None
+    per_batch = args.per_device_train_batch_size * max(1, args.world_size)
+    batches = examples // per_batch if args.dataloader_drop_last else math.ceil(examples / per_batch)
+    updates = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+    return math.ceil(args.num_train_epochs * updates)
 
 
 def _retry_interrupted(study) -> None:
@@ -229,129 +280,6 @@ def _retry_interrupted(study) -> None:
         if trial.state.name == "FAIL" and trial.number not in retried and trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             logger.info(f"hpo: trial {trial.number} was interrupted; its configuration runs again")
-
-
-class _Objective:
-    """One trial: the rungs in order, each a Trainer run reported to Optuna, until the pruner stops it."""
-
-    def __init__(self, args, model_init, train_dataset, eval_dataset, space, fidelities, counts, num_layers, metric,
-                 reduction_factor, continuation, trainer_class, callbacks, trainer_kwargs):
-        self.args, self.model_init, self.space, self.metric = args, model_init, space, metric
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.fidelities, self.counts, self.num_layers = fidelities, counts, num_layers
-        self.reduction_factor, self.continuation = reduction_factor, continuation
-        self.trainer_class, self.callbacks, self.trainer_kwargs = trainer_class, callbacks, trainer_kwargs
-        self.model_class = None
-
-    def __call__(self, trial) -> float:
-        import optuna
-        from transformers import Trainer, set_seed
-
-        params = self.space.suggest(trial)
-        trial_dir = os.path.join(self.args.output_dir, f"trial-{trial.number}")
-        rungs: List[Dict[str, Any]] = []
-        previous_dir = None
-        value = float("nan")
-        for rung, (fraction, count) in enumerate(zip(self.fidelities, self.counts)):
-            frozen = self.num_layers - count
-            rung_dir = os.path.join(trial_dir, f"rung-{rung}")
-            rung_args = dataclasses.replace(
-                self.args, **params, output_dir=rung_dir,
-                freeze_strategy="bottom" if frozen else "none", freeze_layers=frozen if frozen else None)
-            logger.info(f"hpo: trial {trial.number} rung {rung + 1}/{len(self.counts)}: top {count} of "
-                        f"{self.num_layers} layers trainable ({fraction:g}), {params}")
-            set_seed(rung_args.seed)
-            model = self.model_init() if previous_dir is None else self._load(previous_dir)
-            trainer = (self.trainer_class or Trainer)(
-                model=model, args=rung_args, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
-                callbacks=[FreezeCallback(), *self.callbacks], **self.trainer_kwargs)
-            started, cpu_started = time.perf_counter(), time.process_time()
-            trainer.train()
-            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-            metrics = trainer.evaluate()
-            if self.metric not in metrics:
-                raise invalid_choice("metric", self.metric, sorted(metrics))
-            value = float(metrics[self.metric])
-            rungs.append({
-                "rung": rung, "fidelity": fraction, "trainable_layers": count, "value": value,
-                "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-                "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3),
-            })
-            trial.set_user_attr("rungs", rungs)
-            if previous_dir is not None:
-                shutil.rmtree(previous_dir, ignore_errors=True)  # its weights now live in this rung
-            previous_dir = None
-            if self.continuation and rung + 1 < len(self.counts):
-                previous_dir = os.path.join(rung_dir, "continue-from")
-                trainer.save_model(previous_dir)
-                self.model_class = type(trainer.model)
-            del trainer, model
-            gc.collect()
-            trial.report(value, step=self.reduction_factor ** rung)
-            if rung + 1 < len(self.counts) and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at rung {rung + 1} ({fraction:g} of the layers trainable)")
-        return value
-
-    def _load(self, folder: str):
-        return self.model_class.from_pretrained(folder)
-
-
-class _Progress:
-    """Logs trials done, the rung a trial reached and the best value so far, after every trial."""
-
-    def __init__(self, n_trials: int, metric: str, num_rungs: int):
-        self.n_trials, self.metric, self.num_rungs = n_trials, metric, num_rungs
-
-    def __call__(self, study, trial) -> None:
-        done = sum(item.state.name in _FINISHED for item in study.trials)
-        reached = len(trial.user_attrs.get("rungs", []))
-        best = _best(study)
-        best_text = f"best so far: trial {best.number}, {self.metric} {best.value:.4g}" if best else "no complete trial yet"
-        logger.info(f"hpo: {done}/{self.n_trials} trials done; trial {trial.number} {trial.state.name.lower()} at rung "
-                    f"{reached}/{self.num_rungs}; {best_text}")
-
-
-def _best(study):
-    complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
-    return study.best_trial if complete else None
-
-
-def format_results(study) -> str:
-    """A table of the study's trials: state, the value at every rung, the configuration; the best marked '*'.
-
-    Example:
-
-    ```python
-    >>> import optuna
-    >>> optuna.logging.set_verbosity(optuna.logging.WARNING)
-    >>> study = optuna.create_study()
-    >>> study.add_trial(optuna.trial.create_trial(params={"learning_rate": 1e-4}, value=0.5,
-    ...     distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)},
-    ...     user_attrs={"rungs": [{"trainable_layers": 1, "value": 0.7}, {"trainable_layers": 4, "value": 0.5}]}))
-    >>> print(format_results(study))
-    trial  state     1 layer  4 layers  learning_rate
-    0*     complete   0.7000    0.5000         0.0001
-    ```
-    """
-    trials = study.trials
-    best = _best(study)
-    counts = sorted({rung["trainable_layers"] for trial in trials for rung in trial.user_attrs.get("rungs", [])})
-    names = sorted({name for trial in trials for name in trial.params})
-    header = ["trial", "state"] + [f"{count} layer{'s' if count != 1 else ''}" for count in counts] + names
-    rows = []
-    for trial in trials:
-        values = {rung["trainable_layers"]: rung["value"] for rung in trial.user_attrs.get("rungs", [])}
-        mark = "*" if best is not None and trial.number == best.number else ""
-        rows.append([f"{trial.number}{mark}", trial.state.name.lower()]
-                    + [f"{values[count]:.4f}" if count in values else "-" for count in counts]
-                    + [f"{trial.params[name]:.4g}" if isinstance(trial.params.get(name), float)
-                       else str(trial.params.get(name, "-")) for name in names])
-    widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
-    lines = []
-    for row in [header] + rows:
-        cells = [f"{cell:<{widths[i]}}" if i < 2 else f"{cell:>{widths[i]}}" for i, cell in enumerate(row)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def add_parser(subparsers, **kwargs: Any) -> Any:
@@ -369,8 +297,11 @@ def add_parser(subparsers, **kwargs: Any) -> Any:
                         "the task's model and data options)")
     parser.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space")
     parser.add_argument("--trials", type=int, default=20, help="trials the study should hold (finished ones count)")
+    parser.add_argument("--fidelity", default="layers", choices=list(FIDELITY_KINDS),
+                        help="what a rung's fraction is of: the trainable layers (bottom ones frozen) or the training "
+                        "steps (a shorter run with the YAML's own freezing)")
     parser.add_argument("--fidelities", type=float, nargs="+", default=list(DEFAULT_FIDELITIES),
-                        help="strictly increasing fractions of trainable layers, one a rung")
+                        help="strictly increasing fractions of the fidelity, one a rung")
     parser.add_argument("--pruner", default="successive_halving", choices=list(PRUNERS))
     parser.add_argument("--reduction-factor", type=int, default=2, help="about 1/N of the trials go on at each rung")
     parser.add_argument("--metric", default="eval_loss", help="the key of trainer.evaluate() to optimise, e.g. "
@@ -409,7 +340,8 @@ def main(namespace) -> int:
         model_init, train_dataset, eval_dataset, extras = build_classification_task(task)
         result = run_search(
             args, model_init, train_dataset, eval_dataset, space, n_trials=namespace.trials,
-            fidelities=namespace.fidelities, metric=namespace.metric, direction=namespace.direction,
+            fidelities=namespace.fidelities, fidelity=namespace.fidelity, metric=namespace.metric,
+            direction=namespace.direction,
             pruner=namespace.pruner, reduction_factor=namespace.reduction_factor,
             continuation=namespace.continuation, study_name=namespace.study_name, storage=namespace.storage,
             **extras)

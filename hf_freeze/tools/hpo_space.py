@@ -22,9 +22,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import FreezeTrainingArguments, load_config_file
 from ..errors import FreezeConfigError, invalid
 
-__all__ = ["DEFAULT_FIDELITIES", "SearchParameter", "SearchSpace", "load_search_space", "trainable_layer_counts"]
+__all__ = ["DEFAULT_FIDELITIES", "FIDELITY_KINDS", "SearchParameter", "SearchSpace", "load_search_space",
+           "trainable_layer_counts", "training_step_counts"]
 
 DEFAULT_FIDELITIES: Tuple[float, ...] = (0.25, 0.5, 1.0)
+# What a rung's fraction is of: the model's layers left trainable, or the optimizer steps of a full run.
+FIDELITY_KINDS: Tuple[str, ...] = ("layers", "steps")
 _RANGE_KEYS = {"low", "high", "log", "step"}
 # Set by the fidelity of each rung: searching them would mix the fidelity with the configuration.
 _SET_BY_THE_FIDELITY = ("freeze_strategy", "freeze_layers")
@@ -167,6 +170,34 @@ def load_search_space(path: str) -> SearchSpace:
     return SearchSpace.from_mapping(load_config_file(path), source=path)
 
 
+def _check_grid(fidelities: Sequence[float], unit: str) -> List[float]:
+    grid = list(fidelities)
+    if not grid:
+        raise invalid("fidelities", grid, f"a non-empty list of fractions of {unit}, e.g. [0.25, 0.5, 1.0]")
+    for value in grid:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise invalid("fidelities", grid, f"fractions of {unit} in (0, 1]",
+                          hint=f"Fix: {value!r} is not one; e.g. [0.25, 0.5, 1.0].")
+    if any(later <= earlier for earlier, later in zip(grid, grid[1:])):
+        raise invalid("fidelities", grid, f"strictly increasing (each rung trains more {unit} than the one before)",
+                      hint=f"Fix: e.g. {sorted(set(grid))}.")
+    return grid
+
+
+def _counts(grid: List[float], total: int, unit: str) -> List[int]:
+    """Each fraction of `total` rounded to a count of `unit` ('layers' of the model, 'steps' of a full run)."""
+    counts = [int(math.floor(value * total + 0.5)) for value in grid]
+    for value, count in zip(grid, counts):
+        if count == 0:
+            raise invalid("fidelities", grid, f"fractions that each give a rung at least one of the {total} {unit} "
+                          f"({value} of them is {value * total:.2g})", hint=f"Fix: start the grid at {1 / total:.3g} "
+                          "or above.")
+    if any(later <= earlier for earlier, later in zip(counts, counts[1:])):
+        raise invalid("fidelities", grid, f"fractions that give each rung more {unit} than the one before (of "
+                      f"{total} {unit}: {counts})", hint="Fix: space the fractions further apart.")
+    return counts
+
+
 def trainable_layer_counts(fidelities: Sequence[float], num_layers: int) -> List[int]:
     """The number of trainable (top) layers at each rung; refuses a grid that is not a strictly increasing list of
     fractions in (0, 1] or that leaves a rung with no trainable layer.
@@ -179,23 +210,19 @@ def trainable_layer_counts(fidelities: Sequence[float], num_layers: int) -> List
     [2, 3, 6]
     ```
     """
-    grid = list(fidelities)
-    if not grid:
-        raise invalid("fidelities", grid, "a non-empty list of fractions of trainable layers, e.g. [0.25, 0.5, 1.0]")
-    for value in grid:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise invalid("fidelities", grid, "fractions of trainable layers in (0, 1]",
-                          hint=f"Fix: {value!r} is not one; e.g. [0.25, 0.5, 1.0].")
-    if any(later <= earlier for earlier, later in zip(grid, grid[1:])):
-        raise invalid("fidelities", grid, "strictly increasing (each rung trains more layers than the one before)",
-                      hint=f"Fix: e.g. {sorted(set(grid))}.")
-    counts = [int(math.floor(value * num_layers + 0.5)) for value in grid]
-    for value, count in zip(grid, counts):
-        if count == 0:
-            raise invalid("fidelities", grid, f"fractions that each leave at least one of the model's {num_layers} "
-                          f"layers trainable ({value} trains {value * num_layers:.2g} layers)",
-                          hint=f"Fix: start the grid at {1 / num_layers:.3g} or above.")
-    if any(later <= earlier for earlier, later in zip(counts, counts[1:])):
-        raise invalid("fidelities", grid, f"fractions that give a different number of trainable layers at each rung "
-                      f"(this model has {num_layers} layers: {counts})", hint="Fix: space the fractions further apart.")
-    return counts
+    return _counts(_check_grid(fidelities, "trainable layers"), num_layers, "layers")
+
+
+def training_step_counts(fidelities: Sequence[float], full_steps: int) -> List[int]:
+    """The optimizer steps of each rung of the 'steps' fidelity (fractions of a full run's steps, rounded); refuses a
+    grid that is not a strictly increasing list of fractions in (0, 1] or that gives a rung no step.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.tools.hpo_space import training_step_counts
+    >>> training_step_counts([0.25, 0.5, 1.0], full_steps=32)
+    [8, 16, 32]
+    ```
+    """
+    return _counts(_check_grid(fidelities, "training steps"), full_steps, "steps")

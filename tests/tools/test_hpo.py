@@ -41,8 +41,8 @@ class CountingModels:
 
 
 def arguments(tmp_path, **overrides):
-    return FreezeTrainingArguments(**training_kwargs(tmp_path / "search", max_steps=2, logging_steps=100,
-                                                     log_level="warning", **overrides))
+    options = {"max_steps": 2, "logging_steps": 100, "log_level": "warning", **overrides}
+    return FreezeTrainingArguments(**training_kwargs(tmp_path / "search", **options))
 
 
 def search(tmp_path, model_init=None, space=LEARNING_RATE, **options):
@@ -124,6 +124,51 @@ def test_an_interrupted_study_resumes_without_redoing_finished_trials(tmp_path):
     assert models.built == 1
 
 
+class RecordRuns(TrainerCallback):
+    """Per Trainer run: the steps it plans and takes, its trainable parameters, and its learning rate at the end."""
+
+    def __init__(self):
+        self.planned, self.taken, self.trainable, self.final_learning_rate = [], [], [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.planned.append(state.max_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # after the FreezeCallback applied the frozen set
+            self.trainable.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    def on_train_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.taken.append(state.global_step)
+        self.final_learning_rate.append(lr_scheduler.get_last_lr()[0])
+
+
+def test_steps_fidelity_rungs_train_the_stated_fraction_of_the_steps_with_every_layer(tmp_path):
+    # 32 examples in batches of 4 for one epoch: a full run is 8 optimizer steps.
+    record = RecordRuns()
+    data = TokenClassificationData(size=32)
+    args = arguments(tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=4)
+    result = run_search(args, CountingModels(), data, data, LEARNING_RATE, n_trials=1, pruner="none",
+                        fidelity="steps", fidelities=(0.25, 0.5, 1.0), callbacks=[record],
+                        sampler=optuna.samplers.RandomSampler(seed=0))
+    rungs = result.study.trials[0].user_attrs["rungs"]
+    assert record.planned == record.taken == [2, 4, 8]
+    assert [rung["train_steps"] for rung in rungs] == [2, 4, 8]
+    assert record.trainable == [expected_trainable(4)] * 3  # no layer frozen at any rung
+    assert [rung["trainable_layers"] for rung in rungs] == [4, 4, 4]
+    # Each rung is a complete run: its linear decay reaches zero at its own last step.
+    assert record.final_learning_rate == [0.0, 0.0, 0.0]
+    assert "2 steps" in format_results(result.study) and "8 steps" in format_results(result.study)
+
+
+def test_a_study_stops_when_a_study_callback_says_so(tmp_path):
+    def stop_after_two(study, trial):
+        if len(study.trials) == 2:
+            study.stop()
+
+    result = search(tmp_path, n_trials=5, pruner="none", fidelities=(0.5, 1.0), study_callbacks=[stop_after_two])
+    assert len(result.study.trials) == 2
+
+
 @pytest.mark.parametrize(
     "space, options, field",
     [
@@ -136,6 +181,9 @@ def test_an_interrupted_study_resumes_without_redoing_finished_trials(tmp_path):
         (LEARNING_RATE, {"fidelities": (0.5, 0.25, 1.0)}, "fidelities"),
         (LEARNING_RATE, {"fidelities": (0.1, 1.0)}, "fidelities"),  # 0.1 of 4 layers trains none
         (LEARNING_RATE, {"pruner": "asha"}, "pruner"),
+        (LEARNING_RATE, {"fidelity": "epochs"}, "fidelity"),
+        (LEARNING_RATE, {"fidelity": "steps", "continuation": True}, "continuation"),
+        (LEARNING_RATE, {"fidelity": "steps", "fidelities": (0.1, 1.0)}, "fidelities"),  # 0.1 of 2 steps is none
     ],
 )
 def test_a_bad_search_is_refused_before_any_trial(tmp_path, space, options, field):
@@ -165,6 +213,13 @@ def test_an_existing_study_with_a_different_space_is_refused(tmp_path):
     assert models.built == 1
     storage = "sqlite:///" + str(tmp_path / "search" / "optuna.db")
     assert len(optuna.load_study(study_name="hf_freeze_hpo", storage=storage).trials) == 1
+
+
+def test_an_existing_study_of_the_other_fidelity_is_refused(tmp_path):
+    search(tmp_path, n_trials=1, pruner="none", fidelities=(0.5, 1.0))
+    with pytest.raises(FreezeConfigError) as error:
+        search(tmp_path, n_trials=2, pruner="none", fidelities=(0.5, 1.0), fidelity="steps")
+    assert error.value.fields == ("fidelity",) and "'layers'" in str(error.value)
 
 
 def test_hyperband_makes_one_bracket_rung_per_fidelity_rung():
