@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-# Model settings. GPT-2 8 x 256 at sequence 128, batch 8 is the reference setting of the issue. The vocabulary
+# Model settings. GPT-2 8 x 256 at sequence 128, batch 8 is the reference setting of these benchmarks. The vocabulary
 # is 2048 so that the LM head is to the layer stack what it is in Llama-3-8B (2hV / 24h^2 L is about 8% in both):
 # the FLOP model below counts the layers only.
 MODELS = {
@@ -89,7 +89,7 @@ def bottom_limit(f: float, checkpointing: bool) -> float:
 
 
 def issue_bottom_limit(f: float, checkpointing: bool) -> float:
-    """The formula as the issue writes it; with checkpointing it gives 0.6875 at f = 0.5, not the 0.625 it states."""
+    """An older estimate, (1.5 + 2.5(1 - f)) / 4 with checkpointing: 0.6875 at f = 0.5, against 0.625 from `bottom_limit`."""
     return (1.5 + 2.5 * (1 - f)) / 4 if checkpointing else (1 + 2 * (1 - f)) / 3
 
 

@@ -203,7 +203,7 @@ def targets(results, callback_overhead) -> List[str]:
                     notes = []
                     if mode != "off":
                         f = table[(model, config, mode)]["frozen_fraction"]
-                        notes.append(f"{ratio['time'] / issue_bottom_limit(f, True):.2f} x the issue's formula")
+                        notes.append(f"{ratio['time'] / issue_bottom_limit(f, True):.2f} x the estimate (1.5 + 2.5(1 - f)) / 4")
                     if ratio.get("split_bound"):
                         notes.append(f"bound from the measured forward share: {ratio['split_bound']:.3f}")
                     cells.append(f"{config} {ratio['time']:.2f} ({ratio['time_low']:.2f}-{ratio['time_high']:.2f}) / "
