@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import random
@@ -125,6 +126,7 @@ def load_data(args, tokenizer):
 # -- one run ---------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # one search per study, not one per LoRA run
 def lora_rank(setting, model_path: str, num_labels: int) -> int:
     """A fixed rank, or the rank whose trainable parameters come closest to a freezing policy's."""
     if isinstance(setting, int):
@@ -139,12 +141,16 @@ def lora_rank(setting, model_path: str, num_labels: int) -> int:
     return min(range(1, 513), key=lambda rank: abs(_lora_trainable(model_path, num_labels, rank) - wanted))
 
 
-def _lora_trainable(model_path: str, num_labels: int, rank: int, _cache={}) -> int:
+def _lora_trainable(model_path: str, num_labels: int, rank: int) -> int:
     # Linear in the rank: two probes give every rank.
-    if "per_rank" not in _cache:
-        base, per_rank = (_count_lora(model_path, num_labels, r) for r in (1, 2))
-        _cache.update(per_rank=per_rank - base, fixed=base - (per_rank - base))
-    return _cache["fixed"] + rank * _cache["per_rank"]
+    fixed, per_rank = _lora_line(model_path, num_labels)
+    return fixed + rank * per_rank
+
+
+@functools.lru_cache(maxsize=None)
+def _lora_line(model_path: str, num_labels: int):
+    base, doubled = (_count_lora(model_path, num_labels, r) for r in (1, 2))
+    return base - (doubled - base), doubled - base
 
 
 def _count_lora(model_path: str, num_labels: int, rank: int) -> int:
