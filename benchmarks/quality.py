@@ -84,7 +84,14 @@ POLICIES: Dict[str, dict] = {
     },
     "LoRA r=8": {"lora": 8, "rates": (2e-4, 5e-4, 1e-3)},
     "LoRA, bottom 50%'s size": {"lora": "match bottom 50%", "rates": (1e-4, 2e-4, 5e-4)},
+    # A lever, not a policy: bottom 50% with its frozen prefix in eval mode (no dropout there), at bottom 50%'s
+    # chosen rate and seeds, so the difference is the dropout alone (the performance page's dropout question).
+    "bottom 50%, frozen prefix in eval mode": {
+        "freeze": {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_frozen_modules_eval": True},
+        "rate_from": "bottom 50%",
+    },
 }
+EXTEND = 2  # a best rate at an edge of its grid extends the grid that way, by the grid's own step, up to twice
 QUICK = (FULL, "bottom 50%", "LoRA r=8")
 LORA_TARGETS = ["query", "key", "value", "dense"]  # every linear layer of a BERT layer (and the pooler)
 
@@ -137,7 +144,9 @@ def lora_rank(setting, model_path: str, num_labels: int) -> int:
 
     target = POLICIES[setting.removeprefix("match ")]["freeze"]
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-    wanted = LayerFreezer(model, **target).metrics()["freeze/trainable_params"]
+    freezer = LayerFreezer(model, **target)
+    freezer.prepare()  # the policy applied: what trains under it
+    wanted = freezer.metrics()["freeze/trainable_params"]
     return min(range(1, 513), key=lambda rank: abs(_lora_trainable(model_path, num_labels, rank) - wanted))
 
 
@@ -227,19 +236,40 @@ def read_runs(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def sweep_rates(runs: List[dict], name: str) -> List[float]:
+    """The policy's learning-rate grid, extended past an edge while the best held-out accuracy sits on it."""
+    rates = list(POLICIES[name].get("rates", ()))
+    done = {run["rate"]: run["select_accuracy"] for run in runs if run["policy"] == name and run["seed"] == 0}
+    for _ in range(EXTEND):
+        if not rates or not all(rate in done for rate in rates):
+            break
+        best = max(rates, key=lambda rate: (done[rate], -rate))
+        if best == rates[-1]:
+            rates.append(float(f"{best * best / rates[-2]:.2g}"))
+        elif best == rates[0]:
+            rates.insert(0, float(f"{best * best / rates[1]:.2g}"))
+        else:
+            break
+    return rates
+
+
 def chosen_rate(runs: List[dict], name: str) -> Optional[float]:
-    """The rate of the sweep with the best accuracy on the held-out split (seed 0), once all rates have run."""
+    """The rate of the sweep with the best accuracy on the held-out split (seed 0), once the sweep is complete."""
+    if "rate_from" in POLICIES[name]:
+        return chosen_rate(runs, POLICIES[name]["rate_from"])
+    rates = sweep_rates(runs, name)
     sweep = {run["rate"]: run for run in runs if run["policy"] == name and run["seed"] == 0}
-    if not all(rate in sweep for rate in POLICIES[name]["rates"]):
+    if not all(rate in sweep for rate in rates):
         return None
-    return max(POLICIES[name]["rates"], key=lambda rate: (sweep[rate]["select_accuracy"], -rate))
+    return max(rates, key=lambda rate: (sweep[rate]["select_accuracy"], -rate))
 
 
 def plan(runs: List[dict], names: List[str], seeds: int):
-    """The runs still to do, in order: every policy's sweep first, then the extra seeds at the chosen rates."""
+    """The runs still to do, in order: every policy's sweep first, then the seeds at the chosen rates."""
     done = {(run["policy"], run["rate"], run["seed"]) for run in runs}
-    todo = [(name, rate, 0) for name in names for rate in POLICIES[name]["rates"] if (name, rate, 0) not in done]
-    return todo, [(name, seed) for name in names for seed in range(1, seeds) if not any(
+    todo = [(name, rate, 0) for name in names for rate in sweep_rates(runs, name) if (name, rate, 0) not in done]
+    first_seed = {name: 0 if "rate_from" in POLICIES[name] else 1 for name in names}
+    return todo, [(name, seed) for name in names for seed in range(first_seed[name], seeds) if not any(
         run["policy"] == name and run["seed"] == seed for run in runs)]
 
 
