@@ -114,7 +114,10 @@ def description(results, settings) -> str:
         f"fp32, AdamW. Step time: the configurations of a model ran side by side in one process, taking turns step "
         f"by step; {_repeats(results, models)} (fresh processes, rotated order), each the median of "
         f"{settings['steps']} steps after {settings['warmup']} warm-up steps. Peak memory: one process per "
-        f"configuration. Command: `{settings['command']}` ({settings['wall_time_s']} s).\n\n"
+        f"configuration. Command: `{settings['command']}` ({settings['wall_time_s']} s)."
+        + (f" Peak memory measured again, after a change that moved memory: `{settings['memory_command']}`."
+           if settings.get("memory_command") else "")
+        + "\n\n"
         "Cells: step time, median over repeats (ratio to full fine-tuning: median over repeats, min-max); FLOP limit: "
         "the FLOP model's ratio (forward 1, backward 2, recomputation 1; layers only); peak memory (ratio to full "
         "fine-tuning). The configurations with hf_freeze compute a causal LM's loss in chunks (`freeze_chunked_loss`, "

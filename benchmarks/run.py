@@ -52,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="Folder for the table and charts (default: see above).")
     parser.add_argument("--timeout", type=int, default=3600, help="Seconds one process may take.")
     parser.add_argument("--report-only", action="store_true", help="Rewrite the table and charts from --output's results.json.")
+    parser.add_argument("--update-memory", action="store_true",
+                        help="Measure only the peak memory of --models x --configs x --checkpointing (after a change that "
+                             "moves memory, not arithmetic) and write it into --output's results.json; the step times "
+                             "stay, and the report names this command beside the one that timed them.")
     args = parser.parse_args(argv)
     quick = args.quick
     args.models = args.models or (["gpt2"] if quick else list(DEFAULT_MODELS))
@@ -100,6 +104,9 @@ def main(argv=None) -> None:
         with open(os.path.join(args.output, "results.json")) as handle:
             saved = json.load(handle)
         print(", ".join(write_report(saved["results"], saved["callback_overhead"], saved["settings"], args.output)))
+        return
+    if args.update_memory:
+        update_memory(args, argv)
         return
     import overhead
     import side_by_side
@@ -172,6 +179,44 @@ def main(argv=None) -> None:
         json.dump({"settings": settings, "results": results, "callback_overhead": callback_overhead}, handle, indent=1)
     paths = write_report(results, callback_overhead, settings, args.output)
     print(f"done in {settings['wall_time_s']} s: " + ", ".join(paths))
+
+
+def update_memory(args, argv=None) -> None:
+    """Re-measure peak memory into an existing results.json, each configuration in a process of its own."""
+    import worker
+    from report import write_report
+
+    path = os.path.join(args.output, "results.json")
+    with open(path) as handle:
+        saved = json.load(handle)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peft", "worker", "hf_freeze"])
+    by_key = {(r["model"], r["config"], r["checkpointing"]): r for r in saved["results"]}
+    started = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        for model in args.models:
+            for mode in args.checkpointing:
+                for config in args.configs:
+                    result = by_key.get((model, config, mode))
+                    if result is None or result.get("status") != "ok":
+                        continue
+                    options = dict(
+                        model=model, config=config, checkpointing=mode, warmup=0, steps=1,
+                        batch_size=saved["settings"]["batch_sizes"][model], seq_len=saved["settings"]["seq_len"],
+                        device=args.device, threads=args.threads, measure_memory=True,
+                        out=os.path.join(scratch, f"memory-{model}-{config}-{mode}.json"),
+                    )
+                    measured = _run_in_own_process(context, worker.run_one, options, args.timeout)
+                    if measured.get("status") != "ok":
+                        raise SystemExit(f"{model} {config} ckpt={mode}: {measured.get('message')}")
+                    print(f"[memory] {model} {config} ckpt={mode}: {result.get('peak_memory', 0) / 2**20:.0f} MB -> "
+                          f"{measured['peak_memory'] / 2**20:.0f} MB", flush=True)
+                    result["peak_memory"] = measured["peak_memory"]
+    command = ("python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    saved["settings"]["memory_command"] = f"{command} ({round(time.time() - started)} s)"
+    with open(path, "w") as handle:
+        json.dump(saved, handle, indent=1)
+    print(", ".join(write_report(saved["results"], saved["callback_overhead"], saved["settings"], args.output)))
 
 
 def _side_by_side_to_file(options: dict) -> None:

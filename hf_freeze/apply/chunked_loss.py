@@ -51,15 +51,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             chunk, target = hidden[rows], labels[rows]
             # As `ForCausalLMLoss`: logits in the model's precision, the loss in float32.
             logits = nn.functional.linear(chunk, weight, bias).float()
-            log_normalizer = torch.logsumexp(logits, dim=-1)
             counted = target != IGNORE_INDEX
             safe_target = torch.where(counted, target, 0)
             picked = logits.gather(1, safe_target[:, None]).squeeze(1)
+            # The log-sum-exp as torch computes it (the row's maximum taken out first), but in place: the chunk's
+            # logits become the softmax's numerators, and no second chunk-sized tensor exists.
+            largest = logits.amax(dim=-1, keepdim=True)
+            exponentials = logits.sub_(largest).exp_()
+            totals = exponentials.sum(dim=-1)
+            log_normalizer = largest.squeeze(1) + totals.log()
             loss += torch.where(counted, log_normalizer - picked, 0.0).sum()
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
             # d loss / d logits = (softmax - one-hot) / divisor, zero for ignored tokens; computed in place.
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            grad_logits = exponentials.div_(totals[:, None])
             grad_logits.scatter_add_(1, safe_target[:, None], torch.full_like(picked[:, None], -1.0))
             grad_logits.mul_((counted.float() / divisor)[:, None])
             grad_logits = grad_logits.to(hidden.dtype)

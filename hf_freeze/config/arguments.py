@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 from ..errors import invalid
 from ..model.layout import check_component_paths, refuse_overlapping_paths
 from ..policies import check_options
+from ..policies.schedules import parse_stages
 from .types import check_field, check_values, field_hints
 
 __all__ = ["FreezeArguments", "freeze_fields"]
@@ -33,6 +34,7 @@ _EXPECTS = {
     "freeze_trainable_patterns": "a list of regular expressions",
     "freeze_layer_paths": "a list of dotted module paths",
     "freeze_schedule_unit": "'step' or 'epoch'",
+    "freeze_stages": "a mapping from a start step (or epoch) to bottom layers frozen",
     "freeze_granularity": "'layer' or 'module'",
     "freeze_block_order": "'ascending', 'descending', 'random' or 'fixed'",
     "freeze_trainable_modules": "a list of module names (or ['all'])",
@@ -451,6 +453,15 @@ class FreezeArguments:
             "as there: factor 0.1 gives 0.1, 0.2, 0.4, 0.8, 1, 1, ... of the scheduled rate."
         ),
     )
+    freeze_stages: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "'staged': when the frozen set changes and to what: a mapping from the step (or epoch, with "
+            "`freeze_schedule_unit: epoch`) each stage starts at to the bottom layers frozen from then on, a count or "
+            "a fraction in [0, 1), with a stage at 0; e.g. `{0: 4, 100: 2, 300: 0}` (on the command line as JSON: "
+            "'{\"0\": 4, \"100\": 2}'). The embeddings freeze with layer 0, as for 'bottom'. Counts may go up or down."
+        ),
+    )
     freeze_active_layers: Optional[int] = field(
         default=None,
         metadata=_help(
@@ -533,6 +544,7 @@ class FreezeArguments:
             )
             setattr(self, item.name, value)
         self.freeze_component_paths = check_component_paths(_mapping("freeze_component_paths", self.freeze_component_paths))
+        self.freeze_stages = parse_stages(_mapping("freeze_stages", self.freeze_stages))
         check_options(self, freeze_fields())
         refuse_overlapping_paths(self.freeze_layer_paths or [])
         if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):

@@ -11,6 +11,7 @@ from transformers.trainer_callback import ExportableState
 from ..config import FreezeArguments, arguments_from, resolve_arguments
 from ..errors import FreezeConfigError
 from ..logging import follow_training_log_level, get_logger
+from ..model import unwrap_model
 from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from .freezer import LayerFreezer
@@ -66,6 +67,12 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         move_before_reporters(self)
+        rebuilt = self.freezer is not None and model is not None and unwrap_model(model) is not self.freezer.model
+        if rebuilt:
+            # `train()` built a new model with `model_init` (every call does; a hyperparameter search's trial too):
+            # the policy applies to it, from the training arguments as they are now (a trial may have set them).
+            self.freezer.close()
+            self.freezer = None
         late = self.freezer is None  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
         if late:
             self._set_up(args, state, model, late=True)
@@ -82,7 +89,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
             change = self.freezer.start(progress, optimizer, saved)
             self._log(state, self.freezer.describe_update(change, always=True) + self.freezer.report_lines(summary=False))
         else:
-            raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress))
+            raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress), model_init=rebuilt)
             change = self.freezer.apply(progress, optimizer)
             if late:
                 self._log(state, self.freezer.report_lines())

@@ -166,15 +166,22 @@ def check_backend(args: Any, model: nn.Module, strategy: str, dynamic: bool, dec
     return setup
 
 
-def raise_if_changed_after_wrap(setup: DistributedSetup, flips: Sequence[str]) -> None:
+def raise_if_changed_after_wrap(setup: DistributedSetup, flips: Sequence[str], model_init: bool = False) -> None:
     """Refuse to flip `requires_grad` of the parameters ``flips`` once a backend has wrapped the model (the policy
-    is static here).
+    is static here); ``model_init``: the model was built by the Trainer's `model_init` in `train()`.
 
     DDP, FSDP and DeepSpeed fixed what they synchronise at the wrap; flipping flags now leaves a parameter that
     is never synchronised, or makes the next steps skip or fail the gradient reduction.
     """
     if setup.backend == SINGLE:
         return
+    if flips and model_init:
+        raise FreezeConfigError(
+            f"the Trainer built the model with `model_init` in `train()` and {setup.describe()} wrapped it before "
+            f"the callback could freeze {len(flips)} parameter(s) (e.g. {flips[:3]}); the wrapper fixed at the wrap "
+            "which gradients it synchronises. Under several processes, freeze inside `model_init`: "
+            "`LayerFreezer(model, **options).apply()` before returning the model, or pass `model=` instead."
+        )
     if flips:
         raise FreezeConfigError(
             f"{len(flips)} parameter(s) would change `requires_grad` after {setup.describe()} wrapped the model "

@@ -8,6 +8,9 @@
   with a learning-rate factor for the newly unfrozen layers.
 * ``lisa`` (LMFlow's LISA): `freeze_active_layers` layers drawn at random train for `freeze_schedule_every` steps;
   embeddings, norms and head always train.
+* ``staged`` (explicit stages, as Lightning's Fine-Tuning Scheduler phases): `freeze_stages` maps the unit each stage
+  starts at to the bottom layers frozen from then on; it is also how a rung of the layer fidelity runs inside one
+  `Trainer.train()` (`hf_freeze.tools.hpo_stages`).
 * ``badam`` (BAdam's layer-wise block order): one block of `freeze_active_layers` layers trains at a time, blocks
   taking turns every `freeze_schedule_every` steps (switching when BAdam's `BlockOptimizer` does), ascending,
   descending, in a random order or fixed, from `freeze_start_block`.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Dict, List
+from typing import Dict, List, Optional, Union
 
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
@@ -37,6 +40,8 @@ __all__ = [
     "badam_switches",
     "elapsed_units",
     "lisa_layers",
+    "parse_stages",
+    "stage_frozen_count",
     "progressive_frozen_count",
     "progressive_frozen_leaves",
     "schedule_every",
@@ -98,6 +103,66 @@ def _check_common(options) -> None:
         raise invalid_choice("freeze_schedule_unit", options.freeze_schedule_unit, SCHEDULE_UNITS)
     if options.freeze_schedule_every is not None and options.freeze_schedule_every < 1:
         raise invalid("freeze_schedule_every", options.freeze_schedule_every, "an integer >= 1")
+
+
+# -- explicit stages ------------------------------------------------------------------------------------------------
+
+_STAGES_EXPECT = (
+    "a mapping from the step (or epoch) a stage starts at, an integer >= 0 with 0 among them, to the bottom layers "
+    "frozen from then on (a count, or a fraction in [0, 1)), e.g. {0: 4, 100: 2, 200: 0}"
+)
+
+
+def parse_stages(value) -> Optional[Dict[int, Union[int, float]]]:
+    """`freeze_stages` as a mapping of int start -> count or fraction, sorted by start (text keys from JSON allowed).
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.policies.schedules import parse_stages
+    >>> parse_stages({"100": 2, "0": 0.5})
+    {0: 0.5, 100: 2}
+    ```
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise invalid("freeze_stages", value, _STAGES_EXPECT)
+    stages = {}
+    for start, frozen in value.items():
+        if isinstance(start, str) and start.strip().isdecimal():
+            start = int(start)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise invalid("freeze_stages", value, f"{_STAGES_EXPECT}; {start!r} is not a start")
+        if isinstance(frozen, bool) or not isinstance(frozen, (int, float)) or frozen < 0 or (
+            isinstance(frozen, float) and not frozen.is_integer() and frozen >= 1
+        ):
+            raise invalid("freeze_stages", value, f"{_STAGES_EXPECT}; stage {start}: {frozen!r} is not a layer count")
+        stages[start] = int(frozen) if isinstance(frozen, float) and frozen.is_integer() and frozen >= 1 else frozen
+    if 0 not in stages:
+        raise invalid("freeze_stages", value, f"{_STAGES_EXPECT}; no stage starts at 0")
+    return dict(sorted(stages.items()))
+
+
+def stage_frozen_count(options, progress: TrainingProgress, num_layers: int) -> int:
+    """The bottom layers frozen at this point of training under `freeze_stages`."""
+    units = elapsed_units(options, progress)
+    current = max(start for start in options.freeze_stages if start <= units)
+    value = options.freeze_stages[current]
+    if isinstance(value, float) and not value.is_integer():
+        return int(value * num_layers + 0.5)
+    return resolve_count(int(value), num_layers, "freeze_stages")
+
+
+def _check_staged(options) -> None:
+    _check_common(options)
+    if options.freeze_stages is None:
+        raise invalid("freeze_stages", None, f"set for 'staged': {_STAGES_EXPECT}")
+
+
+def _staged(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
+    total = require_layers(layout, "staged")
+    return bottom_prefix(layout, options, range(stage_frozen_count(options, progress, total))), []
 
 
 # -- progressive freezing (Composer's LayerFreezing) ---------------------------------------------------------------
@@ -361,6 +426,12 @@ register_strategy(
     Strategy(
         "lisa", _lisa, _PERIODIC_OPTIONS + ("freeze_active_layers",), {}, _check_active, dynamic=True,
         description="Train `freeze_active_layers` random layers, redrawn every `freeze_schedule_every` steps (LISA).",
+    )
+)
+register_strategy(
+    Strategy(
+        "staged", _staged, _UNIT_OPTIONS + ("freeze_stages",), {}, _check_staged, dynamic=True,
+        description="Freeze the bottom layers by explicit stages: `freeze_stages` maps a step (or epoch) to a count.",
     )
 )
 register_strategy(

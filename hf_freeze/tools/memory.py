@@ -14,7 +14,7 @@ Activations follow what autograd really keeps:
 * with gradient checkpointing, a layer on the gradient path keeps only its input, plus one layer's activations at
   a time while it is recomputed;
 * an LM head adds the logits, in the activation precision and in float32 for the loss; with the chunked loss
-  (`freeze_chunked_loss`) one chunk's logits at a time, plus the gradient of the hidden states that the loss computes
+  (`freeze_chunked_loss`) one chunk's logits at a time (and their float32 copy in lower precision), plus the gradient of the hidden states that the loss computes
   in the forward pass.
 """
 
@@ -254,9 +254,11 @@ def _activation_bytes(
     if checkpointing and on_path_layers:
         total += per_layer  # the one layer being recomputed during backward
     if loss_chunk_tokens and shape.vocab_size:
-        # One chunk's logits and their float32 copy at a time, and the hidden states' gradient, held from the loss
-        # (computed in the forward pass) until the backward pass reaches the head.
-        total += min(tokens, loss_chunk_tokens) * shape.vocab_size * (element_bytes + 4)
+        # One chunk's logits at a time (the softmax is computed in them, in place), with their float32 copy when the
+        # model computes in lower precision, and the hidden states' gradient, held from the loss (computed in the
+        # forward pass) until the backward pass reaches the head.
+        chunk_bytes = 4 if element_bytes == 4 else element_bytes + 4
+        total += min(tokens, loss_chunk_tokens) * shape.vocab_size * chunk_bytes
         total += tokens * shape.hidden_size * element_bytes
     else:
         # The loss upcasts the logits to float32 and keeps both copies for its backward.
