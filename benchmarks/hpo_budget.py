@@ -48,6 +48,9 @@ METHODS = {
     "layers 40/60/100%": ("layers", (0.4, 0.6, 1.0)),
     "layers 40/80/100%": ("layers", (0.4, 0.8, 1.0)),
     "steps 25/50/100%": ("steps", (0.25, 0.5, 1.0)),
+    # One training run per configuration, through Trainer.hyperparameter_search: 40% of the layers for steps 0-8,
+    # 60% for 8-16, all for 16-32 (LayerFidelityStages); a promoted trial continues, it does not restart.
+    "layers 40/60/100% in one run": ("stages", (0.4, 0.6, 1.0)),
     "random (full fidelity)": ("layers", (1.0,)),
 }
 STUDY = "hf_freeze_hpo"
@@ -63,7 +66,7 @@ def _load(path: str):
     return optuna.load_study(study_name=STUDY, storage="sqlite:///" + os.path.abspath(path))
 
 
-def measured_table(fidelity_db: str, steps_db: str):
+def measured_table(fidelity_db: str, steps_db: str, stages_db: str = ""):
     """{(kind, fraction): {configuration: (dev accuracy, train + eval CPU seconds)}} from the two studies."""
     table = {}
     evals = []
@@ -82,9 +85,67 @@ def measured_table(fidelity_db: str, steps_db: str):
     table = {where: {key: (rung["value"], rung["train_cpu_seconds"] + rung.get("eval_cpu_seconds", median_eval))
                      for key, rung in rungs.items()} for where, rungs in table.items()}
     table[("steps", 1.0)] = table[("layers", 1.0)]  # every layer for every step: the same run
+    table.update(stages_table(stages_db))
     # Only configurations measured at every fidelity of the first study take part.
     complete = set.intersection(*(set(rungs) for (kind, _), rungs in table.items() if kind == "layers"))
     return {where: {key: value for key, value in rungs.items() if key in complete} for where, rungs in table.items()}
+
+
+STAGE_FIDELITIES, STAGE_RUNG_STEPS = (0.4, 0.6, 1.0), 8
+
+
+def stages_table(path: str):
+    """{("stages", fraction): {configuration: (dev accuracy at the rung's end, CPU seconds of that rung alone)}}."""
+    if not path or not os.path.exists(path):
+        return {}
+    from hf_freeze.tools.hpo_stages import LayerFidelityStages
+
+    ends = LayerFidelityStages(STAGE_FIDELITIES, STAGE_RUNG_STEPS).rung_ends
+    table = {}
+    for trial in _load(path).trials:
+        if trial.state.name != "COMPLETE":
+            continue
+        spent = [trial.user_attrs[f"cpu_seconds_at_{end}"] for end in ends]
+        for fraction, end, before, after in zip(STAGE_FIDELITIES, ends, [0.0] + spent, spent):
+            table.setdefault(("stages", fraction), {})[_key(trial.params)] = (trial.intermediate_values[end], after - before)
+    return table
+
+
+def collect_stages(options) -> None:
+    """Every configuration as one staged run (no pruning), through Trainer.hyperparameter_search on Optuna."""
+    import optuna
+    from transformers import Trainer, TrainerCallback
+
+    from hf_freeze import FreezeCallback
+    from hf_freeze.tools.hpo_stages import LayerFidelityStages
+
+    class CpuAtEvaluation(TrainerCallback):
+        """Stores on the trial the process CPU seconds (training + evaluation) used by the end of each evaluation."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.process_time()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            trainer._trial.set_user_attr(f"cpu_seconds_at_{state.global_step}", time.process_time() - self.start)
+
+    folder = os.path.join(options.output, "stages")
+    os.makedirs(folder, exist_ok=True)
+    model_init, train, dev, extras = _task(options)
+    stages = LayerFidelityStages(STAGE_FIDELITIES, STAGE_RUNG_STEPS)
+    args = stages.training_arguments(_training(options, folder), model_init())
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=dev,
+                      callbacks=[FreezeCallback(), CpuAtEvaluation()], **extras)
+    storage = "sqlite:///" + os.path.abspath(os.path.join(folder, "optuna.db"))
+    done = 0
+    try:
+        done = sum(t.state.name == "COMPLETE" for t in _load(os.path.join(folder, "optuna.db")).trials)
+    except Exception:  # no study yet
+        pass
+    if done < 12:
+        trainer.hyperparameter_search(**stages.search_arguments(
+            "optuna", {name: {"choices": values} for name, values in GRID.items()}, "eval_accuracy", n_trials=12 - done,
+            storage=storage, study_name=STUDY, load_if_exists=True, pruner=optuna.pruners.NopPruner(),
+            sampler=optuna.samplers.GridSampler(GRID, seed=0)))
 
 
 def replay(table, kind, fractions, budget: float, seed: int):
@@ -107,7 +168,7 @@ def replay(table, kind, fractions, budget: float, seed: int):
         state, value = optuna.trial.TrialState.COMPLETE, None
         for rung, fraction in enumerate(fractions):
             value, cost = table[(kind, fraction)][key]
-            used += cost
+            used += cost  # the stages' costs are each rung's increment: a promoted trial continues
             trial.report(value, step=2 ** rung)
             if rung + 1 < len(fractions) and trial.should_prune():
                 state = optuna.trial.TrialState.PRUNED
@@ -220,6 +281,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[2, 3, 4, 6, 8, 12],
                         help="replay budgets, in full fine-tuning runs")
     parser.add_argument("--collect-steps", action="store_true")
+    parser.add_argument("--collect-stages", action="store_true",
+                        help="every configuration as one staged run through Trainer.hyperparameter_search")
     parser.add_argument("--live", action="store_true")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--budget", type=float, default=60.0, help="live: CPU seconds (train + eval) a search")
@@ -235,9 +298,12 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if options.collect_steps:
         return collect_steps(options)
+    if options.collect_stages:
+        return collect_stages(options)
     if options.live:
         return live(options)
-    table = measured_table(options.reference, os.path.join(options.output, "steps-rungs", "optuna.db"))
+    table = measured_table(options.reference, os.path.join(options.output, "steps-rungs", "optuna.db"),
+                           os.path.join(options.output, "stages", "optuna.db"))
     full_cost = statistics.median(cost for _, cost in table[("layers", 1.0)].values())
     text = ("# Equal-budget search on the measured table: layer fidelity vs training-length fidelity vs random "
             "search (MiniLM-L6, SST-2)\n\n" + replay_report(table, options.budgets, options.seeds, full_cost) + "\n")

@@ -18,12 +18,11 @@ The study lives in an SQLite file in the output folder (`optuna.db`), so an inte
 stopped: the finished trials are kept, the interrupted one is run again, and `optuna-dashboard sqlite:///.../optuna.db`
 shows it. Several processes may share the file (each runs `run_search` with the same study name).
 
-Why not `Trainer.hyperparameter_search(backend="optuna")`: it runs exactly one `trainer.train()` per trial on one
-model from `model_init`, and reports to the trial at evaluation steps of that run. A rung here is a new training run
-with a different frozen set (restart), or a change of the frozen set within the trial (continuation); neither is one
-`train()` call. Its study is created inside it with `optuna.create_study(direction=..., **kwargs)`, so storage and
-pruner could be passed, but the steps it reports are training steps, not rungs. `run_search` is the entry point, from
-a script or from the command line (`hf-freeze hpo TRAIN.yaml --space SPACE.yaml --trials N`).
+`Trainer.hyperparameter_search` runs exactly one `trainer.train()` per trial, which a rung here is not (a new
+training run with a different frozen set, or a change of the frozen set within the trial); for that search,
+`hf_freeze.tools.hpo_stages.LayerFidelityStages` runs the rungs inside one training run instead (Optuna or Ray
+Tune). `run_search` is the entry point here, from a script or from the command line (`hf-freeze hpo TRAIN.yaml
+--space SPACE.yaml --trials N`).
 
 Pruner steps: a configuration's value at rung i is reported as `trial.report(value, step=reduction_factor ** i)` with
 the pruner's `min_resource=1`, so each fidelity rung is exactly one rung of Optuna's successive halving (which

@@ -92,16 +92,19 @@ def test_optuna_rungs_train_the_stated_layers_and_low_ranking_trials_stop(tmp_pa
     assert len(optuna.load_study(study_name="stages", storage=storage).trials) == 3
 
 
-def test_ray_tune_asha_stops_trials_at_the_rungs(tmp_path):
+def test_ray_tune_asha_stops_trials_at_the_rungs(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     from ray import tune
 
     # A private, short folder: Ray's socket paths must stay under 108 bytes, and another copy of the suite may run.
     ray_dir = tempfile.mkdtemp(prefix="ray")
-    # Ray's workers import the trainer's pieces by name: this folder's `tiny` too.
-    path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])
+    # Ray's workers import the trainer's pieces by name, this folder's `tiny` too; they inherit this environment
+    # (a `runtime_env` would start a fresh worker per trial, minutes on a busy machine).
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    # Ray runs its workers at niceness 15 by default: on a busy machine they would wait minutes for a core.
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False,
-             _temp_dir=ray_dir, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+             _temp_dir=ray_dir, configure_logging=False, _system_config={"worker_niceness": 0})
     try:
         trainer = make_trainer(tmp_path)
         # Two trials at a time: one that learns and one that barely moves reach the first rung; the third (barely
@@ -121,5 +124,5 @@ def test_ray_tune_asha_stops_trials_at_the_rungs(tmp_path):
     for frame in frames:
         expected = [TRAINABLE[1], TRAINABLE[2], TRAINABLE[4], TRAINABLE[4]][: len(frame)]
         assert list(frame["freeze/trainable_params"]) == expected
-        assert list(frame["step"]) == [2, 4, 6, 8][: len(frame)]
+        assert list(frame["epoch"]) == [1.0, 2.0, 3.0, 4.0][: len(frame)]  # an evaluation every 2 of 8 steps
     assert best.hyperparameters["learning_rate"] == 1.0e-2
