@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -210,8 +209,10 @@ class PrefixStore:
         # The processes of a multi-process run share the root: whichever empties it last removes it.
         shared = [os.path.abspath(self.root)] if self.root and os.path.abspath(self.root) != os.path.abspath(self.directory) else []
         for folder in [os.path.abspath(self.directory)] + self._created + shared:
-            if os.path.isdir(folder) and not os.listdir(folder):
-                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rmdir(folder)  # only when empty; another process may have removed it (or still use it) already
+            except OSError:
+                pass
         if self._temporary:
             self.directory = None
 

@@ -59,6 +59,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._setup = None
         self._tokenizer = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # Pickled (a Ray Tune trial sends the Trainer to a worker process): the policy travels, not its binding to
+        # this process's model and hooks; `train()` there builds its model with `model_init` and sets up anew.
+        return {**self.__dict__, "freezer": None, "_setup": None}
+
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         move_before_reporters(self)
         self._tokenizer = processing_class

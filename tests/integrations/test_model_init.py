@@ -28,3 +28,19 @@ def test_the_model_that_trains_is_the_one_frozen(tmp_path):
             frozen = name.startswith(("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1."))
             assert torch.equal(value, before[name]) == frozen, name
             assert next(p for n, p in trained.named_parameters() if n == name).requires_grad != frozen, name
+
+
+def test_a_pickled_callback_carries_the_policy_not_the_model(tmp_path):
+    import pickle
+
+    args = FreezeTrainingArguments(**training_kwargs(tmp_path))
+    callback = FreezeCallback(freeze_strategy="bottom", freeze_layers=2)
+    Trainer(model=tiny_bert(), args=args, train_dataset=TokenClassificationData(size=8), callbacks=[callback])
+    assert callback.freezer is not None
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.freezer is None and copy._given.freeze_options() == callback._given.freeze_options()
+    # Trained elsewhere (a Ray Tune worker), the copy sets itself up for that process's model.
+    model = tiny_bert()
+    Trainer(model=model, args=args, train_dataset=TokenClassificationData(size=8), callbacks=[copy]).train()
+    assert not model.bert.encoder.layer[1].output.dense.weight.requires_grad
+    assert model.bert.encoder.layer[2].output.dense.weight.requires_grad

@@ -37,6 +37,9 @@ CASES = [
     # Period 2 (not 3) so that the 12 steps cover a second pass of 4 blocks, i.e. a second random permutation.
     ("badam", dict(freeze_strategy="badam", freeze_schedule_every=2, freeze_block_order="random"),
      [8, 5]),  # 8: right at the start of the second pass; 5: mid-period
+    # Freezes more layers again at step 8: the optimizer drops the re-frozen layers' state and a resume must agree.
+    ("staged", dict(freeze_strategy="staged", freeze_stages={0: 3, 4: 1, 8: 2}),
+     [4, 6]),  # 4: right at a stage change; 6: mid-stage
     ("adaptive-weight_change", dict(PROBED, freeze_score="weight_change"),
      [2, 4, 8]),  # 2: mid-probe (the sampled start weights carry over); 4: at the selection; 8: mid second probe
     ("adaptive-grad_norm", dict(PROBED, freeze_score="grad_norm"),

@@ -160,6 +160,7 @@ EXAMPLES = {
     "gradual_unfreezing": dict(freeze_schedule_unit="step", freeze_schedule_every=7, freeze_unfreeze_lr_factor=0.5),
     "lisa": dict(freeze_schedule_every=4),
     "badam": dict(freeze_schedule_every=4, freeze_block_order="random"),
+    "staged": dict(freeze_stages={0: 6, 20: 3, 40: 0}),
     "adaptive": dict(freeze_layers=2, freeze_probe_steps=3, freeze_reselect_every=20),
 }
 

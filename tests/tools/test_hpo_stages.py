@@ -106,6 +106,11 @@ def test_ray_tune_asha_stops_trials_at_the_rungs(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False,
              _temp_dir=ray_dir, configure_logging=False, _system_config={"worker_niceness": 0})
     try:
+        # accelerate's GradientState is shared by every Accelerator of the process and keeps weak references to the
+        # dataloaders of earlier trainings (of other tests here), which Ray cannot pickle with the Trainer.
+        from accelerate.state import GradientState
+
+        GradientState._reset_state()
         trainer = make_trainer(tmp_path)
         # Two trials at a time: one that learns and one that barely moves reach the first rung; the third (barely
         # moving too) ranks below their median there, and ASHA stops it.
