@@ -148,6 +148,39 @@ def collect_stages(options) -> None:
             sampler=optuna.samplers.GridSampler(GRID, seed=0)))
 
 
+def stages_report(table) -> str:
+    """How the one-run rungs rank the configurations against full fine-tuning, and what each rung costs."""
+    if not all(("stages", fraction) in table for fraction in STAGE_FIDELITIES):
+        return "The one-run rungs (`--collect-stages`) are not measured."
+    from hpo_fidelity import spearman
+
+    from hf_freeze.tools.hpo_stages import LayerFidelityStages
+
+    full = table[("layers", 1.0)]
+    keys = sorted(set(full) & set(table[("stages", STAGE_FIDELITIES[-1])]))
+    full_cost = statistics.median(full[key][1] for key in keys)
+    ends = LayerFidelityStages(STAGE_FIDELITIES, STAGE_RUNG_STEPS).rung_ends
+    lines = [f"Every configuration ({len(keys)}) as one run through `Trainer.hyperparameter_search` (no pruning): "
+             "the value at the end of each rung against full fine-tuning's (restarted, 32 steps), and the CPU time "
+             "(training + evaluation) a configuration has used by then, as a share of a full fine-tuning run.", "",
+             "| rung ends at step | trainable layers until then | Spearman vs full fine-tuning | CPU time so far / full run |",
+             "|---|---|---|---|"]
+    spent = {key: 0.0 for key in keys}
+    for fraction, end in zip(STAGE_FIDELITIES, ends):
+        rung = table[("stages", fraction)]
+        for key in keys:
+            spent[key] += rung[key][1]
+        rho = spearman([rung[key][0] for key in keys], [full[key][0] for key in keys])
+        share = statistics.median(spent[key] for key in keys) / full_cost
+        lines.append(f"| {end} | {fraction:.0%} | {rho:.2f} | {share:.2f} |")
+    final = table[("stages", STAGE_FIDELITIES[-1])]
+    best_staged = max(keys, key=lambda key: final[key][0])
+    lines += ["", f"The best configuration after the last rung ({dict(zip(GRID, best_staged))}, {final[best_staged][0]:.4f}) "
+              f"reaches {full[best_staged][0]:.4f} as a full fine-tuning run; the best full fine-tuning run reaches "
+              f"{max(value for value, _ in full.values()):.4f}."]
+    return "\n".join(lines)
+
+
 def replay(table, kind, fractions, budget: float, seed: int):
     """One search replayed with Optuna on the measured table: (the configuration it returns, CPU seconds used).
 
@@ -306,7 +339,8 @@ def main() -> None:
                            os.path.join(options.output, "stages", "optuna.db"))
     full_cost = statistics.median(cost for _, cost in table[("layers", 1.0)].values())
     text = ("# Equal-budget search on the measured table: layer fidelity vs training-length fidelity vs random "
-            "search (MiniLM-L6, SST-2)\n\n" + replay_report(table, options.budgets, options.seeds, full_cost) + "\n")
+            "search (MiniLM-L6, SST-2)\n\n" + replay_report(table, options.budgets, options.seeds, full_cost) + "\n\n"
+            "## The layers in one run: ranking and cost per rung\n\n" + stages_report(table) + "\n")
     if options.results:
         Path(options.results).write_text(text)
     print(text)

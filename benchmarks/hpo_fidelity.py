@@ -36,26 +36,10 @@ GRID = {"learning_rate": [1.0e-5, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3], "warm
 
 
 def spearman(first, second) -> float:
-    """Spearman's rho: Pearson's correlation of the ranks, ties given their mean rank."""
+    """Spearman's rho (ties given their mean rank), as SciPy computes it."""
+    from scipy.stats import spearmanr
 
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        result = [0.0] * len(values)
-        start = 0
-        while start < len(order):
-            end = start
-            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-                end += 1
-            for position in range(start, end + 1):
-                result[order[position]] = (start + end) / 2
-            start = end + 1
-        return result
-
-    a, b = ranks(first), ranks(second)
-    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
-    covariance = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
-    spread = (sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b)) ** 0.5
-    return covariance / spread if spread else float("nan")
+    return float(spearmanr(first, second).statistic)
 
 
 def complete_trials(study):

@@ -20,13 +20,8 @@ LEARNING_RATE = {"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine run ~10x faster on one intra-op thread than on oversubscribed ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def one_thread(quiet_one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 class CountingModels:

@@ -23,12 +23,8 @@ TRAINABLE = {1: 9666, 2: 18210, 4: 55906}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def one_thread(quiet_one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def make_trainer(tmp_path, **overrides):
