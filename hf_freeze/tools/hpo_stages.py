@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Union
 
 from ..errors import FreezeConfigError, invalid
 from .hpo_space import DEFAULT_FIDELITIES, SearchSpace, _check_grid, load_search_space, trainable_layer_counts

@@ -6,7 +6,6 @@ import shutil
 import tempfile
 
 import pytest
-import torch
 from transformers import Trainer
 
 optuna = pytest.importorskip("optuna")
