@@ -42,6 +42,39 @@ def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
     return table
 
 
+EVAL_MODE = "bottom 50%, frozen prefix in eval mode"
+
+
+def dropout_pairs(runs: List[dict], settings: Optional[dict] = None) -> str:
+    """The frozen prefix with dropout (bottom 50%, the default) against in eval mode, seed by seed at bottom 50%'s
+    chosen rate: the quality study's setting, the same seeds and data order on both sides."""
+    on = {run["seed"]: run for run in _final_runs(runs, "bottom 50%")}
+    off = {run["seed"]: run for run in _final_runs(runs, EVAL_MODE)}
+    seeds = sorted(set(on) & set(off))
+    where = ""
+    if settings:
+        where = (f"{settings['train_samples']} training sentences, {settings['epochs']} epoch(s), batch "
+                 f"{settings['batch_size']}, ")
+    lines = [f"Quality study setting (pretrained MiniLM-L6 on SST-2: {where}bottom 50% frozen, learning rate "
+             f"{next(iter(on.values()))['rate'] if on else 'not chosen yet'}, the whole dev set); "
+             "`python benchmarks/quality.py --report`, runs in `benchmarks/results/quality/runs.jsonl`.", "",
+             "| seed | dev accuracy, frozen prefix with dropout | in eval mode | difference | training CPU time, eval mode / dropout |",
+             "|---|---|---|---|---|"]
+    for seed in seeds:
+        a, b = on[seed], off[seed]
+        lines.append(f"| {seed} | {a['dev_accuracy']:.4f} | {b['dev_accuracy']:.4f} | "
+                     f"{b['dev_accuracy'] - a['dev_accuracy']:+.4f} | {b['train_cpu_seconds']:.0f} s / "
+                     f"{a['train_cpu_seconds']:.0f} s = {b['train_cpu_seconds'] / a['train_cpu_seconds']:.2f} |")
+    if seeds:
+        differences = [off[seed]["dev_accuracy"] - on[seed]["dev_accuracy"] for seed in seeds]
+        lines.append(f"| mean of {len(seeds)} | {statistics.fmean(on[s]['dev_accuracy'] for s in seeds):.4f} | "
+                     f"{statistics.fmean(off[s]['dev_accuracy'] for s in seeds):.4f} | "
+                     f"{statistics.fmean(differences):+.4f} (min {min(differences):+.4f}, max {max(differences):+.4f}) | |")
+    else:
+        lines.append("| no seed measured both ways yet | | | | |")
+    return "\n".join(lines)
+
+
 def _final_runs(runs: List[dict], name: str) -> List[dict]:
     rate = chosen_rate(runs, name)
     if rate is None:

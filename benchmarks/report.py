@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import re
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -338,11 +339,17 @@ def write_report(results, callback_overhead, settings, output: str) -> List[str]
 # results files; the test suite checks that the page matches them (tests/test_performance_docs.py).
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DOCS_SOURCES = {"main": "", "minilm": "minilm", "vocab128k": "vocab128k", "reentrant": "reentrant", "cuda": "cuda", "dropout": "frozen_dropout"}
+DOCS_SOURCES = {"main": "", "minilm": "minilm", "vocab128k": "vocab128k", "reentrant": "reentrant", "cuda": "cuda", "dropout": "frozen_dropout", "quality": "quality"}
 _BLOCK = re.compile(r"<!-- benchmark (\w+):(\w+)(?: (\w+))? -->\n.*?<!-- /benchmark -->", re.DOTALL)
 
 
 def render_block(source: str, kind: str, argument: Optional[str], root: str = RESULTS) -> str:
+    if source == "quality":  # the quality study keeps its runs, not a results.json
+        from quality import read_runs
+        from quality_report import dropout_pairs
+
+        folder = Path(root, DOCS_SOURCES[source])
+        return dropout_pairs(read_runs(folder / "runs.jsonl"), json.loads((folder / "settings.json").read_text()))
     with open(os.path.join(root, DOCS_SOURCES[source], "results.json")) as handle:
         saved = json.load(handle)
     if source == "dropout":
