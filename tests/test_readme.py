@@ -64,6 +64,8 @@ def test_every_page_is_in_the_site_navigation_and_the_api_page_lists_the_public_
     nav = set(_nav_pages(config["nav"]))
     pages = {path.relative_to(ROOT / "docs").as_posix() for path in (ROOT / "docs").glob("*.md")}
     assert pages == nav, (pages - nav, nav - pages)
-    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    api, tools = (ROOT / "docs" / "api.md").read_text(encoding="utf-8").split("## Hyperparameter search")
     documented = set(re.findall(r"^::: hf_freeze\.[\w.]*\.(\w+)$", api, re.MULTILINE))
     assert documented == set(hf_freeze.__all__)
+    assert set(re.findall(r"^::: (hf_freeze\.tools\.\w+)\.(\w+)$", tools, re.MULTILINE)) == {
+        ("hf_freeze.tools.hpo", "run_search"), ("hf_freeze.tools.hpo_stages", "LayerFidelityStages")}
