@@ -108,11 +108,16 @@ def answer(table: Dict[str, dict]) -> List[str]:
     front = pareto_front(priced, "step_time_ratio")
     lines.append("Best accuracy for the time (the Pareto front, cheapest first): " + ", ".join(
         f"{name} ({100 * priced[name]['accuracy']:.2f}%, {priced[name]['step_time_ratio']:.2f}x)" for name in front) + ".")
-    inside = [name for name, row in table.items() if name != FULL and abs(row["accuracy"] - full["accuracy"]) <= 2 * noise]
-    lines.append(
-        f"Differences within twice full fine-tuning's seed-to-seed standard deviation ({100 * noise:.2f} points) do "
-        f"not separate policies; these are inside it: {', '.join(inside) or 'none'}."
-    )
+    if full["seeds"] < 2:
+        lines.append("Seed-to-seed noise: full fine-tuning has one seed so far, so which differences are noise is not "
+                     "known yet (bottom 50%'s seeds, where there are several, give an idea).")
+    else:
+        inside = [name for name, row in table.items()
+                  if name != FULL and abs(row["accuracy"] - full["accuracy"]) <= 2 * noise]
+        lines.append(
+            f"Differences within twice full fine-tuning's seed-to-seed standard deviation ({100 * noise:.2f} points) "
+            f"do not separate policies; these are inside it: {', '.join(inside) or 'none'}."
+        )
     matched, bottom = table.get("LoRA, bottom 50%'s size"), table.get("bottom 50%")
     if matched and bottom:
         lines.append(
@@ -188,6 +193,21 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def docs_summary(runs: List[dict], settings: dict) -> str:
+    """The docs page's block: how far the study is, the table, and the answer as far as the runs carry it."""
+    from quality import POLICIES, plan
+
+    names = list(POLICIES)
+    table = summarise(runs, names)
+    sweep, seeds = plan(runs, names, settings["seeds"])
+    complete = [name for name, row in table.items() if row["seeds"] >= settings["seeds"]]
+    status = (f"Runs finished: {len(runs)}; still to run: {len(sweep)} learning-rate sweep runs and {len(seeds)} seed "
+              f"runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
+              f"{', '.join(complete) or 'none yet'}; with a chosen rate: {len(table)} of {len(names)}; the rest have "
+              "not finished their sweep.")
+    return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table))])
 
 
 def write_report(runs: List[dict], names: List[str], output: Path, settings: dict) -> str:

@@ -39,3 +39,12 @@ def test_a_changed_result_is_detected(tmp_path):
     (results / "results.json").write_text(json.dumps(saved))
     text = PAGE.read_text()
     assert report.render_docs(text, root=str(results)) != text
+
+
+def test_the_quality_page_matches_the_committed_runs():
+    page = ROOT / "docs" / "quality.md"
+    text = page.read_text()
+    assert report.count_blocks(text) >= 2
+    assert report.render_docs(text) == text, (
+        "docs/quality.md differs from benchmarks/results/quality: run `python benchmarks/report.py --docs docs/quality.md`"
+    )
