@@ -110,10 +110,17 @@ def test_ray_tune_asha_stops_trials_at_the_rungs(tmp_path, monkeypatch):
         # Two trials at a time: one that learns and one that barely moves reach the first rung; the third (barely
         # moving too) ranks below their median there, and ASHA stops it.
         points = [{"learning_rate": rate} for rate in (1.0e-2, 1.0e-7, 1.0e-7)]
-        best = trainer.hyperparameter_search(**STAGES.search_arguments(
+        search = STAGES.search_arguments(
             "ray", {"learning_rate": {"choices": [1.0e-2, 1.0e-7]}}, "eval_loss", "minimize", n_trials=3,
-            resources_per_trial={"cpu": 1}, storage_path=str(tmp_path / "ray_results"), verbose=0,
-            search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=0)))
+            resources_per_trial={"cpu": 1}, storage_path=str(tmp_path / "ray_results"), name="stages", verbose=0,
+            search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=0))
+        best = trainer.hyperparameter_search(**search)
+        # The same search again resumes the experiment from its storage: the finished trials are not run again.
+        results = sorted((tmp_path / "ray_results" / "stages").glob("*/result.json"))
+        before = [path.read_text() for path in results]
+        resumed = trainer.hyperparameter_search(**{**search, "resume": "AUTO"})
+        assert sorted((tmp_path / "ray_results" / "stages").glob("*/result.json")) == results
+        assert [path.read_text() for path in results] == before and resumed.run_id == best.run_id
     finally:
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
