@@ -58,20 +58,20 @@ def dropout_pairs(runs: List[dict], settings: Optional[dict] = None) -> str:
     lines = [f"Quality study setting (pretrained MiniLM-L6 on SST-2: {where}bottom 50% frozen, learning rate "
              f"{next(iter(on.values()))['rate'] if on else 'not chosen yet'}, the whole dev set); "
              "`python benchmarks/quality.py --report`, runs in `benchmarks/results/quality/runs.jsonl`.", "",
-             "| seed | dev accuracy, frozen prefix with dropout | in eval mode | difference | training CPU time, eval mode / dropout |",
-             "|---|---|---|---|---|"]
+             "| seed | dev accuracy, frozen prefix with dropout | in eval mode | difference |",
+             "|---|---|---|---|"]
     for seed in seeds:
         a, b = on[seed], off[seed]
+        # No time column: these runs ran at different loads (see the step-time figures of the side-by-side benchmark).
         lines.append(f"| {seed} | {a['dev_accuracy']:.4f} | {b['dev_accuracy']:.4f} | "
-                     f"{b['dev_accuracy'] - a['dev_accuracy']:+.4f} | {b['train_cpu_seconds']:.0f} s / "
-                     f"{a['train_cpu_seconds']:.0f} s = {b['train_cpu_seconds'] / a['train_cpu_seconds']:.2f} |")
+                     f"{b['dev_accuracy'] - a['dev_accuracy']:+.4f} |")
     if seeds:
         differences = [off[seed]["dev_accuracy"] - on[seed]["dev_accuracy"] for seed in seeds]
         lines.append(f"| mean of {len(seeds)} | {statistics.fmean(on[s]['dev_accuracy'] for s in seeds):.4f} | "
                      f"{statistics.fmean(off[s]['dev_accuracy'] for s in seeds):.4f} | "
-                     f"{statistics.fmean(differences):+.4f} (min {min(differences):+.4f}, max {max(differences):+.4f}) | |")
+                     f"{statistics.fmean(differences):+.4f} (min {min(differences):+.4f}, max {max(differences):+.4f}) |")
     else:
-        lines.append("| no seed measured both ways yet | | | | |")
+        lines.append("| no seed measured both ways yet | | | |")
     return "\n".join(lines)
 
 
