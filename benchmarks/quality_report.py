@@ -186,10 +186,11 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
                      label="within 1 point of full fine-tuning") if FULL in priced else None
         axis.set_xlabel(f"{title}, as a fraction of full fine-tuning's (lower is cheaper)")
         axis.grid(alpha=0.3)
-        axis.legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("dev accuracy, % (mean over seeds, bar: ± one standard deviation)")
     figure.suptitle("Which layers should I freeze? Accuracy against cost (up and to the left is better)")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=9)  # below the plots: it hides no point
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
