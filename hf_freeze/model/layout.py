@@ -129,6 +129,11 @@ class ModelLayout:
     def blocks_of_part(self, *parts: str) -> List[Block]:
         return [block for block in self.blocks if block.part in parts]
 
+    def part_parameters(self, part: str, frozen: Collection[str] = ()) -> int:
+        """The parameters of ``part`` not in ``frozen`` (all of them with the default)."""
+        return sum(size for block in self.blocks_of_part(part) for name, size in zip(block.parameters, block.sizes)
+                   if name not in frozen)
+
     def counting(self, parts: Optional[Sequence[str]]) -> "ModelLayout":
         """The same blocks with the layers of ``parts`` counted (``None``: all): they are numbered 0, 1, ... in
         forward order, and the layers of other parts get ``layer_index=None``."""

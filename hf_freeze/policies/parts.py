@@ -263,8 +263,7 @@ def unused_parts(layout: ModelLayout, frozen: Collection[str], input_names: Opti
     for part in layout.parts:
         if part == LANGUAGE:
             continue
-        blocks = layout.blocks_of_part(part)
-        count = sum(size for block in blocks for name, size in zip(block.parameters, block.sizes) if name not in frozen)
+        count = layout.part_parameters(part, frozen)
         if count:
             unused[part] = count
     return unused

@@ -117,15 +117,13 @@ def part_rows(layout: ModelLayout, frozen: Collection[str]) -> List[Dict[str, ob
     frozen = set(frozen)
     rows = []
     for part in layout.parts:
-        blocks = layout.blocks_of_part(part)
-        sizes = {name: size for block in blocks for name, size in zip(block.parameters, block.sizes)}
-        layers = [block for block in blocks if block.kind == LAYER]
+        layers = [block for block in layout.blocks_of_part(part) if block.kind == LAYER]
         frozen_layers = sum(all(name in frozen for name in block.parameters) for block in layers)
         rows.append(
             {
                 "part": part,
-                "parameters": sum(sizes.values()),
-                "trainable_parameters": sum(size for name, size in sizes.items() if name not in frozen),
+                "parameters": layout.part_parameters(part),
+                "trainable_parameters": layout.part_parameters(part, frozen),
                 "frozen_layers": f"{frozen_layers}/{len(layers)}",
             }
         )
