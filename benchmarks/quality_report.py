@@ -10,6 +10,21 @@ from typing import Dict, List, Optional
 from quality import FULL, chosen_rate
 
 WITHIN = 0.01  # "about as good as full fine-tuning": within 1 accuracy point
+CONFIDENCE = 0.95
+
+
+def paired_difference(runs: List[dict], against: List[dict]) -> Optional[dict]:
+    """Dev accuracy minus ``against``'s, seed by seed (same seed: same data order and sample), with the two-sided 95%
+    Student t interval of the mean difference; None with fewer than 2 common seeds."""
+    other = {run["seed"]: run["dev_accuracy"] for run in against}
+    differences = [run["dev_accuracy"] - other[run["seed"]] for run in runs if run["seed"] in other]
+    if len(differences) < 2:
+        return None
+    from scipy import stats
+
+    mean = statistics.fmean(differences)
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences)}
 
 
 def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
@@ -38,11 +53,13 @@ def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
                                   if full_peak else None),
             "cpu_minutes_all_runs": sum(run["train_cpu_seconds"] for run in runs if run["policy"] == name) / 60,
             "lora_rank": final[0].get("lora_rank"),
+            "vs_full": paired_difference(final, full_runs) if name != FULL else None,
         }
     return table
 
 
 EVAL_MODE = "bottom 50%, frozen prefix in eval mode"
+MATCHED = "LoRA, bottom 50%'s size"
 
 
 def dropout_pairs(runs: List[dict], settings: Optional[dict] = None) -> str:
@@ -82,12 +99,23 @@ def _final_runs(runs: List[dict], name: str) -> List[dict]:
     return sorted((run for run in runs if run["policy"] == name and run["rate"] == rate), key=lambda run: run["seed"])
 
 
-def answer(table: Dict[str, dict]) -> List[str]:
+def _names(names: List[str]) -> str:
+    """Policy names joined so that the commas inside some of them stay readable."""
+    return "; ".join(names) or "none"
+
+
+def _points(difference: Optional[dict]) -> str:
+    if not difference:
+        return "one common seed: no interval yet"
+    return (f"{100 * difference['mean']:+.2f} points, 95% interval {100 * difference['low']:+.2f} to "
+            f"{100 * difference['high']:+.2f}")
+
+
+def answer(table: Dict[str, dict], runs: Optional[List[dict]] = None) -> List[str]:
     """'Which should I use?', as far as the numbers carry it."""
     if FULL not in table or len(table) < 2:
         return ["Not enough finished policies to compare yet."]
     full = table[FULL]
-    noise = max(full["accuracy_std"], 1e-9)
     lines = []
     priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
     close = sorted(
@@ -99,32 +127,38 @@ def answer(table: Dict[str, dict]) -> List[str]:
         best = close[0]
         lines.append(
             f"Cheapest policy within 1 point of full fine-tuning's dev accuracy ({100 * full['accuracy']:.2f}%): "
-            f"**{best}**, {100 * priced[best]['accuracy']:.2f}% at {priced[best]['step_time_ratio']:.2f} of its "
-            f"step time and {priced[best]['peak_memory_ratio']:.2f} of its peak training memory. Also within 1 point, "
-            f"at lower cost: {', '.join(close[1:]) or 'none'}."
+            f"**{best}**, {100 * priced[best]['accuracy']:.2f}% ({_points(priced[best]['vs_full'])}, seed by seed) "
+            f"at {priced[best]['step_time_ratio']:.2f} of its step time and {priced[best]['peak_memory_ratio']:.2f} of "
+            f"its peak training memory. Also within 1 point on average, at lower step time: {_names(close[1:])}."
         )
     else:
         lines.append("No policy cheaper than full fine-tuning came within 1 point of its dev accuracy.")
-    front = pareto_front(priced, "step_time_ratio")
-    lines.append("Best accuracy for the time (the Pareto front, cheapest first): " + ", ".join(
-        f"{name} ({100 * priced[name]['accuracy']:.2f}%, {priced[name]['step_time_ratio']:.2f}x)" for name in front) + ".")
-    if full["seeds"] < 2:
-        lines.append("Seed-to-seed noise: full fine-tuning has one seed so far, so which differences are noise is not "
-                     "known yet (bottom 50%'s seeds, where there are several, give an idea).")
-    else:
-        inside = [name for name, row in table.items()
-                  if name != FULL and abs(row["accuracy"] - full["accuracy"]) <= 2 * noise]
-        lines.append(
-            f"Differences within twice full fine-tuning's seed-to-seed standard deviation ({100 * noise:.2f} points) "
-            f"do not separate policies; these are inside it: {', '.join(inside) or 'none'}."
-        )
-    matched, bottom = table.get("LoRA, bottom 50%'s size"), table.get("bottom 50%")
+    for cost, label in (("step_time_ratio", "time"), ("peak_memory_ratio", "memory")):
+        front = pareto_front(priced, cost)
+        lines.append(f"Best accuracy for the {label} (the Pareto front, cheapest first): " + ", ".join(
+            f"{name} ({100 * priced[name]['accuracy']:.2f}%, {priced[name][cost]:.2f}x)" for name in front) + ".")
+    below = [name for name, row in table.items() if row["vs_full"] and row["vs_full"]["high"] < 0]
+    above = [name for name, row in table.items() if row["vs_full"] and row["vs_full"]["low"] > 0]
+    unseparated = [name for name, row in table.items()
+                   if row["vs_full"] and row["vs_full"]["low"] <= 0 <= row["vs_full"]["high"]]
+    single = [name for name, row in table.items() if name != FULL and not row["vs_full"]]
+    lines.append(
+        "Against full fine-tuning, seed by seed (the 95% interval of the mean difference). Below it: "
+        f"{_names(below)}. Above it: {_names(above)}. Not separated from it by these seeds: {_names(unseparated)}."
+        + (f" One seed so far: {_names(single)}." if single else "")
+    )
+    matched, bottom = table.get(MATCHED), table.get("bottom 50%")
     if matched and bottom:
+        versus = ""
+        if runs is not None:
+            pair = paired_difference(_final_runs(runs, "bottom 50%"), _final_runs(runs, MATCHED))
+            versus = f" (bottom 50% minus LoRA, seed by seed: {_points(pair)})"
         lines.append(
             f"At equal trainable size, bottom 50% reaches {100 * bottom['accuracy']:.2f}% at "
             f"{bottom['step_time_ratio']:.2f}x step time and {bottom['peak_memory_ratio']:.2f}x peak memory; LoRA of "
             f"rank {matched['lora_rank']} ({matched['trainable_params'] / 1e6:.2f}M trainable parameters) reaches "
-            f"{100 * matched['accuracy']:.2f}% at {matched['step_time_ratio']:.2f}x and {matched['peak_memory_ratio']:.2f}x."
+            f"{100 * matched['accuracy']:.2f}% at {matched['step_time_ratio']:.2f}x and {matched['peak_memory_ratio']:.2f}x"
+            f"{versus}."
         )
     return lines
 
@@ -143,17 +177,21 @@ def pareto_front(table: Dict[str, dict], cost: str) -> List[str]:
 def markdown(table: Dict[str, dict], settings: dict) -> str:
     lines = [
         "| policy | learning rate | dev accuracy (mean ± std, seeds) | trainable parameters (mean share) | "
-        "step time vs full (range over seeds) | peak training memory vs full | CPU minutes, all runs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "vs full, points (seed by seed, 95% interval) | step time vs full (range over seeds) | peak training memory vs full "
+        "| CPU minutes, all runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(table.items(), key=lambda item: -item[1]["accuracy"]):
         span = row["step_time_ratio_range"]
         step = f"{row['step_time_ratio']:.2f} ({span[0]:.2f}-{span[1]:.2f})" if span else "n/a"
         peak = f"{row['peak_memory_ratio']:.2f}" if row["peak_memory_ratio"] else "n/a"
         label = name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
+        versus = row["vs_full"]
+        versus = (f"{100 * versus['mean']:+.2f} ({100 * versus['low']:+.2f} to {100 * versus['high']:+.2f})"
+                  if versus else ("" if name == FULL else "n/a"))
         lines.append(
             f"| {label} | {row['rate']:g} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) "
-            f"| {row['trainable_params'] / 1e6:.2f}M ({100 * row['trainable_share']:.1f}%) | {step} | {peak} "
+            f"| {row['trainable_params'] / 1e6:.2f}M ({100 * row['trainable_share']:.1f}%) | {versus} | {step} | {peak} "
             f"| {row['cpu_minutes_all_runs']:.1f} |"
         )
     return "\n".join(lines)
@@ -208,7 +246,41 @@ def docs_summary(runs: List[dict], settings: dict) -> str:
               f"runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
               f"{', '.join(complete) or 'none yet'}; with a chosen rate: {len(table)} of {len(names)}; the rest have "
               "not finished their sweep.")
-    return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table))])
+    return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table, runs))])
+
+
+def headline(runs: List[dict], settings: dict) -> str:
+    """The short form that the README and the main job's page cite: full fine-tuning, the main job's policy (bottom
+    50%), the cheapest policy within 1 point, the step-time Pareto front, and LoRA, as measured over seeds."""
+    from quality import POLICIES
+
+    table = summarise(runs, list(POLICIES))
+    if FULL not in table:
+        return "The quality study has no finished full fine-tuning run yet (`python benchmarks/quality.py`)."
+    priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
+    close = sorted((name for name, row in priced.items() if name != FULL and row["step_time_ratio"] < 1
+                    and row["accuracy"] >= table[FULL]["accuracy"] - WITHIN), key=lambda name: priced[name]["step_time_ratio"])
+    wanted = [FULL, "bottom 50%", *close[:1], *pareto_front(priced, "step_time_ratio"), "LoRA r=8", MATCHED]
+    shown = [name for name in dict.fromkeys(wanted) if name in table]
+    lines = [
+        f"Pretrained MiniLM-L6 on GLUE SST-2 ({settings['train_samples']:,} training sentences, {settings['epochs']} "
+        f"epoch, the whole dev set), each policy at its own learning rate, {settings['seeds']} seeds "
+        f"({len(runs)} runs; `python benchmarks/quality.py --report`):",
+        "",
+        "| policy | dev accuracy, % (mean ± std, seeds) | vs full, points (95% interval) | step time vs full | "
+        "peak memory vs full |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in sorted(shown, key=lambda name: -table[name]["accuracy"]):
+        row, versus = table[name], table[name]["vs_full"]
+        label = name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
+        lines.append(
+            f"| {label} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) | "
+            + (f"{100 * versus['mean']:+.2f} ({100 * versus['low']:+.2f} to {100 * versus['high']:+.2f})" if versus
+               else ("" if name == FULL else "one seed"))
+            + f" | {row['step_time_ratio']:.2f} | {row['peak_memory_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def write_report(runs: List[dict], names: List[str], output: Path, settings: dict) -> str:
@@ -223,7 +295,7 @@ def write_report(runs: List[dict], names: List[str], output: Path, settings: dic
         "",
         markdown(table, settings),
         "",
-        *(f"- {line}" for line in answer(table)),
+        *(f"- {line}" for line in answer(table, runs)),
         "",
         f"![accuracy against cost]({chart.name})" if chart else "",
     ])

@@ -346,7 +346,7 @@ _BLOCK = re.compile(r"<!-- benchmark (\w+):(\w+)(?: (\w+))? -->\n.*?<!-- /benchm
 def render_block(source: str, kind: str, argument: Optional[str], root: str = RESULTS) -> str:
     if source == "quality":  # the quality study keeps its runs, not a results.json
         from quality import read_runs
-        from quality_report import docs_summary, dropout_pairs
+        from quality_report import docs_summary, dropout_pairs, headline
 
         folder = Path(root, DOCS_SOURCES[source])
         runs, settings = read_runs(folder / "runs.jsonl"), json.loads((folder / "settings.json").read_text())
@@ -354,7 +354,9 @@ def render_block(source: str, kind: str, argument: Optional[str], root: str = RE
             return dropout_pairs(runs, settings)
         if kind == "table":
             return docs_summary(runs, settings)
-        raise KeyError(f"unknown quality block kind {kind!r}; valid: table, dropout")
+        if kind == "headline":
+            return headline(runs, settings)
+        raise KeyError(f"unknown quality block kind {kind!r}; valid: table, headline, dropout")
     with open(os.path.join(root, DOCS_SOURCES[source], "results.json")) as handle:
         saved = json.load(handle)
     if source == "dropout":

@@ -48,3 +48,11 @@ def test_the_quality_page_matches_the_committed_runs():
     assert report.render_docs(text) == text, (
         "docs/quality.md differs from benchmarks/results/quality: run `python benchmarks/report.py --docs docs/quality.md`"
     )
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/main-job.md"])
+def test_the_main_job_cites_the_quality_study_as_committed(page):
+    """The README's main-job section and the main job's page cite the study over seeds, not their single run."""
+    text = (ROOT / page).read_text()
+    assert "<!-- benchmark quality:headline -->" in text
+    assert report.render_docs(text) == text, f"{page} differs from the committed runs: run `python benchmarks/report.py --docs {page}`"

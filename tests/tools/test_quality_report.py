@@ -1,0 +1,57 @@
+"""The quality study's answer (benchmarks/quality_report.py) from made-up runs: what it says must follow the numbers."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+pytest.importorskip("scipy")
+quality_report = pytest.importorskip("quality_report")
+
+SETTINGS = {"train_samples": 8000, "epochs": 1, "seeds": 3}
+
+
+def _run(policy, rate, seed, dev, select=0.8, cpu=100.0, peak=1000):
+    return {"policy": policy, "rate": rate, "seed": seed, "select_accuracy": select, "dev_accuracy": dev,
+            "steps": 100, "train_cpu_seconds": cpu, "peak_training_bytes": peak, "total_params": 100,
+            "trainable_params_mean": 100 if policy == "full fine-tuning" else 25, "lora_rank": None}
+
+
+def _study(bottom_devs):
+    """Full fine-tuning chooses 5e-5 and bottom 50% chooses 1e-4 (middle of their grids: no extension)."""
+    runs = [_run("full fine-tuning", rate, 0, 0.85, select=0.9 if rate == 5e-5 else 0.8) for rate in (2e-5, 5e-5, 1e-4)]
+    runs[1]["dev_accuracy"] = 0.850
+    runs += [_run("full fine-tuning", 5e-5, 1, 0.840), _run("full fine-tuning", 5e-5, 2, 0.860)]
+    for rate in (5e-5, 1e-4, 2e-4):
+        runs.append(_run("bottom 50%", rate, 0, bottom_devs[0], select=0.9 if rate == 1e-4 else 0.8, cpu=60, peak=500))
+    runs += [_run("bottom 50%", 1e-4, seed, bottom_devs[seed], cpu=60, peak=500) for seed in (1, 2)]
+    return runs
+
+
+def test_the_paired_interval_is_student_t_over_the_seed_differences():
+    full = [{"seed": s, "dev_accuracy": a} for s, a in enumerate((0.85, 0.84, 0.86))]
+    other = [{"seed": s, "dev_accuracy": a} for s, a in enumerate((0.84, 0.82, 0.83))]  # -0.01, -0.02, -0.03
+    difference = quality_report.paired_difference(other, full)
+    assert difference["mean"] == pytest.approx(-0.02)
+    assert difference["high"] - difference["mean"] == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-5)
+    assert quality_report.paired_difference(other[:1], full) is None  # one common seed: no interval
+
+
+def test_a_policy_clearly_below_full_fine_tuning_is_said_to_be_below_it():
+    runs = _study((0.80, 0.79, 0.81))  # 5 points below on every seed
+    table = quality_report.summarise(runs, ["full fine-tuning", "bottom 50%"])
+    assert table["bottom 50%"]["vs_full"]["high"] < 0
+    text = " ".join(quality_report.answer(table, runs))
+    assert "Below it: bottom 50%." in text
+    assert "No policy cheaper than full fine-tuning came within 1 point" in text
+
+
+def test_a_policy_inside_the_noise_is_not_separated_and_is_the_cheapest_within_one_point():
+    runs = _study((0.855, 0.835, 0.858))  # differences +0.5, -0.5, -0.2 points
+    table = quality_report.summarise(runs, ["full fine-tuning", "bottom 50%"])
+    text = " ".join(quality_report.answer(table, runs))
+    assert "Not separated from it by these seeds: bottom 50%." in text
+    assert "**bottom 50%**" in text and "at 0.60 of its step time and 0.50 of its peak training memory" in text
+    headline = quality_report.headline(runs, SETTINGS)
+    assert "| bottom 50% | 84.93 ± 1.25 (3) | -0.07 (-1.34 to +1.21)" in headline
