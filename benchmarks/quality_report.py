@@ -197,7 +197,17 @@ def markdown(table: Dict[str, dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
+def _padded(values: List[float]) -> tuple:
+    low, high = min(values), max(values)
+    margin = 0.06 * (high - low or 1)
+    return low - margin, high + 1.5 * margin
+
+
 def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
+    """Accuracy against step time and against peak memory. Every policy is a numbered point (the key on the right
+    names it, with its accuracy and costs), so that close points stay readable; the Pareto front is drawn through
+    the policies no other beats on both axes. The accuracy axis starts 8 points below full fine-tuning: a policy
+    below that is drawn on the bottom edge as a triangle, its accuracy in the key."""
     try:
         import matplotlib
 
@@ -208,45 +218,56 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
     priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None and row["peak_memory_ratio"]}
     if not priced:
         return None
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    order = sorted(priced, key=lambda name: -priced[name]["accuracy"])
+    number = {name: index + 1 for index, name in enumerate(order)}
+    top = 100 * max(row["accuracy"] + row["accuracy_std"] for row in priced.values()) + 0.6
+    floor = 100 * priced[FULL]["accuracy"] - 8 if FULL in priced else 100 * min(r["accuracy"] for r in priced.values()) - 1
+    floor = max(floor, 100 * min(row["accuracy"] for row in priced.values()) - 1)
+
+    def shown(name):  # the accuracy as drawn: policies under the floor sit on it
+        return max(100 * priced[name]["accuracy"], floor + 0.25)
+
+    figure, axes = plt.subplots(1, 2, figsize=(15, 6.2), sharey=True)
     for axis, cost, title in ((axes[0], "step_time_ratio", "step time (CPU, one thread)"),
                               (axes[1], "peak_memory_ratio", "peak training memory")):
         front = pareto_front(priced, cost)
-        for name, row in priced.items():
-            lora = name.startswith("LoRA")
-            colour = "black" if name == FULL else ("tab:purple" if lora else "tab:blue")
-            axis.errorbar(row[cost], 100 * row["accuracy"], yerr=100 * row["accuracy_std"], fmt="s" if lora else "o",
-                          color=colour, markersize=7 if name in front else 5, capsize=3, alpha=1 if name in front else 0.6)
-            axis.annotate(name, (row[cost], 100 * row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        axis.plot([priced[n][cost] for n in front], [100 * priced[n]["accuracy"] for n in front], "--", color="tab:green",
-                  label="best accuracy for the cost (Pareto front)")
-        axis.axhspan(100 * (priced[FULL]["accuracy"] - WITHIN), 100 * priced[FULL]["accuracy"], color="0.9",
-                     label="within 1 point of full fine-tuning") if FULL in priced else None
-        axis.set_xlabel(f"{title}, as a fraction of full fine-tuning's (lower is cheaper)")
+        if FULL in priced:
+            axis.axhspan(100 * (priced[FULL]["accuracy"] - WITHIN), 100 * priced[FULL]["accuracy"], color="0.92",
+                         label="within 1 point of full fine-tuning's mean")
+        axis.plot([priced[n][cost] for n in front], [shown(n) for n in front], "-", color="tab:green", alpha=0.5,
+                  linewidth=2, label="Pareto front: best accuracy for the cost", zorder=1)
+        axis.set_ylim(floor, top)
+        axis.set_xlim(*_padded([row[cost] for row in priced.values()]))
+        placed: List[tuple] = []
+        for name in order:
+            row, clipped = priced[name], 100 * priced[name]["accuracy"] < floor
+            colour = "black" if name == FULL else ("tab:purple" if name.startswith("LoRA") else "tab:blue")
+            marker = "v" if clipped else ("s" if name.startswith("LoRA") else "o")
+            axis.errorbar(row[cost], shown(name), yerr=None if clipped else 100 * row["accuracy_std"], fmt=marker,
+                          color=colour, markersize=9 if name in front else 6, capsize=3, zorder=3,
+                          markeredgecolor="tab:green" if name in front else colour, markeredgewidth=2 if name in front else 1)
+            x, y = axis.transData.transform((row[cost], shown(name)))
+            # The first of four spots beside the point whose label box (in points) overlaps no label placed before.
+            dx, dy = next(((dx, dy) for dx, dy in ((9, 5), (9, -15), (-21, 5), (-21, -15))
+                           if all(abs(x + dx - px) > 18 or abs(y + dy - py) > 13 for px, py in placed)), (9, 5))
+            placed.append((x + dx, y + dy))
+            axis.annotate(str(number[name]), (row[cost], shown(name)), textcoords="offset pixels", xytext=(dx, dy),
+                          fontsize=9, fontweight="bold" if name in front else "normal", color=colour)
+        axis.set_xlabel(f"{title} ÷ full fine-tuning's")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("dev accuracy, % (mean over seeds, bar: ± one standard deviation)")
-    figure.suptitle("Which layers should I freeze? Accuracy against cost (up and to the left is better)")
+    axes[0].set_ylabel("dev accuracy, % (mean over seeds; bar: ± one standard deviation)")
+    key = [f"{number[name]:>2}  {name}" + (f" (rank {priced[name]['lora_rank']})" if priced[name]["lora_rank"] else "")
+           + " (below the axis)" * (100 * priced[name]["accuracy"] < floor) + f"\n    {100 * priced[name]['accuracy']:.2f}% "
+           f"({priced[name]['seeds']} seed{'s' * (priced[name]['seeds'] > 1)}), "
+           f"time {priced[name]['step_time_ratio']:.2f}, memory {priced[name]['peak_memory_ratio']:.2f}" for name in order]
+    figure.text(0.745, 0.93, "\n".join(key), va="top", ha="left", fontsize=8, family="monospace")
+    figure.suptitle("Which layers should I freeze? Dev accuracy against cost (up and to the left is better)")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=9)  # below the plots: it hides no point
-    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.tight_layout(rect=(0, 0.06, 0.74, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def docs_summary(runs: List[dict], settings: dict) -> str:
-    """The docs page's block: how far the study is, the table, and the answer as far as the runs carry it."""
-    from quality import POLICIES, plan
-
-    names = list(POLICIES)
-    table = summarise(runs, names)
-    sweep, seeds = plan(runs, names, settings["seeds"])
-    complete = [name for name, row in table.items() if row["seeds"] >= settings["seeds"]]
-    status = (f"Runs finished: {len(runs)}; still to run: {len(sweep)} learning-rate sweep runs and {len(seeds)} seed "
-              f"runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
-              f"{', '.join(complete) or 'none yet'}; with a chosen rate: {len(table)} of {len(names)}; the rest have "
-              "not finished their sweep.")
-    return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table, runs))])
 
 
 def headline(runs: List[dict], settings: dict) -> str:
