@@ -11,12 +11,17 @@ GLUE-format TSV (`--train_file/--validation_file/--text_columns`, two text colum
 * cost, measured in every run: training CPU time with one intra-op thread (process CPU time: load from other jobs
   does not inflate it, as it does wall time), and peak training memory per step, counted tensor by tensor: weights,
   gradients, optimizer states and every tensor autograd saves for the backward pass (exact, independent of the
-  allocator and of the machine's load). Both are reported as ratios to full fine-tuning from the same study.
+  allocator and of the machine's load). Both are reported as ratios to full fine-tuning from the same study;
+* step time, robustly: runs made one after the other meet different loads, and one-thread CPU time still grows with
+  the competition for caches and memory (full fine-tuning's own runs differ by a third here). `--timing` trains every
+  policy once more at its chosen rate, all in one process taking turns step by step, so that each meets the same
+  load as the others; the report takes the step-time ratios from there when `timing.json` exists.
 
 Results are appended to OUTPUT/runs.jsonl as each run ends; an interrupted study resumes where it stopped.
 
     python benchmarks/quality.py --output benchmarks/results/quality            # the study (hours on 2 CPU cores)
     python benchmarks/quality.py --output /tmp/quality-smoke --quick           # 3 policies, tiny data: minutes
+    python benchmarks/quality.py --output benchmarks/results/quality --timing  # step times side by side (one run each)
     python benchmarks/quality.py --output benchmarks/results/quality --report  # tables, chart, answer so far
 """
 
@@ -171,13 +176,12 @@ def _count_lora(model_path: str, num_labels: int, rank: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_once(name: str, rate: float, seed: int, data, args, model_path: str, num_labels: int) -> dict:
+def build_trainer(name: str, rate: float, seed: int, train, args, model_path: str, num_labels: int, callbacks, output_dir: str):
+    """The policy's model and Trainer for one run: the policy through FreezeCallback, or a peft LoRA model."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
     from hf_freeze import FreezeCallback, FreezeTrainingArguments
-    from quality_meter import CostMeter
 
-    train, select, dev = data
     policy = POLICIES[name]
     steps = -(-len(train) // args.batch_size) * args.epochs
     freeze = dict(policy.get("freeze", {"freeze_strategy": "none"}))
@@ -185,7 +189,7 @@ def train_once(name: str, rate: float, seed: int, data, args, model_path: str, n
         freeze["freeze_schedule_every"] = max(1, steps // policy["schedule_parts"])
     set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-    callbacks = []
+    callbacks, rank = list(callbacks), None
     if "lora" in policy:
         from peft import LoraConfig, get_peft_model
 
@@ -194,19 +198,26 @@ def train_once(name: str, rate: float, seed: int, data, args, model_path: str, n
         model = get_peft_model(model, config)
         freeze = {"freeze_strategy": "none"}
     else:
-        callbacks.append(FreezeCallback())
+        callbacks.insert(0, FreezeCallback())
+    training = FreezeTrainingArguments(
+        output_dir=output_dir, num_train_epochs=args.epochs, learning_rate=rate, seed=seed,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, warmup_steps=0.1,
+        weight_decay=0.01, lr_scheduler_type="linear", logging_strategy="no", eval_strategy="no",
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        **freeze,
+    )
+    trainer = Trainer(model=model, args=training, train_dataset=train, data_collator=DataCollatorWithPadding(args.tokenizer),
+                      callbacks=callbacks)
+    return trainer, model, rank
+
+
+def train_once(name: str, rate: float, seed: int, data, args, model_path: str, num_labels: int) -> dict:
+    from quality_meter import CostMeter
+
+    train, select, dev = data
     meter = CostMeter()
     with tempfile.TemporaryDirectory() as output_dir:
-        training = FreezeTrainingArguments(
-            output_dir=output_dir, num_train_epochs=args.epochs, learning_rate=rate, seed=seed,
-            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, warmup_steps=0.1,
-            weight_decay=0.01, lr_scheduler_type="linear", logging_strategy="no", eval_strategy="no",
-            save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-            **freeze,
-        )
-        collator = DataCollatorWithPadding(args.tokenizer)
-        trainer = Trainer(model=model, args=training, train_dataset=train, data_collator=collator,
-                          callbacks=callbacks + [meter])
+        trainer, model, rank = build_trainer(name, rate, seed, train, args, model_path, num_labels, [meter], output_dir)
         meter.trainer = trainer
         cpu = time.process_time()
         started = time.perf_counter()
@@ -223,7 +234,55 @@ def train_once(name: str, rate: float, seed: int, data, args, model_path: str, n
         "policy": name, "rate": rate, "seed": seed, "select_accuracy": select_accuracy, "dev_accuracy": dev_accuracy,
         "train_loss": result.metrics["train_loss"], "steps": trainer.state.global_step, "train_cpu_seconds": cpu,
         "train_wall_seconds": wall, "total_params": sum(p.numel() for p in model.parameters()),
-        **meter.summary(), "lora_rank": rank if "lora" in policy else None,
+        **meter.summary(), "lora_rank": rank,
+    }
+
+
+def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels: int) -> dict:
+    """Every policy's whole training run at its chosen rate (seed 0), all in one process, taking turns step by step
+    (one Trainer per policy, each in its own thread, a baton passed at every step end; `side_by_side.py`).
+
+    Each step is timed in its thread's CPU time with one torch thread, so every policy meets the same load within
+    seconds of the others and the ratios to full fine-tuning hold on a busy machine, where runs made one after the
+    other at different times do not. Schedules and adaptive policies are timed over their whole run, as they train.
+    """
+    import shutil
+    import threading
+
+    from side_by_side import Baton, TurnTimer
+
+    rates = {name: chosen_rate(runs, name) for name in names}
+    missing = [name for name, rate in rates.items() if rate is None]
+    if missing:
+        raise SystemExit(f"--timing needs every policy's learning rate; still sweeping: {', '.join(missing)}")
+    baton, timers, trainers, errors = Baton(names), {}, {}, {}
+    for name in names:
+        timers[name] = TurnTimer(baton, name, cuda=False)
+        trainers[name] = build_trainer(name, rates[name], 0, data[0], args, args.model, num_labels, [timers[name]],
+                                       tempfile.mkdtemp(prefix="quality-timing-"))[0]
+
+    def train(name):
+        try:
+            baton.wait(name)
+            trainers[name].train()
+        except Exception as error:  # reported, not lost in a thread
+            errors[name] = repr(error)
+        finally:
+            baton.leave(name)
+
+    threads = [threading.Thread(target=train, args=(name,), daemon=True) for name in names]
+    started = time.time()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for trainer in trainers.values():
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    if errors:
+        raise SystemExit(f"--timing: {errors}")
+    return {
+        "clock": "thread CPU time, 1 torch thread", "seed": 0, "order": names, "wall_minutes": (time.time() - started) / 60,
+        "policies": {name: {"rate": rates[name], "step_times": timers[name].step_times} for name in names},
     }
 
 
@@ -291,6 +350,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--policies", nargs="+", default=None, choices=list(POLICIES), metavar="POLICY")
     parser.add_argument("--quick", action="store_true", help="3 policies, 256 sentences, 1 epoch, 2 seeds: a smoke run")
     parser.add_argument("--report", action="store_true", help="only write the tables and chart from the runs so far")
+    parser.add_argument("--timing", action="store_true",
+                        help="after the sweeps: time every policy's run side by side, taking turns (timing.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_samples, args.select_samples, args.epochs, args.seeds = 256, 128, 1, 2
@@ -299,7 +360,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     runs_file = output / "runs.jsonl"
-    settings = {k: v for k, v in vars(args).items() if k not in ("report", "output", "policies", "quick")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("report", "output", "policies", "quick", "timing")}
     settings_file = output / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings and not args.report:
         raise SystemExit(f"{output} holds a study with other settings ({settings_file}); use another --output.")
@@ -321,6 +382,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = load_data(args, args.tokenizer)
     num_labels = max(example["labels"] for example in data[0] + data[2]) + 1
+    if args.timing:
+        print(f"timing {len(names)} policies side by side, taking turns step by step (one core, about the sum of "
+              "their training times)", flush=True)
+        timing = time_side_by_side(read_runs(runs_file), names, data, args, num_labels)
+        (output / "timing.json").write_text(json.dumps(timing) + "\n")
+        print(write_report(read_runs(runs_file), names, output, settings))
+        return
     started = time.time()
     finished_here = 0
     while True:

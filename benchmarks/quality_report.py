@@ -27,10 +27,41 @@ def paired_difference(runs: List[dict], against: List[dict]) -> Optional[dict]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences)}
 
 
-def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
-    """Per policy: the chosen rate, dev accuracy over the seeds at that rate, and its cost against full fine-tuning."""
+def read_timing(folder: Path) -> Optional[dict]:
+    """The side-by-side step times of `quality.py --timing`, if that ran."""
+    path = Path(folder) / "timing.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def side_by_side_ratios(timing: Optional[dict]) -> Dict[str, dict]:
+    """From `quality.py --timing`: each policy's mean step time over its whole run / full fine-tuning's, measured
+    taking turns; the range is the ratio in each quarter of the run (a schedule's cost moves between quarters)."""
+    if not timing or FULL not in timing["policies"]:
+        return {}
+    full = timing["policies"][FULL]["step_times"]
+    ratios = {}
+    for name, measured in timing["policies"].items():
+        times = measured["step_times"]
+        quarters = [_quarter(times, q) / _quarter(full, q) for q in range(4)] if min(len(times), len(full)) >= 4 else []
+        ratios[name] = {"ratio": (sum(times) / len(times)) / (sum(full) / len(full)),
+                        "range": (min(quarters), max(quarters)) if quarters else None, "rate": measured["rate"]}
+    return ratios
+
+
+def _quarter(times: List[float], index: int) -> float:
+    part = times[index * len(times) // 4:(index + 1) * len(times) // 4]
+    return sum(part) / len(part)
+
+
+def summarise(runs: List[dict], names: List[str], timing: Optional[dict] = None) -> Dict[str, dict]:
+    """Per policy: the chosen rate, dev accuracy over the seeds at that rate, and its cost against full fine-tuning
+    (step time from the side-by-side timing where there is one for the policy at its chosen rate)."""
+    turns = side_by_side_ratios(timing)
     full_runs = _final_runs(runs, FULL)
-    full_step = {run["seed"]: run["train_cpu_seconds"] / run["steps"] for run in full_runs}
+    # Full fine-tuning's step cost does not depend on its learning rate: the median over all its runs (sweep and
+    # seeds, made at different times and loads) is the steadiest yardstick.
+    full_steps = [run["train_cpu_seconds"] / run["steps"] for run in runs if run["policy"] == FULL]
+    full_step = statistics.median(full_steps) if full_steps else None
     full_peak = statistics.fmean(run["peak_training_bytes"] for run in full_runs) if full_runs else None
     table = {}
     for name in names:
@@ -38,8 +69,7 @@ def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
         if not final:
             continue
         accuracies = [run["dev_accuracy"] for run in final]
-        step_ratios = [run["train_cpu_seconds"] / run["steps"] / full_step[run["seed"]] for run in final
-                       if run["seed"] in full_step]
+        step_ratios = [run["train_cpu_seconds"] / run["steps"] / full_step for run in final] if full_step else []
         table[name] = {
             "rate": final[0]["rate"],
             "seeds": len(final),
@@ -47,14 +77,20 @@ def summarise(runs: List[dict], names: List[str]) -> Dict[str, dict]:
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             "trainable_share": statistics.fmean(run["trainable_params_mean"] / run["total_params"] for run in final),
             "trainable_params": statistics.fmean(run["trainable_params_mean"] for run in final),
-            "step_time_ratio": statistics.fmean(step_ratios) if step_ratios else None,
+            "step_time_ratio": statistics.median(step_ratios) if step_ratios else None,
             "step_time_ratio_range": (min(step_ratios), max(step_ratios)) if step_ratios else None,
+            "step_time_source": "runs",
             "peak_memory_ratio": (statistics.fmean(run["peak_training_bytes"] for run in final) / full_peak
                                   if full_peak else None),
+            "cpu_minutes_per_run": statistics.fmean(run["train_cpu_seconds"] for run in final) / 60,
             "cpu_minutes_all_runs": sum(run["train_cpu_seconds"] for run in runs if run["policy"] == name) / 60,
             "lora_rank": final[0].get("lora_rank"),
             "vs_full": paired_difference(final, full_runs) if name != FULL else None,
         }
+        side = turns.get(name)
+        if side and side["rate"] == table[name]["rate"]:
+            table[name].update(step_time_ratio=side["ratio"], step_time_ratio_range=side["range"],
+                               step_time_source="side by side")
     return table
 
 
@@ -175,15 +211,23 @@ def pareto_front(table: Dict[str, dict], cost: str) -> List[str]:
 
 
 def markdown(table: Dict[str, dict], settings: dict) -> str:
+    sources = {row["step_time_source"] for row in table.values()}
+    step_header = {
+        frozenset({"runs"}): "step time vs full (median over seeds; range)",
+        frozenset({"side by side"}): "step time vs full (side by side, whole run; range over its quarters)",
+    }.get(frozenset(sources), "step time vs full (side by side, whole run; range over its quarters; * from the runs: "
+                               "median over seeds, range)")
     lines = [
         "| policy | learning rate | dev accuracy (mean ± std, seeds) | trainable parameters (mean share) | "
-        "vs full, points (seed by seed, 95% interval) | step time vs full (range over seeds) | peak training memory vs full "
-        "| CPU minutes, all runs |",
+        f"vs full, points (seed by seed, 95% interval) | {step_header} | peak training memory vs full "
+        "| training CPU minutes per run (all its runs, sweep included) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(table.items(), key=lambda item: -item[1]["accuracy"]):
         span = row["step_time_ratio_range"]
         step = f"{row['step_time_ratio']:.2f} ({span[0]:.2f}-{span[1]:.2f})" if span else "n/a"
+        if len(sources) > 1 and row["step_time_source"] == "runs":
+            step += " *"
         peak = f"{row['peak_memory_ratio']:.2f}" if row["peak_memory_ratio"] else "n/a"
         label = name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
         versus = row["vs_full"]
@@ -192,7 +236,7 @@ def markdown(table: Dict[str, dict], settings: dict) -> str:
         lines.append(
             f"| {label} | {row['rate']:g} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) "
             f"| {row['trainable_params'] / 1e6:.2f}M ({100 * row['trainable_share']:.1f}%) | {versus} | {step} | {peak} "
-            f"| {row['cpu_minutes_all_runs']:.1f} |"
+            f"| {row['cpu_minutes_per_run']:.1f} ({row['cpu_minutes_all_runs']:.1f}) |"
         )
     return "\n".join(lines)
 
@@ -270,12 +314,31 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
     return path
 
 
-def headline(runs: List[dict], settings: dict) -> str:
+def docs_summary(runs: List[dict], settings: dict, timing: Optional[dict] = None) -> str:
+    """The docs page's block: how far the study is, the table, and the answer as far as the runs carry it."""
+    from quality import POLICIES, plan
+
+    names = list(POLICIES)
+    table = summarise(runs, names, timing)
+    sweep, seeds = plan(runs, names, settings["seeds"])
+    complete = [name for name, row in table.items() if row["seeds"] >= settings["seeds"]]
+    status = (f"Runs finished: {len(runs)}; still to run: {len(sweep)} learning-rate sweep runs and {len(seeds)} seed "
+              f"runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
+              f"{', '.join(complete) or 'none yet'}; with a chosen rate: {len(table)} of {len(names)}; the rest have "
+              "not finished their sweep.")
+    full_steps = [run["train_cpu_seconds"] / run["steps"] for run in runs if run["policy"] == FULL]
+    if full_steps:
+        status += (f" Full fine-tuning's {len(full_steps)} runs took {min(full_steps):.2f} to {max(full_steps):.2f} CPU "
+                   f"seconds per step for the same work: {max(full_steps) / min(full_steps) - 1:.0%} apart, the load alone.")
+    return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table, runs))])
+
+
+def headline(runs: List[dict], settings: dict, timing: Optional[dict] = None) -> str:
     """The short form that the README and the main job's page cite: full fine-tuning, the main job's policy (bottom
     50%), the cheapest policy within 1 point, the step-time Pareto front, and LoRA, as measured over seeds."""
     from quality import POLICIES
 
-    table = summarise(runs, list(POLICIES))
+    table = summarise(runs, list(POLICIES), timing)
     if FULL not in table:
         return "The quality study has no finished full fine-tuning run yet (`python benchmarks/quality.py`)."
     priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
@@ -305,7 +368,7 @@ def headline(runs: List[dict], settings: dict) -> str:
 
 
 def write_report(runs: List[dict], names: List[str], output: Path, settings: dict) -> str:
-    table = summarise(runs, names)
+    table = summarise(runs, names, read_timing(output))
     chart = plot(table, output / "quality.png")
     pending = [name for name in names if name not in table]
     text = "\n".join([

@@ -346,16 +346,16 @@ _BLOCK = re.compile(r"<!-- benchmark (\w+):(\w+)(?: (\w+))? -->\n.*?<!-- /benchm
 def render_block(source: str, kind: str, argument: Optional[str], root: str = RESULTS) -> str:
     if source == "quality":  # the quality study keeps its runs, not a results.json
         from quality import read_runs
-        from quality_report import docs_summary, dropout_pairs, headline
+        from quality_report import docs_summary, dropout_pairs, headline, read_timing
 
         folder = Path(root, DOCS_SOURCES[source])
         runs, settings = read_runs(folder / "runs.jsonl"), json.loads((folder / "settings.json").read_text())
         if kind == "dropout":
             return dropout_pairs(runs, settings)
         if kind == "table":
-            return docs_summary(runs, settings)
+            return docs_summary(runs, settings, read_timing(folder))
         if kind == "headline":
-            return headline(runs, settings)
+            return headline(runs, settings, read_timing(folder))
         raise KeyError(f"unknown quality block kind {kind!r}; valid: table, headline, dropout")
     with open(os.path.join(root, DOCS_SOURCES[source], "results.json")) as handle:
         saved = json.load(handle)
