@@ -351,8 +351,9 @@ def headline(runs: List[dict], settings: dict, timing: Optional[dict] = None) ->
         f"epoch, the whole dev set), each policy at its own learning rate, {settings['seeds']} seeds "
         f"({len(runs)} runs; `python benchmarks/quality.py --report`):",
         "",
-        "| policy | dev accuracy, % (mean ± std, seeds) | vs full, points (95% interval) | step time vs full | "
-        "peak memory vs full |",
+        "| policy | dev accuracy, % (mean ± std, seeds) | vs full, points (95% interval) | step time vs full"
+        + (" (side by side)" if any(table[name]["step_time_source"] == "side by side" for name in shown) else "")
+        + " | peak memory vs full |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name in sorted(shown, key=lambda name: -table[name]["accuracy"]):
