@@ -96,6 +96,7 @@ POLICIES: Dict[str, dict] = {
         "rate_from": "bottom 50%",
     },
 }
+DYNAMIC = ("progressive", "gradual_unfreezing", "lisa", "adaptive")  # strategies whose frozen set moves in a run
 EXTEND = 2  # a best rate at an edge of its grid extends the grid that way, by the grid's own step, up to twice
 QUICK = (FULL, "bottom 50%", "LoRA r=8")
 LORA_TARGETS = ["query", "key", "value", "dense"]  # every linear layer of a BERT layer (and the pooler)
@@ -176,7 +177,8 @@ def _count_lora(model_path: str, num_labels: int, rank: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_trainer(name: str, rate: float, seed: int, train, args, model_path: str, num_labels: int, callbacks, output_dir: str):
+def build_trainer(name: str, rate: float, seed: int, train, args, model_path: str, num_labels: int, callbacks,
+                  output_dir: str, max_steps: int = -1):
     """The policy's model and Trainer for one run: the policy through FreezeCallback, or a peft LoRA model."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
@@ -204,7 +206,7 @@ def build_trainer(name: str, rate: float, seed: int, train, args, model_path: st
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, warmup_steps=0.1,
         weight_decay=0.01, lr_scheduler_type="linear", logging_strategy="no", eval_strategy="no",
         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-        **freeze,
+        max_steps=max_steps, **freeze,
     )
     trainer = Trainer(model=model, args=training, train_dataset=train, data_collator=DataCollatorWithPadding(args.tokenizer),
                       callbacks=callbacks)
@@ -244,7 +246,9 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
 
     Each step is timed in its thread's CPU time with one torch thread, so every policy meets the same load within
     seconds of the others and the ratios to full fine-tuning hold on a busy machine, where runs made one after the
-    other at different times do not. Schedules and adaptive policies are timed over their whole run, as they train.
+    other at different times do not. Schedules and adaptive policies (and full fine-tuning, the yardstick) are
+    timed over their whole run, as they train; a static policy, whose steps all cost the same, over its first
+    ``args.timing_steps`` steps, against full fine-tuning's same steps.
     """
     import shutil
     import threading
@@ -256,10 +260,13 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
     if missing:
         raise SystemExit(f"--timing needs every policy's learning rate; still sweeping: {', '.join(missing)}")
     baton, timers, trainers, errors = Baton(names), {}, {}, {}
+    run_steps = -(-len(data[0]) // args.batch_size) * args.epochs
     for name in names:
         timers[name] = TurnTimer(baton, name, cuda=False)
+        changing = name == FULL or POLICIES[name].get("freeze", {}).get("freeze_strategy") in DYNAMIC
         trainers[name] = build_trainer(name, rates[name], 0, data[0], args, args.model, num_labels, [timers[name]],
-                                       tempfile.mkdtemp(prefix="quality-timing-"))[0]
+                                       tempfile.mkdtemp(prefix="quality-timing-"),
+                                       max_steps=-1 if changing else min(args.timing_steps, run_steps))[0]
 
     def train(name):
         try:
@@ -352,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--report", action="store_true", help="only write the tables and chart from the runs so far")
     parser.add_argument("--timing", action="store_true",
                         help="after the sweeps: time every policy's run side by side, taking turns (timing.json)")
+    parser.add_argument("--timing_steps", type=int, default=60,
+                        help="--timing: steps of a static policy (schedules, adaptive policies and full fine-tuning: the whole run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_samples, args.select_samples, args.epochs, args.seeds = 256, 128, 1, 2
@@ -360,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     runs_file = output / "runs.jsonl"
-    settings = {k: v for k, v in vars(args).items() if k not in ("report", "output", "policies", "quick", "timing")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("report", "output", "policies", "quick", "timing", "timing_steps")}
     settings_file = output / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings and not args.report:
         raise SystemExit(f"{output} holds a study with other settings ({settings_file}); use another --output.")

@@ -34,16 +34,18 @@ def read_timing(folder: Path) -> Optional[dict]:
 
 
 def side_by_side_ratios(timing: Optional[dict]) -> Dict[str, dict]:
-    """From `quality.py --timing`: each policy's mean step time over its whole run / full fine-tuning's, measured
-    taking turns; the range is the ratio in each quarter of the run (a schedule's cost moves between quarters)."""
+    """From `quality.py --timing`: each policy's mean step time / full fine-tuning's over the same steps (its whole
+    run for a schedule or an adaptive policy, the first steps for a static one), measured taking turns; the range is
+    that ratio in each quarter of those steps (a schedule's cost moves between quarters)."""
     if not timing or FULL not in timing["policies"]:
         return {}
     full = timing["policies"][FULL]["step_times"]
     ratios = {}
     for name, measured in timing["policies"].items():
-        times = measured["step_times"]
-        quarters = [_quarter(times, q) / _quarter(full, q) for q in range(4)] if min(len(times), len(full)) >= 4 else []
-        ratios[name] = {"ratio": (sum(times) / len(times)) / (sum(full) / len(full)),
+        times = measured["step_times"][:len(full)]
+        same = full[:len(times)]
+        quarters = [_quarter(times, q) / _quarter(same, q) for q in range(4)] if len(times) >= 4 else []
+        ratios[name] = {"ratio": sum(times) / sum(same), "steps": len(times),
                         "range": (min(quarters), max(quarters)) if quarters else None, "rate": measured["rate"]}
     return ratios
 
