@@ -255,10 +255,12 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
 
     from side_by_side import Baton, TurnTimer
 
+    names = list(dict.fromkeys([FULL, *names]))  # full fine-tuning, the yardstick, takes its turns too
     rates = {name: chosen_rate(runs, name) for name in names}
     missing = [name for name, rate in rates.items() if rate is None]
     if missing:
-        raise SystemExit(f"--timing needs every policy's learning rate; still sweeping: {', '.join(missing)}")
+        raise SystemExit(f"--timing needs every policy's learning rate; still sweeping: {', '.join(missing)} "
+                         "(time the others with --policies, these once their sweeps end)")
     baton, timers, trainers, errors = Baton(names), {}, {}, {}
     run_steps = -(-len(data[0]) // args.batch_size) * args.epochs
     for name in names:
@@ -287,10 +289,10 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     if errors:
         raise SystemExit(f"--timing: {errors}")
-    return {
-        "clock": "thread CPU time, 1 torch thread", "seed": 0, "order": names, "wall_minutes": (time.time() - started) / 60,
-        "policies": {name: {"rate": rates[name], "step_times": timers[name].step_times} for name in names},
-    }
+    full = timers[FULL].step_times
+    return {name: {"rate": rates[name], "step_times": timers[name].step_times, "order": names,
+                   "wall_minutes": (time.time() - started) / 60, **({"full_step_times": full} if name != FULL else {})}
+            for name in names}
 
 
 # -- the study -----------------------------------------------------------------------------------------------------
@@ -394,7 +396,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.timing:
         print(f"timing {len(names)} policies side by side, taking turns step by step (one core, about the sum of "
               "their training times)", flush=True)
-        timing = time_side_by_side(read_runs(runs_file), names, data, args, num_labels)
+        # Each policy keeps full fine-tuning's step times from its own session: timings of several sessions
+        # (--policies) add up in one file, each policy against the yardstick that took turns with it.
+        timing = json.loads((output / "timing.json").read_text()) if (output / "timing.json").exists() else {
+            "clock": "thread CPU time, 1 torch thread", "seed": 0, "policies": {}}
+        timing["policies"].update(time_side_by_side(read_runs(runs_file), names, data, args, num_labels))
         (output / "timing.json").write_text(json.dumps(timing) + "\n")
         print(write_report(read_runs(runs_file), names, output, settings))
         return

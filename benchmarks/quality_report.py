@@ -39,9 +39,9 @@ def side_by_side_ratios(timing: Optional[dict]) -> Dict[str, dict]:
     that ratio in each quarter of those steps (a schedule's cost moves between quarters)."""
     if not timing or FULL not in timing["policies"]:
         return {}
-    full = timing["policies"][FULL]["step_times"]
     ratios = {}
     for name, measured in timing["policies"].items():
+        full = measured.get("full_step_times", timing["policies"][FULL]["step_times"])  # its own session's yardstick
         times = measured["step_times"][:len(full)]
         same = full[:len(times)]
         quarters = [_quarter(times, q) / _quarter(same, q) for q in range(4)] if len(times) >= 4 else []

@@ -107,6 +107,14 @@ def test_the_study_runs_resumes_and_reports_on_a_sentence_pair_task(tmp_path, ti
     assert summary["bottom 50%"]["step_time_source"] == "side by side"
     expected = sum(bottom["step_times"]) / sum(full["step_times"][:4])  # against full fine-tuning's same steps
     assert summary["bottom 50%"]["step_time_ratio"] == pytest.approx(expected)
+    assert bottom["full_step_times"] == full["step_times"]
+
+    # Timing one policy again (another session) keeps the others, each against its own session's full fine-tuning.
+    again = subprocess.run(command[:-2] + ["bottom 50%", "--timing", "--timing_steps", "3"], capture_output=True,
+                           text=True, env=environment, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    retimed = json.loads((output / "timing.json").read_text())["policies"]
+    assert len(retimed["bottom 50%"]["step_times"]) == 3 and retimed["bottom 50%"]["full_step_times"] == retimed["full fine-tuning"]["step_times"]
     assert len((output / "runs.jsonl").read_text().splitlines()) == len(runs)  # timing adds no run to the study
 
     other = subprocess.run(command + ["--max_seq_length", "32"], capture_output=True, text=True, env=environment, timeout=600)
