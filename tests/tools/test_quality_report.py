@@ -45,6 +45,7 @@ def test_a_policy_clearly_below_full_fine_tuning_is_said_to_be_below_it():
     text = " ".join(quality_report.answer(table, runs))
     assert "Below it: bottom 50%." in text
     assert "No policy cheaper than full fine-tuning came within 1 point" in text
+    assert "do not separate from full fine-tuning" not in text
 
 
 def test_a_policy_inside_the_noise_is_not_separated_and_is_the_cheapest_within_one_point():
@@ -52,6 +53,7 @@ def test_a_policy_inside_the_noise_is_not_separated_and_is_the_cheapest_within_o
     table = quality_report.summarise(runs, ["full fine-tuning", "bottom 50%"])
     text = " ".join(quality_report.answer(table, runs))
     assert "Not separated from it by these seeds: bottom 50%." in text
+    assert "Cheapest policy that these seeds do not separate from full fine-tuning (the interval reaches zero): **bottom 50%**" in text
     assert "**bottom 50%**" in text and "at 0.60 of its step time and 0.50 of its peak training memory" in text
     headline = quality_report.headline(runs, SETTINGS)
     assert "| bottom 50% | 84.93 ± 1.25 (3) | -0.07 (-1.34 to +1.21)" in headline
