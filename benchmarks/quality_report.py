@@ -294,7 +294,8 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
                   linewidth=2, label="Pareto front: best accuracy for the cost", zorder=1)
         axis.set_ylim(floor, top)
         axis.set_xlim(*_padded([row[cost] for row in priced.values()]))
-        placed: List[tuple] = []
+        points = {name: axis.transData.transform((priced[name][cost], shown(name))) for name in order}
+        placed: List[tuple] = []  # label boxes drawn so far, in pixels: (left, bottom, right, top)
         for name in order:
             row, clipped = priced[name], 100 * priced[name]["accuracy"] < floor
             colour = "black" if name == FULL else ("tab:purple" if name.startswith("LoRA") else "tab:blue")
@@ -302,13 +303,22 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
             axis.errorbar(row[cost], shown(name), yerr=None if clipped else 100 * row["accuracy_std"], fmt=marker,
                           color=colour, markersize=9 if name in front else 6, capsize=3, zorder=3,
                           markeredgecolor="tab:green" if name in front else colour, markeredgewidth=2 if name in front else 1)
-            x, y = axis.transData.transform((row[cost], shown(name)))
-            # The first of four spots beside the point whose label box (in points) overlaps no label placed before.
-            dx, dy = next(((dx, dy) for dx, dy in ((9, 5), (9, -15), (-21, 5), (-21, -15))
-                           if all(abs(x + dx - px) > 18 or abs(y + dy - py) > 13 for px, py in placed)), (9, 5))
-            placed.append((x + dx, y + dy))
-            axis.annotate(str(number[name]), (row[cost], shown(name)), textcoords="offset pixels", xytext=(dx, dy),
-                          fontsize=9, fontweight="bold" if name in front else "normal", color=colour)
+            x, y = points[name]
+            width = 11 * len(str(number[name]))
+
+            def clear(box, name=name):  # overlaps no label drawn before and no other policy's point
+                left, bottom, right, top = box
+                return (all(right < b[0] or left > b[2] or top < b[1] or bottom > b[3] for b in placed)
+                        and all(not (left - 6 < px < right + 6 and bottom - 6 < py < top + 6)
+                                for other, (px, py) in points.items() if other != name))
+
+            boxes = [(x + dx, y + dy, x + dx + width, y + dy + 14)
+                     for dx, dy in ((9, 4), (9, -18), (-9 - width, 4), (-9 - width, -18), (16, -7), (-16 - width, -7))]
+            box = next((box for box in boxes if clear(box)), boxes[0])
+            placed.append(box)
+            axis.annotate(str(number[name]), (row[cost], shown(name)), textcoords="offset pixels",
+                          xytext=(box[0] - x, box[1] - y), fontsize=9, fontweight="bold" if name in front else "normal",
+                          color=colour)
         axis.set_xlabel(f"{title} ÷ full fine-tuning's")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("dev accuracy, % (mean over seeds; bar: ± one standard deviation)")
