@@ -226,9 +226,9 @@ def markdown(table: Dict[str, dict], settings: dict) -> str:
     sources = {row["step_time_source"] for row in table.values()}
     step_header = {
         frozenset({"runs"}): "step time vs full (median over seeds; range)",
-        frozenset({"side by side"}): "step time vs full (side by side, whole run; range over its quarters)",
-    }.get(frozenset(sources), "step time vs full (side by side, whole run; range over its quarters; * from the runs: "
-                               "median over seeds, range)")
+        frozenset({"side by side"}): "step time vs full (side by side; range over the quarters of the timed steps)",
+    }.get(frozenset(sources), "step time vs full (side by side; range over the quarters of the timed steps; * from "
+                               "the runs: median over seeds, range)")
     lines = [
         "| policy | learning rate | dev accuracy (mean ± std, seeds) | trainable parameters (mean share) | "
         f"vs full, points (seed by seed, 95% interval) | {step_header} | peak training memory vs full "
@@ -344,10 +344,14 @@ def docs_summary(runs: List[dict], settings: dict, timing: Optional[dict] = None
     table = summarise(runs, names, timing)
     sweep, seeds = plan(runs, names, settings["seeds"])
     complete = [name for name, row in table.items() if row["seeds"] >= settings["seeds"]]
-    status = (f"Runs finished: {len(runs)}; still to run: {len(sweep)} learning-rate sweep runs and {len(seeds)} seed "
-              f"runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
-              f"{', '.join(complete) or 'none yet'}; with a chosen rate: {len(table)} of {len(names)}; the rest have "
-              "not finished their sweep.")
+    if not sweep and not seeds:
+        status = (f"All {len(runs)} runs done: every policy's learning-rate sweep, then {settings['seeds']} seeds at "
+                  "its chosen rate.")
+    else:
+        status = (f"Runs finished: {len(runs)}; still to run: {len(sweep)} learning-rate sweep runs and {len(seeds)} "
+                  f"seed runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
+                  f"{_names(complete)}; with a chosen rate: {len(table)} of {len(names)}"
+                  + ("; the rest have not finished their sweep." if len(table) < len(names) else "."))
     full_steps = [run["train_cpu_seconds"] / run["steps"] for run in runs if run["policy"] == FULL]
     if full_steps:
         status += (f" Full fine-tuning's {len(full_steps)} runs took {min(full_steps):.2f} to {max(full_steps):.2f} CPU "
