@@ -177,6 +177,11 @@ def _count_lora(model_path: str, num_labels: int, rank: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _run_steps(examples: int, args) -> int:
+    """Optimizer steps of one run: every epoch's batches, the last one partial."""
+    return -(-examples // args.batch_size) * args.epochs
+
+
 def build_trainer(name: str, rate: float, seed: int, train, args, model_path: str, num_labels: int, callbacks,
                   output_dir: str, max_steps: int = -1):
     """The policy's model and Trainer for one run: the policy through FreezeCallback, or a peft LoRA model."""
@@ -185,7 +190,7 @@ def build_trainer(name: str, rate: float, seed: int, train, args, model_path: st
     from hf_freeze import FreezeCallback, FreezeTrainingArguments
 
     policy = POLICIES[name]
-    steps = -(-len(train) // args.batch_size) * args.epochs
+    steps = _run_steps(len(train), args)
     freeze = dict(policy.get("freeze", {"freeze_strategy": "none"}))
     if "schedule_parts" in policy:
         freeze["freeze_schedule_every"] = max(1, steps // policy["schedule_parts"])
@@ -251,9 +256,8 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
     ``args.timing_steps`` steps, against full fine-tuning's same steps.
     """
     import shutil
-    import threading
 
-    from side_by_side import Baton, TurnTimer
+    from side_by_side import Baton, TurnTimer, take_turns
 
     names = list(dict.fromkeys([FULL, *names]))  # full fine-tuning, the yardstick, takes its turns too
     rates = {name: chosen_rate(runs, name) for name in names}
@@ -261,8 +265,8 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
     if missing:
         raise SystemExit(f"--timing needs every policy's learning rate; still sweeping: {', '.join(missing)} "
                          "(time the others with --policies, these once their sweeps end)")
-    baton, timers, trainers, errors = Baton(names), {}, {}, {}
-    run_steps = -(-len(data[0]) // args.batch_size) * args.epochs
+    baton, timers, trainers = Baton(names), {}, {}
+    run_steps = _run_steps(len(data[0]), args)
     for name in names:
         timers[name] = TurnTimer(baton, name, cuda=False)
         changing = name == FULL or POLICIES[name].get("freeze", {}).get("freeze_strategy") in DYNAMIC
@@ -270,28 +274,15 @@ def time_side_by_side(runs: List[dict], names: List[str], data, args, num_labels
                                        tempfile.mkdtemp(prefix="quality-timing-"),
                                        max_steps=-1 if changing else min(args.timing_steps, run_steps))[0]
 
-    def train(name):
-        try:
-            baton.wait(name)
-            trainers[name].train()
-        except Exception as error:  # reported, not lost in a thread
-            errors[name] = repr(error)
-        finally:
-            baton.leave(name)
-
-    threads = [threading.Thread(target=train, args=(name,), daemon=True) for name in names]
     started = time.time()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = take_turns(baton, trainers)
     for trainer in trainers.values():
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     if errors:
         raise SystemExit(f"--timing: {errors}")
-    full = timers[FULL].step_times
+    full, wall_minutes = timers[FULL].step_times, (time.time() - started) / 60
     return {name: {"rate": rates[name], "step_times": timers[name].step_times, "order": names,
-                   "wall_minutes": (time.time() - started) / 60, **({"full_step_times": full} if name != FULL else {})}
+                   "wall_minutes": wall_minutes, **({"full_step_times": full} if name != FULL else {})}
             for name in names}
 
 

@@ -55,14 +55,19 @@ def _quarter(times: List[float], index: int) -> float:
     return sum(part) / len(part)
 
 
+def _full_step_times(runs: List[dict]) -> List[float]:
+    """Full fine-tuning's CPU seconds per step in each of its runs (its cost does not depend on its learning rate)."""
+    return [run["train_cpu_seconds"] / run["steps"] for run in runs if run["policy"] == FULL]
+
+
 def summarise(runs: List[dict], names: List[str], timing: Optional[dict] = None) -> Dict[str, dict]:
     """Per policy: the chosen rate, dev accuracy over the seeds at that rate, and its cost against full fine-tuning
     (step time from the side-by-side timing where there is one for the policy at its chosen rate)."""
     turns = side_by_side_ratios(timing)
     full_runs = _final_runs(runs, FULL)
-    # Full fine-tuning's step cost does not depend on its learning rate: the median over all its runs (sweep and
-    # seeds, made at different times and loads) is the steadiest yardstick.
-    full_steps = [run["train_cpu_seconds"] / run["steps"] for run in runs if run["policy"] == FULL]
+    # The median over all of full fine-tuning's runs (sweep and seeds, made at different times and loads) is the
+    # steadiest yardstick.
+    full_steps = _full_step_times(runs)
     full_step = statistics.median(full_steps) if full_steps else None
     full_peak = statistics.fmean(run["peak_training_bytes"] for run in full_runs) if full_runs else None
     table = {}
@@ -149,18 +154,37 @@ def _points(difference: Optional[dict]) -> str:
             f"{100 * difference['high']:+.2f}")
 
 
+def _priced(table: Dict[str, dict]) -> Dict[str, dict]:
+    return {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
+
+
+def _within_one_point(table: Dict[str, dict]) -> List[str]:
+    """Policies cheaper in step time than full fine-tuning whose mean accuracy is within 1 point of it, cheapest first."""
+    priced = _priced(table)
+    return sorted((name for name, row in priced.items() if name != FULL and row["step_time_ratio"] < 1
+                   and row["accuracy"] >= table[FULL]["accuracy"] - WITHIN), key=lambda name: priced[name]["step_time_ratio"])
+
+
+def _label(name: str, row: dict) -> str:
+    return name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
+
+
+def _versus_cell(name: str, row: dict, missing: str) -> str:
+    """The seed-by-seed difference from full fine-tuning with its interval, in points, for a table cell."""
+    versus = row["vs_full"]
+    if not versus:
+        return "" if name == FULL else missing
+    return f"{100 * versus['mean']:+.2f} ({100 * versus['low']:+.2f} to {100 * versus['high']:+.2f})"
+
+
 def answer(table: Dict[str, dict], runs: Optional[List[dict]] = None) -> List[str]:
     """'Which should I use?', as far as the numbers carry it."""
     if FULL not in table or len(table) < 2:
         return ["Not enough finished policies to compare yet."]
     full = table[FULL]
     lines = []
-    priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
-    close = sorted(
-        (name for name, row in priced.items() if name != FULL and row["accuracy"] >= full["accuracy"] - WITHIN
-         and row["step_time_ratio"] < 1),
-        key=lambda name: priced[name]["step_time_ratio"],
-    )
+    priced = _priced(table)
+    close = _within_one_point(table)
     if close:
         best = close[0]
         lines.append(
@@ -241,13 +265,9 @@ def markdown(table: Dict[str, dict], settings: dict) -> str:
         if len(sources) > 1 and row["step_time_source"] == "runs":
             step += " *"
         peak = f"{row['peak_memory_ratio']:.2f}" if row["peak_memory_ratio"] else "n/a"
-        label = name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
-        versus = row["vs_full"]
-        versus = (f"{100 * versus['mean']:+.2f} ({100 * versus['low']:+.2f} to {100 * versus['high']:+.2f})"
-                  if versus else ("" if name == FULL else "n/a"))
         lines.append(
-            f"| {label} | {row['rate']:g} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) "
-            f"| {row['trainable_params'] / 1e6:.2f}M ({100 * row['trainable_share']:.1f}%) | {versus} | {step} | {peak} "
+            f"| {_label(name, row)} | {row['rate']:g} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) "
+            f"| {row['trainable_params'] / 1e6:.2f}M ({100 * row['trainable_share']:.1f}%) | {_versus_cell(name, row, 'n/a')} | {step} | {peak} "
             f"| {row['cpu_minutes_per_run']:.1f} ({row['cpu_minutes_all_runs']:.1f}) |"
         )
     return "\n".join(lines)
@@ -322,7 +342,7 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
         axis.set_xlabel(f"{title} ÷ full fine-tuning's")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("dev accuracy, % (mean over seeds; bar: ± one standard deviation)")
-    key = [f"{number[name]:>2}  {name}" + (f" (rank {priced[name]['lora_rank']})" if priced[name]["lora_rank"] else "")
+    key = [f"{number[name]:>2}  {_label(name, priced[name])}"
            + " (below the axis)" * (100 * priced[name]["accuracy"] < floor) + f"\n    {100 * priced[name]['accuracy']:.2f}% "
            f"({priced[name]['seeds']} seed{'s' * (priced[name]['seeds'] > 1)}), "
            f"time {priced[name]['step_time_ratio']:.2f}, memory {priced[name]['peak_memory_ratio']:.2f}" for name in order]
@@ -352,7 +372,7 @@ def docs_summary(runs: List[dict], settings: dict, timing: Optional[dict] = None
                   f"seed runs (`python benchmarks/quality.py` resumes). Policies with all {settings['seeds']} seeds: "
                   f"{_names(complete)}; with a chosen rate: {len(table)} of {len(names)}"
                   + ("; the rest have not finished their sweep." if len(table) < len(names) else "."))
-    full_steps = [run["train_cpu_seconds"] / run["steps"] for run in runs if run["policy"] == FULL]
+    full_steps = _full_step_times(runs)
     if full_steps:
         status += (f" Full fine-tuning's {len(full_steps)} runs took {min(full_steps):.2f} to {max(full_steps):.2f} CPU "
                    f"seconds per step for the same work: {max(full_steps) / min(full_steps) - 1:.0%} apart, the load alone.")
@@ -367,10 +387,8 @@ def headline(runs: List[dict], settings: dict, timing: Optional[dict] = None) ->
     table = summarise(runs, list(POLICIES), timing)
     if FULL not in table:
         return "The quality study has no finished full fine-tuning run yet (`python benchmarks/quality.py`)."
-    priced = {name: row for name, row in table.items() if row["step_time_ratio"] is not None}
-    close = sorted((name for name, row in priced.items() if name != FULL and row["step_time_ratio"] < 1
-                    and row["accuracy"] >= table[FULL]["accuracy"] - WITHIN), key=lambda name: priced[name]["step_time_ratio"])
-    wanted = [FULL, "bottom 50%", *close[:1], *pareto_front(priced, "step_time_ratio"), "LoRA r=8", MATCHED]
+    wanted = [FULL, "bottom 50%", *_within_one_point(table)[:1], *pareto_front(_priced(table), "step_time_ratio"),
+              "LoRA r=8", MATCHED]
     shown = [name for name in dict.fromkeys(wanted) if name in table]
     lines = [
         f"Pretrained MiniLM-L6 on GLUE SST-2 ({settings['train_samples']:,} training sentences, {settings['epochs']} "
@@ -383,13 +401,10 @@ def headline(runs: List[dict], settings: dict, timing: Optional[dict] = None) ->
         "| --- | --- | --- | --- | --- |",
     ]
     for name in sorted(shown, key=lambda name: -table[name]["accuracy"]):
-        row, versus = table[name], table[name]["vs_full"]
-        label = name + (f" (rank {row['lora_rank']})" if row["lora_rank"] else "")
+        row = table[name]
         lines.append(
-            f"| {label} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) | "
-            + (f"{100 * versus['mean']:+.2f} ({100 * versus['low']:+.2f} to {100 * versus['high']:+.2f})" if versus
-               else ("" if name == FULL else "one seed"))
-            + f" | {row['step_time_ratio']:.2f} | {row['peak_memory_ratio']:.2f} |"
+            f"| {_label(name, row)} | {100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f} ({row['seeds']}) | "
+            f"{_versus_cell(name, row, 'one seed')} | {row['step_time_ratio']:.2f} | {row['peak_memory_ratio']:.2f} |"
         )
     return "\n".join(lines)
 

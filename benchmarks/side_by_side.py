@@ -94,6 +94,28 @@ class TurnTimer(TrainerCallback):
         self.baton.leave(self.name)
 
 
+def take_turns(baton: Baton, trainers: dict) -> dict:
+    """Train every trainer (name -> Trainer with a `TurnTimer` of ``baton``) in its own thread, one at a time as the
+    baton passes; returns the error of each training that failed, by name, so that none is lost in a thread."""
+    errors = {}
+
+    def train(name):
+        try:
+            baton.wait(name)
+            trainers[name].train()
+        except Exception as error:
+            errors[name] = repr(error)
+        finally:
+            baton.leave(name)
+
+    threads = [threading.Thread(target=train, args=(name,), daemon=True) for name in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def run_side_by_side(options: dict) -> list:
     """Train every configuration in ``options["configs"]`` of one model and checkpointing mode, taking turns.
 
@@ -122,23 +144,7 @@ def run_side_by_side(options: dict) -> list:
         model.register_forward_hook(timer.forward_ends)
         runs[name] = (trainer, model, layout, timer, args)
 
-    errors = {}
-
-    def train(name):
-        trainer = runs[name][0]
-        try:
-            baton.wait(name)
-            trainer.train()
-        except Exception as error:  # reported as the configuration's result, not lost in a thread
-            errors[name] = repr(error)
-        finally:
-            baton.leave(name)
-
-    threads = [threading.Thread(target=train, args=(name,), daemon=True) for name in runs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = take_turns(baton, {name: run[0] for name, run in runs.items()})
     for name, (trainer, model, layout, timer, args) in runs.items():
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
         if name in errors:
