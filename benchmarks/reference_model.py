@@ -90,7 +90,7 @@ def own_bytes(reference, policy) -> int:
 
 def build_reference(variant: str, policy, device):
     import torch
-    from hf_freeze.integrations.reference import reference_model
+    from hf_freeze.reference import reference_model
 
     try:
         from trl.experimental.utils import create_reference_model
@@ -199,7 +199,7 @@ def measure(args) -> dict:
                 steps[variant].append(clock() - start)
             for variant in order:
                 forwards[variant].append(reference_forward(runs[variant], clock))
-    from hf_freeze.integrations.reference import reference_state
+    from hf_freeze.reference import reference_state
 
     shared = {variant: getattr(reference_state(runs[variant]["reference"]), "shared_forwards", 0)
               for variant in VARIANTS}
@@ -267,7 +267,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     import datasets
 
-    from hf_freeze.logging import get_logger
+    from hf_freeze.logs import get_logger
 
     datasets.disable_progress_bars()
     get_logger("hf_freeze").setLevel("WARNING")  # the reference's one-line summary, four times

@@ -33,7 +33,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from hf_freeze import FreezeArguments, FreezeCallback, LayerFreezer  # noqa: E402
 from hf_freeze.config import parse_args_with_config_file  # noqa: E402
-from hf_freeze.integrations.reference import reference_model, reference_state  # noqa: E402
+from hf_freeze.reference import reference_model, reference_state  # noqa: E402
 
 
 @dataclass

@@ -23,7 +23,7 @@ _EXPORTS = {
     "FreezeDecision": ".policies",
     "FreezeTrainingArguments": ".config",
     "LayerDiscoveryError": ".errors",
-    "LayerFreezer": ".integrations",
+    "LayerFreezer": ".engine",
     "ModelLayout": ".model",
     "SCORES": ".policies",
     "STRATEGIES": ".policies",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "TrainingProgress": ".policies",
     "decide": ".policies",
     "discover_layout": ".model",
-    "reference_model": ".integrations.reference",
+    "reference_model": ".reference",
     "register_score": ".policies",
     "register_strategy": ".policies",
 }

@@ -259,7 +259,7 @@ def _outcome(options, max_steps, model_kwargs, caplog):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_bad_input_is_refused_or_warned_and_validate_agrees(case, caplog, monkeypatch):
-    monkeypatch.setattr(sys.modules["hf_freeze.integrations.freezer"], "is_main_process", lambda: True)
+    monkeypatch.setattr(sys.modules["hf_freeze.engine.freezer"], "is_main_process", lambda: True)
     options, expected, detail, max_steps, model_kwargs = CASES[case]
     outcome, info = _outcome(options, max_steps, dict(model_kwargs), caplog)
     assert outcome == expected, (case, outcome, info)

@@ -10,8 +10,16 @@ from typing import Dict, List, Set
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_freeze"
 
 # Stages in dependency order: a module may import from its own stage and the ones before it. The modules at the
-# top of the package (errors, registry, logging, processes) are shared by every stage and import none of them.
-STAGES = ["shared", "model", "policies", "config", "scores", "apply", "report", "integrations", "tools"]
+# top of the package (errors, registry, logs, processes, add_on) are shared by every stage and import none of them.
+# The rooms of add-on capabilities (the loss lever, the frozen-prefix cache, the reference model) sit among them:
+# the engine runs the first two, the reference model uses the backend detection of the integrations.
+STAGES = [
+    "shared", "model", "policies", "config", "scores", "apply", "loss", "prefix_cache", "report", "engine",
+    "integrations", "reference", "tools",
+]
+ROOMS = {"loss", "prefix_cache", "reference"}
+# Where the core reaches a room: the engine's list of add-ons (their registration) and the command-line tools.
+ROOM_DOORS = {"hf_freeze.engine.addons", "hf_freeze.tools"}
 ENTRY_POINTS = {"hf_freeze", "hf_freeze.__main__"}  # the package's front door re-exports from every stage
 
 
@@ -60,6 +68,20 @@ def test_no_module_imports_from_a_later_stage():
     assert not upward, "\n".join(sorted(upward))
 
 
+def test_a_room_is_entered_only_through_its_registration():
+    """Removing an add-on is deleting its folder and its registration: no other room and no core module but the
+    registration (and the tools) imports it."""
+    stray = []
+    for module, targets in _imports().items():
+        if module in ENTRY_POINTS or module.startswith(tuple(door for door in ROOM_DOORS)):
+            continue
+        for target in targets:
+            room = _stage(target)
+            if room in ROOMS and _stage(module) != room:
+                stray.append(f"{module} imports {target}")
+    assert not stray, "\n".join(sorted(stray))
+
+
 def test_policies_never_import_torch_or_the_configuration():
     for path in (PACKAGE / "policies").glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -99,7 +121,7 @@ def test_every_stage_is_a_folder_and_the_top_holds_only_shared_modules():
     folders = sorted(path.name for path in PACKAGE.iterdir() if path.is_dir() and not path.name.startswith("__"))
     assert folders == sorted(STAGES[1:])
     top = sorted(path.stem for path in PACKAGE.glob("*.py"))
-    assert top == ["__init__", "__main__", "errors", "logging", "processes", "registry"]
+    assert top == ["__init__", "__main__", "add_on", "errors", "logs", "processes", "registry"]
 
 
 def test_every_error_about_an_option_names_its_fields():

@@ -1,24 +1,19 @@
 """Application: the one place that changes a model and its optimizer to match a decision (`FreezeApplier`), and
-the hooks that keep a frozen prefix out of the autograd graph under activation checkpointing, and the causal-LM loss
-computed in chunks of tokens."""
+the hooks that keep a frozen prefix out of the autograd graph under activation checkpointing."""
 
 from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
-from .chunked_loss import ChunkedLossHooks, chunked_cross_entropy, chunked_loss_unsupported
 from .frozen_prefix import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
 from .health import FrozenModulesEval, HealthCheck
-from .rows import TrainableRows, merge_rows_file, save_rows_file
+from .trainable_rows import TrainableRows, merge_rows_file, save_rows_file
 
 __all__ = [
     "AppliedChange",
-    "ChunkedLossHooks",
     "FreezeApplier",
     "FrozenModulesEval",
     "FrozenPrefix",
     "FrozenPrefixHooks",
     "HealthCheck",
     "TrainableRows",
-    "chunked_cross_entropy",
-    "chunked_loss_unsupported",
     "frozen_prefix",
     "merge_rows_file",
     "optimizer_state_bytes",

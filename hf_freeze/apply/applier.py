@@ -11,10 +11,9 @@ from torch import nn
 from ..model.discovery import unwrap_model
 from ..model.layout import ROWS_MODULE, ModelLayout
 from ..policies import FreezeDecision
-from .chunked_loss import set_chunked_loss
 from .frozen_prefix import FrozenPrefixHooks
 from .health import FrozenModulesEval
-from .rows import TrainableRows
+from .trainable_rows import TrainableRows
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
 
@@ -68,13 +67,8 @@ class FreezeApplier:
     ```
     """
 
-    def __init__(
-        self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False,
-        chunked_loss: bool = False,
-    ):
+    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False):
         self.model = unwrap_model(model)
-        # The causal-LM loss in chunks of tokens (`freeze_chunked_loss`), whatever is frozen.
-        self.chunked_loss = set_chunked_loss(self.model, chunked_loss)
         # The model's own parameters: the trainable rows hf_freeze adds (`rows`) stand for rows of some of them.
         self.parameters: Dict[str, nn.Parameter] = {
             name: parameter for name, parameter in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")

@@ -7,7 +7,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional
 
 from ..errors import FreezeConfigError
-from ..logging import get_logger
+from ..logs import get_logger
 from ..policies import STRATEGIES
 from ..policies.core import COMMON_OPTIONS
 from .types import unknown_keys

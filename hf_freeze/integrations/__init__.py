@@ -2,6 +2,5 @@
 Trainer (thin glue over it), and the checks against the distributed backend the Trainer wraps the model with."""
 
 from .callback import FreezeCallback
-from .freezer import LayerFreezer
 
 __all__ = ["FreezeCallback", "LayerFreezer"]

@@ -54,6 +54,11 @@ class DistributedSetup:
     def multi_process(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def strict_ddp(self) -> bool:
+        """DDP without ``find_unused_parameters``: a trainable parameter that gets no gradient stops the first step."""
+        return self.backend == DDP and not self.find_unused_parameters
+
     def describe(self) -> str:
         if self.backend == FSDP:
             extra = f", use_orig_params={self.fsdp_use_orig_params}" if self.fsdp_version == 1 else ""

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..add_on import RunContext
 from ..config import FreezeArguments, arguments_from, resolve_arguments
 from ..errors import FreezeConfigError
-from ..logging import follow_training_log_level, get_logger
+from ..logs import follow_training_log_level
 from ..model import unwrap_model
 from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
-from .freezer import LayerFreezer
-from .prefix_cache_setup import CACHE_FOLDER, check_cache_data
+from ..engine import LayerFreezer
 from .support import check_backend, raise_if_changed_after_wrap
-from .backends import DDP
-from .trainer_state import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state
-from .trainer_state import training_input_names
-
-logger = get_logger(__name__)
+from .trainer_events import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state, training_input_names
 
 __all__ = ["FreezeCallback"]
 
@@ -29,14 +24,12 @@ __all__ = ["FreezeCallback"]
 class FreezeCallback(TrainerCallback, ExportableState):
     """Freeze model layers by policy inside a `transformers.Trainer`.
 
-    The policy comes from the constructor (a `FreezeArguments` or `freeze_*` keywords) or, when the constructor
-    gets none, from the `TrainingArguments` when they carry `freeze_*` fields (`FreezeTrainingArguments`).
-
-    A static policy is applied in `on_init_end`, inside `Trainer.__init__`, before the optimizer and DDP see the
-    model, after a check against the backend (DDP, FSDP, DeepSpeed) that refuses what would crash or drift. A
-    schedule or an adaptive policy leaves trainable there everything it may train, then applies each step's frozen
-    set from `on_train_begin` on; checkpoints carry `LayerFreezer.state_dict()`, and the timeline is written to
-    ``args.output_dir`` (``freeze_timeline.json``, ``freeze_timeline.png``).
+    The policy comes from the constructor (a `FreezeArguments` or `freeze_*` keywords), else from `freeze_*` fields
+    of the `TrainingArguments` (`FreezeTrainingArguments`). A static policy is applied in `on_init_end`, inside
+    `Trainer.__init__`, before the optimizer and DDP see the model, after a check against the backend (DDP, FSDP,
+    DeepSpeed). A schedule or an adaptive policy leaves trainable there all it may train, then applies each step's
+    frozen set from `on_train_begin` on; checkpoints carry `LayerFreezer.state_dict()`, and the timeline goes to
+    ``args.output_dir`` (``freeze_timeline.json``, ``freeze_timeline.png``). Every event calls the `LayerFreezer`.
 
     Example:
 
@@ -84,34 +77,20 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self.freezer.skipped:
             return
         progress = progress_of(args, state)
-        options = self.freezer.arguments.freeze_options()
-        saved = saved_callback_state(state, type(self).__name__, options) if progress.step > 0 else None
-        if saved is not None:
-            self.freezer.check_resumable(saved, source="the checkpoint's trainer_state.json")
+        saved = saved_callback_state(state, type(self).__name__, self.freezer.arguments.freeze_options()) if progress.step > 0 else None
         # A checkpoint made without this callback has no entry for it, and the Trainer's save would fail on that.
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
-        if self.freezer.dynamic:  # a fresh start, a second `train()` on this Trainer, or a resumed run
-            change = self.freezer.start(progress, optimizer, saved)
-            self._log(state, self.freezer.describe_update(change, always=True) + self.freezer.report_lines(summary=False))
-        else:
+        if not self.freezer.dynamic:
             raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress), model_init=rebuilt)
-            change = self.freezer.apply(progress, optimizer)
-            if late:
-                self._log(state, self.freezer.report_lines())
-            elif change.changed:
-                self._log(state, [
-                    f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing policy "
-                    "when training began (something changed requires_grad after the Trainer was built); re-applied."
-                ], warning=True)
+        self.freezer.start(progress, optimizer, saved)
         raise_if_ranks_disagree(self.freezer.frozen_names())
-        strict_ddp = self._setup is not None and self._setup.backend == DDP and not self._setup.find_unused_parameters
-        self._log(state, self.freezer.check_inputs(training_input_names(train_dataloader), strict_ddp))
-        if self.freezer.arguments.freeze_cache_prefix:
-            check_cache_data(train_dataloader)
+        strict_ddp = self._setup is not None and self._setup.strict_ddp
+        self.freezer.log(self.freezer.check_inputs(training_input_names(train_dataloader), strict_ddp))
+        self.freezer.check_data(train_dataloader)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self._drives_steps() and self.freezer.dynamic:
-            self._log(state, self.freezer.describe_update(self.freezer.update(progress_of(args, state), optimizer)))
+            self.freezer.log(self.freezer.describe_update(self.freezer.update(progress_of(args, state), optimizer)))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._drives_steps():
@@ -145,30 +124,25 @@ class FreezeCallback(TrainerCallback, ExportableState):
         attributes = {"freezer_state": self.freezer.state_dict()} if self.freezer is not None else {}
         return {"args": arguments.freeze_options(), "attributes": attributes}
 
-    # -- helpers --------------------------------------------------------------------------------------------------
-
     def _set_up(self, args, state, model, late: bool) -> None:
         follow_training_log_level(args)
         if model is None:
             raise FreezeConfigError("FreezeCallback needs the model: the Trainer passes it to its callbacks.")
-        self.freezer = LayerFreezer(model, resolve_arguments(self._given, args))
-        self.freezer.cache_directory = os.path.join(str(args.output_dir), CACHE_FOLDER)
-        self.freezer.cache_tokenizer = self._tokenizer
+        run = RunContext(output_dir=str(args.output_dir), tokenizer=self._tokenizer)
+        self.freezer = LayerFreezer(model, resolve_arguments(self._given, args), run=run)
         if self.freezer.skipped:  # a PEFT adapter decides what trains; the freezer has said so
             return
         decision = self.freezer.decide(progress_of(args, state))
         self._setup = check_backend(args, self.freezer.model, self.freezer.strategy.name, self.freezer.dynamic, decision)
         if self.freezer.dynamic:
-            # Every parameter the schedule may ever train stays trainable until the optimizer and DDP have
-            # registered it; each step's frozen set then applies from on_train_begin on.
+            # Each step's frozen set applies from on_train_begin on, once the optimizer and DDP registered everything.
             self.freezer.prepare()
-            timeline = os.path.join(str(args.output_dir), TIMELINE_JSON)
             wrapper = f" and {self._setup.describe()}" if self._setup.multi_process else ""
-            self._log(state, [f"strategy {self.freezer.strategy.name!r} changes the frozen set during training: all it may "
-                              f"train stays trainable until the optimizer{wrapper} registered it; changes go to {timeline}."])
+            self.freezer.log([f"strategy {self.freezer.strategy.name!r} changes the frozen set during training: all it may train "
+                              f"stays trainable until the optimizer{wrapper} registered it; changes go to {args.output_dir}/{TIMELINE_JSON}."])
         elif not late:  # added late, the model may be wrapped already: on_train_begin checks before applying
             self.freezer.apply(decision=decision)
-            self._log(state, self.freezer.report_lines())
+            self.freezer.log(self.freezer.report_lines())
 
     def _drives_steps(self) -> bool:
         return self.freezer is not None and not self.freezer.skipped
@@ -176,9 +150,3 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def _write_timeline(self, args, state) -> None:
         if self.freezer is not None and state.is_world_process_zero:
             self.freezer.write_timeline(getattr(args, "output_dir", None), end_step=state.global_step)
-
-    @staticmethod
-    def _log(state, lines, warning: bool = False) -> None:
-        if state is None or state.is_world_process_zero:
-            for line in lines:
-                (logger.warning if warning else logger.info)(line)

@@ -24,7 +24,7 @@ from .parts import (
     policy_view,
 )
 from .name_patterns import pattern_rows
-from .rows import ROW_OPTIONS, check_row_options, row_selection
+from .row_selection import ROW_OPTIONS, check_row_options, row_selection
 
 __all__ = [
     "COMMON_OPTIONS",

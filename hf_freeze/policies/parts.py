@@ -7,11 +7,12 @@ from __future__ import annotations
 import re
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..errors import FreezeConfigError, few, invalid, invalid_choice
 from ..model.layout import EMBEDDINGS, LANGUAGE, PROJECTOR, ROUTER, SHARED_EXPERTS, VISION, ModelLayout
 
 __all__ = [
-    "LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "counted_layout", "part_option", "policy_view", "unused_parts",
+    "LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "check_unused_parts", "counted_layout", "part_option", "policy_view",
+    "unused_parts",
 ]
 
 
@@ -267,3 +268,48 @@ def unused_parts(layout: ModelLayout, frozen: Collection[str], input_names: Opti
         if count:
             unused[part] = count
     return unused
+
+
+def check_unused_parts(
+    layout: ModelLayout, frozen: Collection[str], input_names: Optional[Collection[str]], ddp_without_unused_search: bool
+) -> List[str]:
+    """Check a multi-part model's trainable parts against the training data's inputs: on text-only data the encoders
+    and projector train nothing. Under DDP without ``find_unused_parameters`` that would fail at the first step, so
+    it is refused here, naming `freeze_unused_modalities`; otherwise the returned lines say what that option would
+    save.
+
+    Example (`LayerFreezer.check_inputs` runs it on the model's layout):
+
+    ```python
+    >>> from transformers import AutoConfig, AutoModelForImageTextToText
+    >>> from hf_freeze import LayerFreezer
+    >>> config = AutoConfig.for_model("llava", image_token_index=127,
+    ...     text_config=dict(model_type="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    ...                      num_key_value_heads=1, intermediate_size=32, vocab_size=128),
+    ...     vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1,
+    ...                        num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
+    >>> freezer = LayerFreezer(AutoModelForImageTextToText.from_config(config), freeze_strategy="none")
+    >>> freezer.check_inputs(["input_ids", "pixel_values", "labels"])
+    []
+    >>> len(freezer.check_inputs(["input_ids", "labels"]))
+    1
+    ```
+    """
+    unused = unused_parts(layout, frozen, input_names)
+    if not unused:
+        return []
+    what = " and ".join(f"the {part} part ({count:,} trainable parameters)" for part, count in unused.items())
+    if ddp_without_unused_search:
+        raise FreezeConfigError(
+            f"The training data has no image, video or audio input (its inputs: {few(input_names, 6)}), so {what} "
+            "will get no gradients, and DDP without unused-parameter detection stops at the first step waiting for "
+            "them. Set `freeze_unused_modalities: true` to freeze them (the run is otherwise the same), or "
+            "`ddp_find_unused_parameters: true`, or `freeze_unused_modalities: false` if a data collator adds "
+            "the image inputs.",
+            fields=["freeze_unused_modalities"],
+        )
+    return [
+        f"The training data has no image, video or audio input, so {what} train nothing; "
+        "`freeze_unused_modalities: true` would spare their gradients and optimizer states (and DDP's search "
+        "for unused parameters)."
+    ]

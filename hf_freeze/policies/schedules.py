@@ -23,13 +23,16 @@ from a generator seeded by (training seed, period index), never from global rand
 from __future__ import annotations
 
 import math
-import random
 from typing import Dict, List, Optional, Union
 
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
+from .common import bottom_prefix, require_layers, resolve_count
 from .core import Selection, Strategy, TrainingProgress, register_strategy
-from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
+from .progress import SCHEDULE_UNITS, check_schedule_options, elapsed_units, schedule_every, schedule_period, schedule_unit
+from .progress import training_fraction
+from .rotation import BLOCK_ORDERS, active_block, badam_selection, badam_switches, check_active_layers, check_badam
+from .rotation import lisa_layers, lisa_selection
 
 __all__ = [
     "BLOCK_ORDERS",
@@ -48,61 +51,10 @@ __all__ = [
     "schedule_unit",
     "still_frozen_count",
 ]
-
-SCHEDULE_UNITS = ("step", "epoch")
 # What 'progressive' counts: hf_freeze's layers, or Composer's leaf modules.
 GRANULARITIES = ("layer", "module")
-BLOCK_ORDERS = ("ascending", "descending", "random", "fixed")
-_DEFAULT_UNIT = {"gradual_unfreezing": "epoch"}
-_DEFAULT_EVERY = {"gradual_unfreezing": 1, "lisa": 20, "badam": 50}
 # Lightning's default `lambda_func` (`multiplicative`) doubles the backbone's rate every epoch.
 DEFAULT_LR_GROWTH = 2.0
-# `state.epoch` is a float sum of per-step fractions: an epoch boundary can land a hair below the integer.
-_EPOCH_TOLERANCE = 1e-6
-
-
-# -- progress ------------------------------------------------------------------------------------------------------
-
-
-def schedule_unit(options) -> str:
-    return options.freeze_schedule_unit or _DEFAULT_UNIT.get(options.freeze_strategy, "step")
-
-
-def schedule_every(options) -> int:
-    return options.freeze_schedule_every or _DEFAULT_EVERY.get(options.freeze_strategy, 1)
-
-
-def elapsed_units(options, progress: TrainingProgress) -> int:
-    """Whole units done: optimizer steps, or completed epochs."""
-    if schedule_unit(options) == "epoch":
-        return int(math.floor(progress.epoch + _EPOCH_TOLERANCE))
-    return progress.step
-
-
-def _period(options, progress: TrainingProgress) -> int:
-    return elapsed_units(options, progress) // schedule_every(options)
-
-
-def _fraction(options, progress: TrainingProgress) -> float:
-    """Fraction of training done, in whole units (0 when the length of training is unknown)."""
-    if schedule_unit(options) == "epoch":
-        return elapsed_units(options, progress) / progress.num_epochs if progress.num_epochs else 0.0
-    return progress.step / progress.max_steps if progress.max_steps else 0.0
-
-
-def _rng(name: str, seed: int, index: int) -> random.Random:
-    # A string seed is hashed with SHA-512 by `random`, identically in every process and Python run.
-    return random.Random(f"hf_freeze.{name}:{seed}:{index}")
-
-
-# -- shared pieces -------------------------------------------------------------------------------------------------
-
-
-def _check_common(options) -> None:
-    if options.freeze_schedule_unit is not None and options.freeze_schedule_unit not in SCHEDULE_UNITS:
-        raise invalid_choice("freeze_schedule_unit", options.freeze_schedule_unit, SCHEDULE_UNITS)
-    if options.freeze_schedule_every is not None and options.freeze_schedule_every < 1:
-        raise invalid("freeze_schedule_every", options.freeze_schedule_every, "an integer >= 1")
 
 
 # -- explicit stages ------------------------------------------------------------------------------------------------
@@ -155,7 +107,7 @@ def stage_frozen_count(options, progress: TrainingProgress, num_layers: int) -> 
 
 
 def _check_staged(options) -> None:
-    _check_common(options)
+    check_schedule_options(options)
     if options.freeze_stages is None:
         raise invalid("freeze_stages", None, f"set for 'staged': {_STAGES_EXPECT}")
 
@@ -178,7 +130,7 @@ def progressive_frozen_count(options, progress: TrainingProgress, num_layers: in
     """
     start = 0.5 if options.freeze_start is None else options.freeze_start
     level = 1.0 if options.freeze_level is None else options.freeze_level
-    fraction = _fraction(options, progress)
+    fraction = training_fraction(options, progress)
     if fraction <= start:
         return 0
     elapsed = min(1.0, (fraction - start) / (1.0 - start))
@@ -186,7 +138,7 @@ def progressive_frozen_count(options, progress: TrainingProgress, num_layers: in
 
 
 def _check_progressive(options) -> None:
-    _check_common(options)
+    check_schedule_options(options)
     if options.freeze_granularity is not None and options.freeze_granularity not in GRANULARITIES:
         raise invalid_choice("freeze_granularity", options.freeze_granularity, GRANULARITIES)
     if options.freeze_start is not None and not 0.0 <= options.freeze_start < 1.0:
@@ -236,7 +188,7 @@ def still_frozen_count(options, events: int, initially_frozen: int) -> int:
 
 
 def _check_gradual(options) -> None:
-    _check_common(options)
+    check_schedule_options(options)
     value = options.freeze_layers
     if value is not None and (value < 0 or (isinstance(value, float) and not value < 1)):
         raise invalid("freeze_layers", value, "layers frozen at the start: a count >= 0 or a fraction in (0, 1)")
@@ -258,7 +210,7 @@ def _check_gradual(options) -> None:
 
 def _gradual(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "gradual_unfreezing")
-    frozen = still_frozen_count(options, _period(options, progress), _initially_frozen(options, total))
+    frozen = still_frozen_count(options, schedule_period(options, progress), _initially_frozen(options, total))
     return bottom_prefix(layout, options, range(frozen)), []
 
 
@@ -276,7 +228,7 @@ def _gradual_factors(layout: ModelLayout, options, progress: TrainingProgress) -
     growth = DEFAULT_LR_GROWTH if options.freeze_unfreeze_lr_growth is None else options.freeze_unfreeze_lr_growth
     every, units = schedule_every(options), elapsed_units(options, progress)
     first_frozen = _initially_frozen(options, layout.num_layers)
-    events = _period(options, progress)
+    events = schedule_period(options, progress)
     last_useful = math.ceil(first_frozen / (options.freeze_unfreeze_layers or 1))  # later events unfreeze nothing
     ladder = _growth_ladder(initial, growth)
     # Layers unfrozen `len(ladder)` or more units ago are back at factor 1: only the recent events need a factor.
@@ -304,104 +256,6 @@ def _growth_ladder(initial: float, growth: float) -> List[float]:
     return ladder
 
 
-# -- LISA (LMFlow) -------------------------------------------------------------------------------------------------
-
-
-def lisa_layers(options, progress: TrainingProgress, num_layers: int) -> List[int]:
-    """The layers LISA trains during the current period, drawn from (seed, period index)."""
-    count = options.freeze_active_layers or 2
-    if count > num_layers:
-        raise invalid("freeze_active_layers", count, f"at most the model's {num_layers} layers")
-    return sorted(_rng("lisa", progress.seed, _period(options, progress)).sample(range(num_layers), count))
-
-
-def _check_active(options) -> None:
-    _check_common(options)
-    if options.freeze_active_layers is not None and options.freeze_active_layers < 1:
-        raise invalid("freeze_active_layers", options.freeze_active_layers, "an integer >= 1")
-
-
-def _lisa(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
-    total = require_layers(layout, "lisa")
-    active = set(lisa_layers(options, progress, total))
-    return layer_parameters(layout, set(range(total)) - active), []
-
-
-# -- BAdam (block coordinate descent over layers) -------------------------------------------------------------------
-
-
-def badam_switches(options, progress: TrainingProgress) -> int:
-    """How many times BAdam's `BlockOptimizer` has switched blocks after `elapsed_units` steps.
-
-    BAdam counts its steps from 1 and switches after a step when (steps + 1) is a multiple of the interval, so the
-    first block trains one step fewer than the others: with an interval of 3 the blocks go 0, 0, 1, 1, 1, 2, ...
-    With an interval of 1 it switches after every step.
-    """
-    every, units = schedule_every(options), elapsed_units(options, progress)
-    return (units + 1) // every - (1 if every == 1 else 0)
-
-
-def active_block(options, progress: TrainingProgress, num_layers: int) -> List[int]:
-    """The layers of the block BAdam trains during the current period.
-
-    Blocks are runs of `freeze_active_layers` consecutive layers. The first block is `freeze_start_block` (BAdam's
-    `start_block`; default the first block, the last for 'descending'); 'ascending' and 'descending' then step
-    through the blocks cyclically, 'fixed' stays on the start block, and 'random' visits every block once per pass,
-    in a new permutation each pass (drawn from (seed, pass index)), as BAdam's random switch mode does.
-    """
-    size = options.freeze_active_layers or 1
-    if size > num_layers:
-        raise invalid("freeze_active_layers", size, f"at most the model's {num_layers} layers")
-    blocks = [list(range(first, min(first + size, num_layers))) for first in range(0, num_layers, size)]
-    start = options.freeze_start_block
-    if start is not None and start >= len(blocks):
-        raise invalid(
-            "freeze_start_block", start,
-            f"a block index below {len(blocks)}: this model's {num_layers} layers make {len(blocks)} block(s) of "
-            f"`freeze_active_layers` {size}",
-        )
-    switches = badam_switches(options, progress)
-    mode = options.freeze_block_order or "ascending"
-    if mode == "fixed":
-        return blocks[start]
-    if mode == "descending":
-        return blocks[((len(blocks) - 1 if start is None else start) - switches) % len(blocks)]
-    if mode == "random":
-        passes, position = divmod(switches, len(blocks))
-        order = list(range(len(blocks)))
-        _rng("badam", progress.seed, passes).shuffle(order)
-        return blocks[order[position]]
-    return blocks[((start or 0) + switches) % len(blocks)]
-
-
-def _check_badam(options) -> None:
-    _check_active(options)
-    order, start = options.freeze_block_order, options.freeze_start_block
-    if order is not None and order not in BLOCK_ORDERS:
-        raise invalid_choice("freeze_block_order", order, BLOCK_ORDERS)
-    if start is not None and start < 0:
-        raise invalid("freeze_start_block", start, "a block index >= 0 (0 is the block nearest the input)")
-    if order == "fixed" and start is None:
-        raise FreezeConfigError(
-            "`freeze_block_order` 'fixed' trains one block for the whole run and needs `freeze_start_block` to say "
-            "which (BAdam's `start_block`). Set `freeze_start_block`, or choose another order.",
-            fields=["freeze_block_order", "freeze_start_block"],
-        )
-    if order == "random" and start is not None:
-        raise FreezeConfigError(
-            f"`freeze_start_block` ({start!r}) cannot be used with `freeze_block_order` 'random': each pass is a "
-            "permutation drawn from the training seed (BAdam's BlockOptimizer has no order for it either). Remove "
-            "`freeze_start_block`, or choose 'ascending', 'descending' or 'fixed'.",
-            fields=["freeze_start_block", "freeze_block_order"],
-        )
-
-
-def _badam(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
-    total = require_layers(layout, "badam")
-    active = set(active_block(options, progress, total))
-    return layer_parameters(layout, set(range(total)) - active), []
-
-
 _UNIT_OPTIONS = ("freeze_schedule_unit",)
 _PERIODIC_OPTIONS = ("freeze_schedule_unit", "freeze_schedule_every")
 
@@ -424,7 +278,7 @@ register_strategy(
 )
 register_strategy(
     Strategy(
-        "lisa", _lisa, _PERIODIC_OPTIONS + ("freeze_active_layers",), {}, _check_active, dynamic=True,
+        "lisa", lisa_selection, _PERIODIC_OPTIONS + ("freeze_active_layers",), {}, check_active_layers, dynamic=True,
         description="Train `freeze_active_layers` random layers, redrawn every `freeze_schedule_every` steps (LISA).",
     )
 )
@@ -436,8 +290,8 @@ register_strategy(
 )
 register_strategy(
     Strategy(
-        "badam", _badam, _PERIODIC_OPTIONS + ("freeze_active_layers", "freeze_block_order", "freeze_start_block"),
-        {"freeze_embeddings": True, "freeze_norm": True}, _check_badam, dynamic=True,
+        "badam", badam_selection, _PERIODIC_OPTIONS + ("freeze_active_layers", "freeze_block_order", "freeze_start_block"),
+        {"freeze_embeddings": True, "freeze_norm": True}, check_badam, dynamic=True,
         description="Train one block of layers at a time, switching every `freeze_schedule_every` steps (BAdam).",
     )
 )

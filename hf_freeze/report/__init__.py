@@ -1,5 +1,6 @@
 """Reporting: counts and `freeze/...` metrics, the per-block table, log lines, the timeline record and its chart."""
 
+from .applied import applied_lines, update_lines
 from .chart import plot_timeline
 from .lines import compact_blocks, describe_change, describe_selection, layer_ranges
 from .metrics import (
@@ -19,6 +20,7 @@ __all__ = [
     "TIMELINE_JSON",
     "TIMELINE_PNG",
     "FreezeTimeline",
+    "applied_lines",
     "block_rows",
     "compact_blocks",
     "count_metrics",
@@ -33,4 +35,5 @@ __all__ = [
     "plot_timeline",
     "simulate_timeline",
     "summary_line",
+    "update_lines",
 ]

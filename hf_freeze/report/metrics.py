@@ -7,7 +7,7 @@ from typing import Collection, Dict, List, Mapping, Optional, Sequence
 from torch import nn
 
 from ..model.layout import LAYER, ModelLayout
-from ..policies.rows import trainable_row_elements
+from ..policies.row_selection import trainable_row_elements
 
 __all__ = [
     "block_rows", "count_metrics", "format_block_table", "format_part_lines", "freeze_metrics", "model_metrics",

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..logging import get_logger
+from ..logs import get_logger
 from ..model.layout import ModelLayout
 from ..policies import SCORES, TrainingProgress
 from ..policies.adaptive import adaptive_round, probe_length, score_name

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..config import FreezeTrainingArguments
 from ..errors import FreezeConfigError, invalid, invalid_choice
-from ..logging import get_logger
+from ..logs import get_logger
 from ..model import discover_layout
 from .hpo_space import (
     DEFAULT_FIDELITIES,

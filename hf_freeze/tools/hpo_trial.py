@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 
 from ..errors import invalid_choice
 from ..integrations import FreezeCallback
-from ..logging import get_logger
+from ..logs import get_logger
 
 __all__ = ["format_results"]
 

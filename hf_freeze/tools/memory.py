@@ -25,7 +25,7 @@ from typing import Any, Collection, Dict, Mapping, Optional, Sequence
 
 from ..errors import invalid_choice
 from ..model.layout import LAYER, ModelLayout
-from ..policies.rows import trainable_row_elements
+from ..policies.row_selection import trainable_row_elements
 
 __all__ = [
     "FROZEN_ON_PATH_RATIO",

@@ -179,7 +179,7 @@ def make_plan(
     for key in ("max_steps", "num_epochs"):
         memory.pop(key)
     # Training computes the causal-LM loss in chunks unless `freeze_chunked_loss` is false (or cannot apply).
-    from ..apply.chunked_loss import CHUNK_TOKENS, chunked_loss_unsupported  # torch
+    from ..loss import CHUNK_TOKENS, chunked_loss_unsupported  # torch
 
     chunked = arguments.freeze_chunked_loss is not False and chunked_loss_unsupported(model) is None
     memory["loss_chunk_tokens"] = CHUNK_TOKENS if chunked else None

@@ -30,7 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 import tiny  # noqa: E402
 
 from hf_freeze import LayerFreezer, TrainingProgress  # noqa: E402
-from hf_freeze.integrations.reference import reference_model, reference_state  # noqa: E402
+from hf_freeze.reference import reference_model, reference_state  # noqa: E402
 
 STEPS = 3
 

@@ -41,7 +41,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import hf_freeze  # noqa: E402
 from hf_freeze import FreezeCallback  # noqa: E402
-from hf_freeze.integrations.trainer_state import progress_of  # noqa: E402
+from hf_freeze.integrations.trainer_events import progress_of  # noqa: E402
 
 
 class ReducedBytesMeter(TrainerCallback):

@@ -16,7 +16,7 @@ The reference is an instance of the model's own class whose frozen parameters sh
   duplicate. A reference left behind by a policy move follows at its next forward.
 * **Shared computation** (trlx's ``forward_hydra``): when the reference is called on the inputs the policy has just
   run, the output of the frozen prefix is taken from the policy's forward instead of recomputed, where that is exact
-  (`hf_freeze.integrations.reference_sharing` gives the conditions, checked on every call); otherwise the reference
+  (`hf_freeze.reference.sharing` gives the conditions, checked on every call); otherwise the reference
   runs its full forward (``reference_state(reference).last_fallback`` says why).
 
 Refused, with the reason: PEFT models (their reference is the base model with the adapter off), parameters sharded
@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from ..errors import FreezeConfigError
-from ..logging import get_logger
+from ..logs import get_logger
 from ..model import peft_adapter_reason, unwrap_model
 from ..processes import is_main_process
-from .backends import DEEPSPEED, FSDP, detect_setup
-from .reference_hooks import SharedPair, WeakHook, remove_all
-from .reference_hooks import _inert_hook  # noqa: F401  pickles of a policy made before the split name it here
-from .reference_sharing import SharedComputation
+from ..integrations.backends import DEEPSPEED, FSDP, detect_setup
+from .hooks import SharedPair, WeakHook, remove_all
+from .hooks import _inert_hook  # noqa: F401  pickles of a policy made before the split name it here
+from .sharing import SharedComputation
 
 __all__ = ["ReferenceMemory", "ReferenceState", "reference_model", "reference_state"]
 
@@ -203,7 +203,7 @@ def reference_model(model: nn.Module, *, share_computation: bool = True,
     is an instance of the model's own class with its forward signature, for TRL's ``ref_model=`` or a hand-written
     loop; it is never trainable and stays in eval mode. A parameter unfrozen later (schedules, adaptive policies)
     is copied before its first update; called on the inputs the policy has just run, the reference reuses the
-    policy's output of the shared frozen prefix; `hf_freeze.integrations.reference_sharing` gives the exact
+    policy's output of the shared frozen prefix; `hf_freeze.reference.sharing` gives the exact
     conditions.
 
     Args:
@@ -224,7 +224,7 @@ def reference_model(model: nn.Module, *, share_computation: bool = True,
     >>> import torch
     >>> from transformers import AutoConfig, AutoModelForCausalLM
     >>> from hf_freeze import LayerFreezer
-    >>> from hf_freeze.integrations.reference import reference_model, reference_state
+    >>> from hf_freeze.reference import reference_model, reference_state
     >>> config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
     ...                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
     >>> model = AutoModelForCausalLM.from_config(config)

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..logging import get_logger
+from ..logs import get_logger
 
 __all__ = ["PrefixStore", "fingerprint", "row_keys"]
 

@@ -11,30 +11,28 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..apply import AppliedChange, FreezeApplier, HealthCheck, chunked_loss_unsupported, optimizer_state_bytes
+from ..add_on import RunContext
+from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes, save_rows_file
 from ..config import FreezeArguments, arguments_from
-from ..errors import FreezeConfigError, few
-from ..logging import get_logger
-from ..apply import save_rows_file
+from ..logs import get_logger
 from ..model import discover_layout, loaded_vocabulary_size, peft_adapter_reason, record_vocabulary_size, unwrap_model
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
-from ..policies.parts import counted_layout, unused_parts
+from ..policies.parts import check_unused_parts, counted_layout
 from ..policies.simulate import check_against_layout, describe_inaction
-from ..processes import is_main_process, rank_and_world
-from ..report import FreezeTimeline, describe_change, describe_selection, format_block_table, format_part_lines
-from ..report import freeze_metrics
-from ..report import model_metrics, summary_line
+from ..processes import is_main_process
+from ..report import FreezeTimeline, applied_lines, format_block_table, freeze_metrics, model_metrics, summary_line
+from ..report import update_lines
 from ..scores import LayerProbe
-from .prefix_cache_setup import build_prefix_cache, cache_prefix
-from .saved_state import check_registered, check_shape
+from .addons import ADD_ONS
+from .resume import ResumableFreezer
 
 __all__ = ["LayerFreezer"]
 
 logger = get_logger(__name__)
 
 
-class LayerFreezer:
+class LayerFreezer(ResumableFreezer):
     """Discover a model's blocks, decide what to freeze, apply it, report it: usable from any training loop.
 
     The options are checked once, here: a value the model cannot honour (a count above its number of layers, a
@@ -49,6 +47,7 @@ class LayerFreezer:
     Args:
         model: The model to freeze (wrappers such as DDP are looked through).
         arguments: A `FreezeArguments`; or pass the `freeze_*` options as keywords.
+        run: Where the run writes and its tokenizer (`hf_freeze.add_on.RunContext`), for the add-ons that use them.
 
     Example:
 
@@ -64,7 +63,10 @@ class LayerFreezer:
     ```
     """
 
-    def __init__(self, model: nn.Module, arguments: Optional[FreezeArguments] = None, **options: Any):
+    def __init__(
+        self, model: nn.Module, arguments: Optional[FreezeArguments] = None, *, run: Optional[RunContext] = None,
+        **options: Any,
+    ):
         self.arguments = arguments_from(arguments, options) or FreezeArguments()
         self.model = unwrap_model(model)
         self.peft_reason = peft_adapter_reason(self.model)
@@ -85,9 +87,10 @@ class LayerFreezer:
             if base is not None:
                 record_vocabulary_size(self.model, base)
             self.layout = replace(self.layout, base_vocabulary=base)
-        self.applier = FreezeApplier(
-            self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval), self._wants_chunked_loss()
-        )
+        # Add-ons (the loss lever, the frozen-prefix cache) attach before the applier: their hooks run first.
+        attached = (kind.attach(self.model, self.layout, self.arguments, run or RunContext()) for kind in ADD_ONS)
+        self.add_ons = {add_on.name: add_on for add_on in attached if add_on is not None}
+        self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
             report=lambda message: logger.warning(message) if is_main_process() else None,
@@ -102,38 +105,11 @@ class LayerFreezer:
         self._warned = False
         # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
         self.registered: Optional[List[str]] = None
-        # `freeze_cache_prefix`: the stored frozen-prefix states (built by the first `apply`), where they spill to
-        # disk when `freeze_cache_dir` is unset (the callback sets the output folder), and the tokenizer they follow.
-        self.prefix_cache = None
-        self.cache_directory: Optional[str] = None
-        self.cache_tokenizer: Any = None
         if self.layout is not None:
             self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
             if self.strategy.needs_scores:
                 self.probe = LayerProbe(self.model, self.layout, self.arguments)
-
-    def _wants_chunked_loss(self) -> bool:
-        """`freeze_chunked_loss`: on by default where it computes the model's own loss; asked for elsewhere, refused."""
-        setting = self.arguments.freeze_chunked_loss
-        if setting is False or self.skipped:
-            return False
-        reason = chunked_loss_unsupported(self.model)
-        ranges = self.arguments.freeze_pattern_syntax == "axolotl" and any(
-            "[" in pattern for pattern in self.arguments.freeze_trainable_patterns or ()
-        )
-        if reason is None and (self.arguments.freeze_trainable_tokens is not None or ranges):
-            # Trainable rows of the LM head are put in place by a hook on its forward, which the chunked loss skips.
-            reason = "rows of the LM head train (`freeze_trainable_tokens` or a row range), which it does not compute"
-        if reason is None and self.arguments.freeze_cache_prefix:
-            # Not combined yet: the cache runs the model's prefix inside the model's own forward call.
-            reason = "`freeze_cache_prefix` is on, and the two are not combined"
-        if reason is not None and setting:
-            raise FreezeConfigError(
-                f"`freeze_chunked_loss` is true, but the chunked loss cannot compute this model's loss: {reason}.",
-                field="freeze_chunked_loss", value=setting, hint="Leave it unset or set it to false.",
-            )
-        return reason is None
 
     @property
     def skipped(self) -> bool:
@@ -158,8 +134,8 @@ class LayerFreezer:
         is built; `hf-freeze validate --model` runs the same): values the model cannot honour, a policy that leaves
         nothing to train, and with ``max_steps`` an adaptive probe as long as training."""
         check_against_layout(self.layout, self.arguments, max_steps, self.kept_frozen)
-        if self.arguments.freeze_cache_prefix:
-            cache_prefix(self.layout, self.decide().frozen, self.arguments.freeze_strategy)
+        for add_on in self.add_ons.values():
+            add_on.check(self.layout, self.decide().frozen)
         if max_steps:
             self.check_training_length(max_steps)
 
@@ -186,31 +162,23 @@ class LayerFreezer:
         change = self.applier.apply(self.decision, optimizer)
         if first and not self.dynamic:  # the parameters an optimizer built now would hold
             self.registered = self._trainable_names()
-        if self.arguments.freeze_cache_prefix:
-            self._follow_prefix()
+        for add_on in self.add_ons.values():
+            add_on.after_apply(self.frozen_names())
         if change.changed or first or not self.health.checks:
             self.health.arm(self.applier.eval_modules.modules if self.applier.eval_modules else ())
         return change
 
-    def _follow_prefix(self) -> None:
-        """Build the frozen-prefix cache, or build it again when the frozen prefix is no longer the one it skips."""
-        prefix = cache_prefix(self.layout, self.frozen_names(), self.arguments.freeze_strategy)
-        if self.prefix_cache is not None and self.prefix_cache.prefix == prefix:
-            return
-        self.close(remove=True)
-        self.prefix_cache = build_prefix_cache(
-            self.model, self.layout, prefix, self.arguments, self.cache_directory, self.cache_tokenizer, *rank_and_world()
-        )
+    @property
+    def prefix_cache(self):
+        """The frozen-prefix cache (`freeze_cache_prefix`), once the policy is applied; else ``None``."""
+        add_on = self.add_ons.get("prefix_cache")
+        return add_on.cache if add_on is not None else None
 
     def close(self, remove: bool = False) -> None:
-        """Delete the frozen-prefix cache's stored states (`freeze_cache_keep` keeps them); ``remove``: also take its
-        hooks off. Call it when training ends; the cache fills again if training goes on."""
-        if self.prefix_cache is None:
-            return
-        self.prefix_cache.close()
-        if remove:
-            self.prefix_cache.remove()
-            self.prefix_cache = None
+        """Training ended: the add-ons let go of what they hold (the frozen-prefix cache deletes its stored states
+        unless `freeze_cache_keep`); ``remove``: also take their hooks off. Training may go on afterwards."""
+        for add_on in self.add_ons.values():
+            add_on.close(remove)
 
     def _trainable_names(self) -> List[str]:
         own = [name for name, parameter in self.applier.parameters.items() if parameter.requires_grad]
@@ -266,59 +234,49 @@ class LayerFreezer:
     def start(
         self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[Dict[str, Any]] = None
     ) -> AppliedChange:
-        """Training begins at `progress`, or resumes there from a saved `state`: forget any earlier run, take over
-        the saved one, refuse a probe as long as training, and apply the frozen set in full."""
+        """Training begins at `progress`, or resumes there from a saved `state`: refuse a state this run cannot
+        resume, forget any earlier run, take over the saved one, refuse a probe as long as training, apply the
+        frozen set in full, and log it (a static policy's report only when it is first applied now)."""
         if not self.dynamic:
-            return self.apply(progress, optimizer)
+            first = self.decision is None
+            if state is not None:
+                self.check_resumable(state)
+            change = self.apply(progress, optimizer)
+            if first:
+                self.log(self.report_lines())
+            elif change.changed:
+                self.log([f"{len(change.frozen) + len(change.unfrozen)} parameters no longer matched the freezing "
+                          "policy when training began (something changed requires_grad after the Trainer was built); "
+                          "re-applied."], warning=True)
+            return change
         self.restart()
         if state is not None:
             self.load_state_dict(state, step=progress.step)
         self.check_training_length(progress.max_steps)
-        return self.update(progress, optimizer)
+        change = self.update(progress, optimizer)
+        self.log(self.describe_update(change, always=True) + self.report_lines(summary=False))
+        return change
+
+    @staticmethod
+    def log(lines: List[str], warning: bool = False) -> None:
+        """Log ``lines`` on the main process, one message each."""
+        if is_main_process():
+            for line in lines:
+                (logger.warning if warning else logger.info)(line)
 
     def check_inputs(self, input_names: Optional[List[str]], ddp_without_unused_search: bool = False) -> List[str]:
         """Check a multi-part model's trainable parts against the training data's inputs (its column names, or the
-        keys of its first example; ``None`` when unknown): on text-only data, the encoders and projector train
-        nothing. Under DDP without ``find_unused_parameters`` that would fail at the first step, so it is refused
-        here, naming `freeze_unused_modalities`; otherwise the returned lines say what that option would save.
-
-        Example:
-
-        ```python
-        >>> from transformers import AutoConfig, AutoModelForImageTextToText
-        >>> from hf_freeze import LayerFreezer
-        >>> config = AutoConfig.for_model("llava", image_token_index=127,
-        ...     text_config=dict(model_type="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        ...                      num_key_value_heads=1, intermediate_size=32, vocab_size=128),
-        ...     vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1,
-        ...                        num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
-        >>> freezer = LayerFreezer(AutoModelForImageTextToText.from_config(config), freeze_strategy="none")
-        >>> freezer.check_inputs(["input_ids", "pixel_values", "labels"])
-        []
-        >>> len(freezer.check_inputs(["input_ids", "labels"]))
-        1
-        ```
-        """
+        keys of its first example; ``None`` when unknown): see `hf_freeze.policies.parts.check_unused_parts`. Under
+        `freeze_unused_modalities` (either value) there is nothing to check."""
         if self.layout is None or self.arguments.freeze_unused_modalities is not None:
             return []
-        unused = unused_parts(self.layout, self.frozen_names(), input_names)
-        if not unused:
-            return []
-        what = " and ".join(f"the {part} part ({count:,} trainable parameters)" for part, count in unused.items())
-        if ddp_without_unused_search:
-            raise FreezeConfigError(
-                f"The training data has no image, video or audio input (its inputs: {few(input_names, 6)}), so {what} "
-                "will get no gradients, and DDP without unused-parameter detection stops at the first step waiting for "
-                "them. Set `freeze_unused_modalities: true` to freeze them (the run is otherwise the same), or "
-                "`ddp_find_unused_parameters: true`, or `freeze_unused_modalities: false` if a data collator adds "
-                "the image inputs.",
-                fields=["freeze_unused_modalities"],
-            )
-        return [
-            f"The training data has no image, video or audio input, so {what} train nothing; "
-            "`freeze_unused_modalities: true` would spare their gradients and optimizer states (and DDP's search "
-            "for unused parameters)."
-        ]
+        return check_unused_parts(self.layout, self.frozen_names(), input_names, ddp_without_unused_search)
+
+    def check_data(self, dataloader: Any) -> None:
+        """Refuse, before the first step, training data an add-on cannot serve (the frozen-prefix cache: a stream,
+        a collator that masks at random)."""
+        for add_on in self.add_ons.values():
+            add_on.check_data(dataloader)
 
     def check_training_length(self, max_steps: int) -> None:
         """Refuse, before the first step, an adaptive probe that would last as long as training."""
@@ -349,63 +307,6 @@ class LayerFreezer:
         self.applier.end_scaled_step()
         self.health.after_optimizer_step()
 
-    # -- state that survives a restart ----------------------------------------------------------------------------
-
-    def state_dict(self) -> Dict[str, Any]:
-        """JSON-safe state: the options, the timeline so far, an adaptive policy's scores and probe in progress.
-
-        The frozen set itself is not saved: it is a function of the step (and of the saved scores), recomputed by
-        the next `update`.
-        """
-        rows = self.applier.rows.selection()
-        return {
-            "options": self.arguments.freeze_options(),
-            "registered": self.registered,
-            **({"rows": {"base_vocabulary": self.layout.base_vocabulary, "selection": {k: list(v) for k, v in rows.items()}}}
-               if rows else {}),
-            "timeline": self.timeline.state_dict() if self.timeline is not None else None,
-            "probe": self.probe.state_dict() if self.probe is not None else None,
-        }
-
-    def check_resumable(self, state: Dict[str, Any], source: str = "the saved state") -> None:
-        """Refuse, before any optimizer state is loaded, a saved state that is damaged or whose optimizer was built
-        over other parameters than this run's (a policy changed between the runs). Call it after `prepare`."""
-        check_shape(state, source)
-        saved_rows = (state.get("rows") or {}).get("selection") or {}
-        rows = {name: list(indices) for name, indices in self.applier.rows.selection().items()}
-        if self.registered is not None and saved_rows != rows:
-            differ = sorted(name for name in set(saved_rows) | set(rows) if saved_rows.get(name) != rows.get(name))
-            raise FreezeConfigError(
-                f"Cannot resume: {source} trained other rows of {', '.join(differ)} than this run would "
-                f"(the checkpoint's: {_rows_text(saved_rows, differ)}; this run's: {_rows_text(rows, differ)}), so "
-                "the optimizer state of the rows would land on other rows. Give `freeze_trainable_tokens` / "
-                "`freeze_trainable_experts` the checkpoint's rows.",
-                fields=["freeze_trainable_tokens", "freeze_trainable_experts"],
-            )
-        if self.registered is not None:
-            check_registered(state.get("registered"), self.registered, state.get("options"), self.arguments.freeze_options())
-
-    def load_state_dict(self, state: Dict[str, Any], step: Optional[int] = None) -> None:
-        """Take over the state of an interrupted run; the next `update` applies the frozen set in full.
-
-        Load it before the optimizer's state: it refuses an optimizer state that belongs to other parameters.
-
-        Args:
-            state: What `state_dict` returned.
-            step: Where the resumed run starts; records made at or after it are dropped. Default: keep them all.
-        """
-        self.check_resumable(state)
-        if state.get("options") not in (None, self.arguments.freeze_options()) and is_main_process():
-            logger.warning(
-                "The freezing policy differs from the one in the saved state; the frozen set follows the current "
-                "policy" + (f" from step {step} on." if step is not None else ".")
-            )
-        self.restart()
-        if self.timeline is not None and state.get("timeline"):
-            self.timeline.load_state_dict(state["timeline"], step)
-        if self.probe is not None and state.get("probe"):
-            self.probe.load_state_dict(state["probe"], step)
-
     def restart(self) -> None:
         """Forget the run so far (timeline, scores, the applied decision): a second run starts over."""
         self.decision = None
@@ -420,24 +321,17 @@ class LayerFreezer:
         """Write just the trained rows (of `freeze_trainable_tokens`, `freeze_trainable_experts`, axolotl's row
         ranges) with their row indices to a safetensors file; returns its size in bytes. `merge_rows_file` writes
         them into a base model later."""
-        if not self.applier.rows.attachments:
-            raise FreezeConfigError(
-                "There are no trained rows to save: set `freeze_trainable_tokens`, `freeze_trainable_experts` or an "
-                "axolotl row range.", fields=["freeze_trainable_tokens", "freeze_trainable_experts"],
-            )
         return save_rows_file(self.applier.rows, path, {"base_vocabulary": self.layout.base_vocabulary})
 
     def metrics(self) -> Dict[str, float]:
         """`freeze/...` metrics measured on the model itself (its `requires_grad` flags)."""
         if self.layout is None:
             return model_metrics(self.model)
-        metrics = freeze_metrics(self.layout, self.frozen_names(), self._rows())
+        metrics = freeze_metrics(self.layout, self.frozen_names(), self.applier.rows.selection())
         if self.applier.rows.attachments:  # what the rows hold (their gradients and optimizer states scale with it)
             metrics["freeze/trainable_row_bytes"] = sum(p.numel() * p.element_size() for p in self.applier.rows.parameters.values())
-        if self.prefix_cache is not None:
-            stats = self.prefix_cache.stats()
-            metrics["freeze/prefix_cache_examples"] = stats["examples"]
-            metrics["freeze/prefix_cache_mib"] = round((stats["memory_bytes"] + stats["disk_bytes"]) / 2**20, 3)
+        for add_on in self.add_ons.values():
+            metrics.update(add_on.metrics())
         if self.probe is not None:
             metrics.update(self.probe.metrics())
         return metrics
@@ -446,35 +340,23 @@ class LayerFreezer:
         return summary_line(self.metrics(), None if self.layout is None else self.layout.num_layers)
 
     def table(self) -> str:
-        return "" if self.layout is None else format_block_table(self.layout, self.frozen_names(), self._rows())
-
-    def _rows(self) -> Dict[str, tuple]:
-        return self.applier.rows.selection()
+        return "" if self.layout is None else format_block_table(self.layout, self.frozen_names(), self.applier.rows.selection())
 
     def report_lines(self, summary: bool = True) -> List[str]:
         """What the user should see once the policy is applied, one log message each: the notes (tied weights,
         weight sharing), the summary line, the per-block table."""
-        notes = list(self.layout.notes if self.layout is not None else ()) + list(self.decision.notes if self.decision else ())
-        summary_lines = [f"strategy {self.arguments.freeze_strategy!r}: {self.summary()}"] if summary else []
-        parts = format_part_lines(self.layout, self.frozen_names()) if self.layout is not None else []
-        return notes + summary_lines + ["\n" + self.table()] + (["by part: " + "; ".join(parts)] if parts else [])
+        return applied_lines(
+            self.layout, self.decision, self.arguments.freeze_strategy, self.frozen_names(), self.applier.rows.selection(),
+            self.metrics() if summary else {}, summary,
+        )
 
     def describe_update(self, change: AppliedChange, always: bool = False) -> List[str]:
         """Log lines for the last `update`: the selection an adaptive probe just made, and the change of the
         frozen set (``always``: the current frozen set even when it did not change)."""
-        lines = []
-        if self.probe is not None and self.probe.last_selection is not None:
-            lines.append(describe_selection(self.timeline.selections[-1], self.layout, self.probe))
-        changes = self.timeline.changes if self.timeline is not None else []
-        if (change.changed or always) and changes:
-            lines.append(describe_change(changes[-1], changes[-2] if len(changes) > 1 else None, self.layout))
-        return lines
+        return update_lines(self.layout, self.timeline, self.probe, change.changed or always)
 
     def write_timeline(self, output_dir: str, end_step: Optional[int] = None) -> None:
         """Write ``freeze_timeline.json`` (and ``.png`` with matplotlib) when the frozen set changes in training."""
         if self.dynamic and output_dir:
             self.timeline.write(output_dir, end_step=end_step)
 
-
-def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
-    return "; ".join(f"{name} {few([str(r) for r in rows[name]], 5) if name in rows else 'none'}" for name in names)

@@ -9,7 +9,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from hf_freeze import FreezeCallback, FreezeConfigError, LayerFreezer
-from hf_freeze.apply.prefix_store import META_FILE, STATES_FILE
+from hf_freeze.prefix_cache.store import META_FILE, STATES_FILE
 
 from prefix_cache_data import VariableLengthData, pad_right
 from tiny import build, snapshot, trainer_for, training_kwargs

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from hf_freeze import FreezeCallback, FreezeConfigError, LayerFreezer, TrainingProgress
-from hf_freeze.integrations.reference import reference_model, reference_state
+from hf_freeze.reference import reference_model, reference_state
 
 from tiny import build, trainer_for, training_kwargs
 

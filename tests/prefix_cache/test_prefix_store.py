@@ -3,7 +3,7 @@ of its content (another tokenization, another mask, another padding on the left)
 
 import torch
 
-from hf_freeze.apply.prefix_store import PrefixStore, row_keys
+from hf_freeze.prefix_cache.store import PrefixStore, row_keys
 
 
 def _keys(input_ids, attention_mask=None, **others):

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..apply import FrozenPrefix, frozen_prefix
-from ..apply.prefix_cache import FrozenPrefixCache
-from ..apply.prefix_store import PrefixStore, fingerprint
+from .cache import FrozenPrefixCache
+from .store import PrefixStore, fingerprint
 from ..errors import FreezeConfigError
 from ..model.layout import ModelLayout
 

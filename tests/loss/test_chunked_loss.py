@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_freeze import FreezeCallback, FreezeConfigError, LayerFreezer
-from hf_freeze.apply import ChunkedLossHooks, chunked_cross_entropy, chunked_loss_unsupported
+from hf_freeze.loss import ChunkedLossHooks, chunked_cross_entropy, chunked_loss_unsupported
 from tiny import TokenClassificationData, build, snapshot, trainer_for, training_kwargs
 
 from transformers import TrainingArguments
@@ -91,13 +91,13 @@ def test_calls_that_need_the_logits_get_them():
 
 
 def test_on_by_default_for_causal_lms_and_refused_where_it_cannot_compute_the_loss():
-    assert LayerFreezer(_model("gpt2-tied"), freeze_strategy="bottom", freeze_layers=2).applier.chunked_loss is not None
+    assert LayerFreezer(_model("gpt2-tied"), freeze_strategy="bottom", freeze_layers=2).add_ons["training_loss"].hooks is not None
     off = LayerFreezer(_model("gpt2-tied"), freeze_strategy="bottom", freeze_layers=2, freeze_chunked_loss=False)
-    assert off.applier.chunked_loss is None
+    assert off.add_ons["training_loss"].hooks is None
     # Gemma 2 soft-caps its logits before the loss: left alone by default, refused when asked for.
     gemma = build("gemma2", head_dim=8)
     assert "final_logit_softcapping" in chunked_loss_unsupported(gemma)
-    assert LayerFreezer(gemma, freeze_strategy="bottom", freeze_layers=2).applier.chunked_loss is None
+    assert LayerFreezer(gemma, freeze_strategy="bottom", freeze_layers=2).add_ons["training_loss"].hooks is None
     with pytest.raises(FreezeConfigError) as error:
         LayerFreezer(build("bert"), freeze_strategy="bottom", freeze_layers=2, freeze_chunked_loss=True)
     assert error.value.fields == ("freeze_chunked_loss",)
@@ -105,8 +105,8 @@ def test_on_by_default_for_causal_lms_and_refused_where_it_cannot_compute_the_lo
 
 def test_one_set_of_hooks_however_many_freezers_and_false_removes_them():
     model = _model("gpt2-tied")
-    first = LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2).applier.chunked_loss
-    assert LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2).applier.chunked_loss is first
+    first = LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2).add_ons["training_loss"].hooks
+    assert LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2).add_ons["training_loss"].hooks is first
     LayerFreezer(model, freeze_strategy="bottom", freeze_layers=2, freeze_chunked_loss=False)
     ids, labels = _batch()
     model.train()
@@ -136,7 +136,7 @@ def test_trainer_run_matches_the_unchunked_loss(tmp_path, name):
         ))
         trainer = trainer_for(model, args, [callback], data=MaskedTokens(causal_lm=True))
         trainer.train()
-        assert (callback.freezer.applier.chunked_loss is not None) == chunked
+        assert (callback.freezer.add_ons["training_loss"].hooks is not None) == chunked
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         runs[chunked] = (losses, snapshot(model))
     (losses, weights), (expected_losses, expected_weights) = runs[True], runs[False]
@@ -152,7 +152,7 @@ def test_trainable_head_rows_turn_the_chunked_loss_off_and_asking_for_both_is_re
     from tiny import build
 
     freezer = LayerFreezer(build("llama"), freeze_strategy="pattern", freeze_patterns=[".*"], freeze_trainable_tokens=[3])
-    assert freezer.applier.chunked_loss is None
+    assert freezer.add_ons["training_loss"].hooks is None
     with pytest.raises(FreezeConfigError) as caught:
         LayerFreezer(build("llama"), freeze_trainable_tokens=[3], freeze_chunked_loss=True)
     assert list(caught.value.fields) == ["freeze_chunked_loss"] and "rows of the LM head" in str(caught.value)
@@ -163,7 +163,7 @@ def test_the_prefix_cache_turns_the_chunked_loss_off_and_asking_for_both_is_refu
     from tiny import build
 
     cached = dict(freeze_strategy="bottom", freeze_layers=2, freeze_cache_prefix=True, freeze_frozen_modules_eval=True)
-    assert LayerFreezer(build("llama"), **cached).applier.chunked_loss is None
+    assert LayerFreezer(build("llama"), **cached).add_ons["training_loss"].hooks is None
     with pytest.raises(FreezeConfigError) as caught:
         LayerFreezer(build("llama"), **cached, freeze_chunked_loss=True)
     assert "freeze_cache_prefix" in str(caught.value)

@@ -287,6 +287,13 @@ def save_rows_file(rows: TrainableRows, path: str, metadata: Optional[Mapping[st
 
     from safetensors.torch import save_file
 
+    from ..errors import FreezeConfigError
+
+    if not rows.attachments:
+        raise FreezeConfigError(
+            "There are no trained rows to save: set `freeze_trainable_tokens`, `freeze_trainable_experts` or an "
+            "axolotl row range.", fields=["freeze_trainable_tokens", "freeze_trainable_experts"],
+        )
     tensors, indices = {}, {}
     for name, attachment in rows.attachments.items():
         tensors[name] = attachment.rows.detach().to("cpu").contiguous()

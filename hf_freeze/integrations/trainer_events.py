@@ -14,7 +14,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import FreezeConfigError
-from ..logging import get_logger
+from ..logs import get_logger
 from ..policies import TrainingProgress
 from ..processes import is_main_process
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from ..errors import FreezeConfigError, few
 from ..model.layout import EMBEDDINGS, ModelLayout
-from .frozen_prefix import FrozenPrefix
-from .prefix_store import PrefixStore, row_keys
+from ..apply.frozen_prefix import FrozenPrefix
+from .store import PrefixStore, row_keys
 
 __all__ = ["FrozenPrefixCache"]
 

@@ -67,7 +67,7 @@ def row_selection(layout: ModelLayout, options: Any, pattern_rows: Optional[RowM
     ```python
     >>> from types import SimpleNamespace
     >>> from hf_freeze import Block, ModelLayout
-    >>> from hf_freeze.policies.rows import row_selection
+    >>> from hf_freeze.policies.row_selection import row_selection
     >>> layout = ModelLayout((Block("embed", "embeddings", ("embed.weight",), (40,)),),
     ...                      input_embedding_parameters=("embed.weight",), row_counts={"embed.weight": 10}, base_vocabulary=8)
     >>> row_selection(layout, SimpleNamespace(freeze_trainable_tokens=["new"], freeze_trainable_experts=None))

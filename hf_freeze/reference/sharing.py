@@ -33,7 +33,7 @@ from torch import nn
 from ..apply.frozen_prefix import frozen_prefix
 from ..errors import LayerDiscoveryError
 from ..model import discover_layout
-from .reference_hooks import SharedPair, WeakHook
+from .hooks import SharedPair, WeakHook
 
 __all__ = ["SharedComputation"]
 

@@ -103,7 +103,7 @@ def chunked_cross_entropy(
 
     ```python
     >>> import torch
-    >>> from hf_freeze.apply.chunked_loss import chunked_cross_entropy
+    >>> from hf_freeze.loss.chunked import chunked_cross_entropy
     >>> hidden, weight = torch.randn(10, 4), torch.randn(7, 4)
     >>> labels = torch.tensor([1, 2, 3, -100, 4, 5, 6, 0, 1, 2])
     >>> full = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels)
@@ -165,7 +165,7 @@ class ChunkedLossHooks:
     ```python
     >>> import torch
     >>> from transformers import AutoConfig, AutoModelForCausalLM
-    >>> from hf_freeze.apply import ChunkedLossHooks
+    >>> from hf_freeze.loss import ChunkedLossHooks
     >>> config = AutoConfig.for_model(
     ...     "llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100)
     >>> model = AutoModelForCausalLM.from_config(config).train()

@@ -1,0 +1,46 @@
+"""The shape of an add-on capability that `LayerFreezer` runs beside the policy (the loss lever, the frozen-prefix
+cache): one room each, attached in the order `hf_freeze.engine.addons.ADD_ONS` lists them. Every method has a
+do-nothing default, so that an add-on says only what it does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Collection, Dict, Optional
+
+__all__ = ["AddOn", "RunContext"]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an add-on may need to know of the run beyond the model and the options.
+
+    Args:
+        output_dir: Where the run writes (the Trainer's ``output_dir``); ``None`` in a plain loop that did not say.
+        tokenizer: The run's tokenizer or processor, when there is one.
+    """
+
+    output_dir: Optional[str] = None
+    tokenizer: Any = None
+
+
+class AddOn:
+    """An add-on: built by ``attach(model, layout, arguments, run)`` (``layout`` is ``None`` when a PEFT adapter
+    decides what trains), then told about each application of the policy."""
+
+    name = "add_on"
+
+    def check(self, layout: Any, frozen: Collection[str]) -> None:
+        """Refuse, when the freezer is built, a policy this add-on cannot serve (``frozen``: its first frozen set)."""
+
+    def after_apply(self, frozen: Collection[str]) -> None:
+        """The frozen set is now ``frozen``."""
+
+    def check_data(self, dataloader: Any) -> None:
+        """Refuse, before the first step, training data this add-on cannot serve."""
+
+    def metrics(self) -> Dict[str, float]:
+        """`freeze/...` metrics of this add-on."""
+        return {}
+
+    def close(self, remove: bool = False) -> None:
+        """Training ended (``remove``: also take any hooks off the model)."""
