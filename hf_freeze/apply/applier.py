@@ -11,6 +11,7 @@ from torch import nn
 from ..model.discovery import unwrap_model
 from ..model.layout import ROWS_MODULE, ModelLayout
 from ..policies import FreezeDecision
+from .frozen_dtype import FrozenWeightsDtype
 from .frozen_prefix import FrozenPrefixHooks
 from .health import FrozenModulesEval
 from .trainable_rows import TrainableRows
@@ -67,8 +68,13 @@ class FreezeApplier:
     ```
     """
 
-    def __init__(self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False):
+    def __init__(
+        self, model: nn.Module, layout: Optional[ModelLayout] = None, frozen_modules_eval: bool = False,
+        frozen_dtype: Optional[torch.dtype] = None, exact_unfreeze: bool = False,
+    ):
         self.model = unwrap_model(model)
+        # Frozen linear weights stored in half precision (`freeze_frozen_dtype`); ``exact_unfreeze`` for schedules.
+        self.frozen_dtype = FrozenWeightsDtype(self.model, frozen_dtype, exact_unfreeze) if frozen_dtype else None
         # The model's own parameters: the trainable rows hf_freeze adds (`rows`) stand for rows of some of them.
         self.parameters: Dict[str, nn.Parameter] = {
             name: parameter for name, parameter in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")
@@ -119,6 +125,8 @@ class FreezeApplier:
         wholly_frozen = [name for name in self.frozen_names() if name not in decision.trainable_rows]
         if self.eval_modules is not None:
             self.eval_modules.update(wholly_frozen)
+        if self.frozen_dtype is not None:
+            self.frozen_dtype.update(wholly_frozen, unfrozen)
         if self.prefix_hooks is not None:
             # Every application, not only changing ones: `Trainer.train()` switches checkpointing on in between.
             self.prefix_hooks.update(self.layout, wholly_frozen)

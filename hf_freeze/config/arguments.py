@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from ..errors import invalid
 from ..model.layout import check_component_paths, refuse_overlapping_paths
@@ -521,6 +521,16 @@ class FreezeArguments:
         metadata=_help(
             "'adaptive': start a new round every N optimizer steps: every layer trains again for a new probe, then "
             "the layers are chosen again from the new scores. Unset: the layers are chosen once."
+        ),
+    )
+    freeze_frozen_dtype: Optional[Literal["bfloat16", "float16", "none"]] = field(
+        default=None,
+        metadata=_help(
+            "Store the weights of frozen linear layers in this dtype under bf16/fp16 mixed precision: autocast casts "
+            "them to it on every forward anyway, so the products are the same and each frozen weight takes 2 bytes "
+            "instead of 4. Norms, embeddings and biases stay as they are. A layer a schedule unfreezes gets its "
+            "float32 weights back exactly; checkpoints are saved in the model's own dtype; outside autocast the "
+            "layer computes in the model's dtype. Unset or 'none': frozen weights keep their dtype."
         ),
     )
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..add_on import RunContext
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes, save_rows_file
+from ..apply.frozen_dtype import frozen_dtype_of
 from ..config import FreezeArguments, arguments_from
 from ..logs import get_logger
 from ..model import discover_layout, loaded_vocabulary_size, peft_adapter_reason, record_vocabulary_size, unwrap_model
@@ -90,7 +91,10 @@ class LayerFreezer(ResumableFreezer):
         # Add-ons (the loss lever, the frozen-prefix cache) attach before the applier: their hooks run first.
         attached = (kind.attach(self.model, self.layout, self.arguments, run or RunContext()) for kind in ADD_ONS)
         self.add_ons = {add_on.name: add_on for add_on in attached if add_on is not None}
-        self.applier = FreezeApplier(self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval))
+        self.applier = FreezeApplier(
+            self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval),
+            frozen_dtype_of(self.arguments.freeze_frozen_dtype) if self.layout is not None else None, self.strategy.dynamic,
+        )
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
             report=lambda message: logger.warning(message) if is_main_process() else None,

@@ -26,7 +26,14 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-__all__ = ["CHUNK_TOKENS", "ChunkedLossHooks", "chunked_cross_entropy", "chunked_loss_unsupported", "set_chunked_loss"]
+from ..logs import get_logger
+from ..processes import is_main_process
+
+__all__ = [
+    "CHUNK_TOKENS", "ChunkedLossHooks", "chunked_cross_entropy", "chunked_loss_unsupported", "fused_loss_owner", "set_chunked_loss",
+]
+
+logger = get_logger(__name__)
 
 # Tokens per chunk: the logits of one chunk are CHUNK_TOKENS × vocabulary floats (128 MiB for Llama-3's 128k
 # vocabulary), large enough that each chunk's matrix products read the head's weights efficiently.
@@ -40,17 +47,22 @@ _INSTALLED = "_hf_freeze_chunked_loss"
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, divisor, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, labels, divisor, chunk_tokens, compute_dtype):
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros_like(bias) if needs_bias else None
+        # The matrix products run in the training's autocast dtype (as the head's own forward would under autocast),
+        # the gradients accumulate in the parameters' dtype.
+        dtype = compute_dtype or hidden.dtype
+        head = weight.to(dtype)
+        head_bias = bias.to(dtype) if bias is not None else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            chunk, target = hidden[rows], labels[rows]
+            chunk, target = hidden[rows].to(dtype), labels[rows]
             # As `ForCausalLMLoss`: logits in the model's precision, the loss in float32.
-            logits = nn.functional.linear(chunk, weight, bias).float()
+            logits = nn.functional.linear(chunk, head, head_bias).float()
             counted = target != IGNORE_INDEX
             safe_target = torch.where(counted, target, 0)
             picked = logits.gather(1, safe_target[:, None]).squeeze(1)
@@ -67,11 +79,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_logits = exponentials.div_(totals[:, None])
             grad_logits.scatter_add_(1, safe_target[:, None], torch.full_like(picked[:, None], -1.0))
             grad_logits.mul_((counted.float() / divisor)[:, None])
-            grad_logits = grad_logits.to(hidden.dtype)
+            grad_logits = grad_logits.to(dtype)
             if needs_hidden:
-                grad_hidden[rows] = grad_logits @ weight
+                grad_hidden[rows] = grad_logits @ head
             if needs_weight:
-                grad_weight.addmm_(grad_logits.t(), chunk)
+                if dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.t(), chunk)
+                else:
+                    grad_weight += grad_logits.t() @ chunk
             if needs_bias:
                 grad_bias += grad_logits.sum(0)
         ctx.gradients = (grad_hidden, grad_weight, grad_bias)  # computed here, scaled in backward
@@ -84,7 +99,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for grad in grads:
             if grad is not None:
                 grad.mul_(grad_loss.to(grad.dtype))
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -94,10 +109,12 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     num_items_in_batch: Optional[Any] = None,
     chunk_tokens: int = CHUNK_TOKENS,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``linear(hidden, weight, bias)`` against ``labels`` (already aligned with ``hidden``;
     ``-100`` is ignored), computed ``chunk_tokens`` rows at a time: the sum divided by ``num_items_in_batch`` when
-    given, else the mean over the counted tokens, as transformers' `fixed_cross_entropy`.
+    given, else the mean over the counted tokens, as transformers' `fixed_cross_entropy`. ``compute_dtype``: the
+    dtype of the matrix products (the training's autocast dtype); default the dtype of ``hidden``.
 
     Example:
 
@@ -117,7 +134,7 @@ def chunked_cross_entropy(
         divisor = (labels != IGNORE_INDEX).sum().float()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
-    return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, divisor, chunk_tokens)
+    return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, divisor, chunk_tokens, compute_dtype)
 
 
 def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
@@ -138,8 +155,30 @@ def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
     return None
 
 
-def set_chunked_loss(model: nn.Module, enabled: bool) -> Optional["ChunkedLossHooks"]:
-    """Install the hooks on ``model`` (once, however many freezers are built on it) or remove them."""
+def fused_loss_owner(model: nn.Module) -> Optional[str]:
+    """The library whose fused loss already computes ``model``'s training loss (Liger-Kernel, as `use_liger_kernel=True`
+    patches the model in `Trainer.train`, or Apple's Cut Cross-Entropy), or None."""
+    for function in (getattr(model.forward, "__func__", model.forward), type(model).forward):
+        module = getattr(function, "__module__", "") or ""
+        if module.startswith("liger_kernel"):
+            return "Liger-Kernel"
+        if module.startswith("cut_cross_entropy"):
+            return "Cut Cross-Entropy"
+    return None
+
+
+def liger_available() -> bool:
+    """Whether Liger-Kernel's fused linear cross entropy can be imported (it needs Triton and a GPU)."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
+    except Exception:  # not installed, or Triton without a GPU: both mean "not here"
+        return False
+    return True
+
+
+def set_chunked_loss(model: nn.Module, enabled: bool, on_accelerator: str = "model") -> Optional["ChunkedLossHooks"]:
+    """Install the hooks on ``model`` (once, however many freezers are built on it; a later freezer's
+    ``on_accelerator`` wins) or remove them."""
     installed = getattr(model, _INSTALLED, None)
     if not enabled:
         if installed is not None:
@@ -147,6 +186,7 @@ def set_chunked_loss(model: nn.Module, enabled: bool) -> Optional["ChunkedLossHo
         return None
     if installed is None:
         installed = ChunkedLossHooks(model)
+    installed.on_accelerator = on_accelerator
     return installed
 
 
@@ -155,10 +195,17 @@ class ChunkedLossHooks:
 
     Training calls (module in training mode, gradients enabled, ``labels`` given as a keyword, a dict-like output)
     return the same loss and gradients as the model's own loss, with ``logits=None``; every other call is untouched.
+    The matrix products run in the autocast dtype of the training (bf16 under ``bf16=True``), as the head would.
+
+    On an accelerator (CUDA) the hand-written chunks are slower than the model's own loss (measured on an H200:
+    docs/performance.md), so ``on_accelerator`` decides there: ``"model"`` leaves the model's own loss alone,
+    ``"liger"`` computes it with Liger-Kernel's fused linear cross entropy (the chunks where Liger is missing). A
+    model whose loss is already fused (`fused_loss_owner`: the Trainer's ``use_liger_kernel=True``) is left alone.
 
     Args:
         model: A transformers causal LM (see `chunked_loss_unsupported`).
         chunk_tokens: Tokens per chunk.
+        on_accelerator: ``"model"`` or ``"liger"``, see above.
 
     Example:
 
@@ -179,12 +226,14 @@ class ChunkedLossHooks:
     ```
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = CHUNK_TOKENS):
+    def __init__(self, model: nn.Module, chunk_tokens: int = CHUNK_TOKENS, on_accelerator: str = "model"):
         reason = chunked_loss_unsupported(model)
         if reason is not None:
             raise ValueError(f"the chunked loss does not apply: {reason}")
         self.model, self.head, self.chunk_tokens = model, model.get_output_embeddings(), chunk_tokens
+        self.on_accelerator = on_accelerator
         self._call: Optional[Dict[str, Any]] = None
+        self._said: set = set()
         self._handles = [
             model.register_forward_pre_hook(self._take_labels, with_kwargs=True),
             self.head.register_forward_pre_hook(self._keep_hidden_states),
@@ -207,19 +256,44 @@ class ChunkedLossHooks:
             or "fused_lm_head" in kwargs  # TRL's own fused head computes the loss and the metrics it needs
         ):
             return None
+        owner = fused_loss_owner(module)
+        if owner is not None:
+            self._say_once(owner, f"hf_freeze: {owner} already computes this model's loss without the full logits; "
+                                  "`freeze_chunked_loss` leaves it alone.")
+            return None
+        liger = False
+        device = _input_device(args, kwargs)
+        if device is not None and device.type != "cpu":
+            if self.on_accelerator == "model":
+                return None  # the model's own loss is the faster one there
+            liger = liger_available()
+            if not liger:
+                self._say_once("no liger", "hf_freeze: `freeze_chunked_loss: true` on a GPU computes the loss with "
+                                           "Liger-Kernel's fused kernel, which is not installed (`pip install "
+                                           "hf_freeze[gpu]`); the slower hand-written chunks stand in.")
         kwargs = dict(kwargs)
         self._call = {
             "labels": kwargs.pop("labels"),
             "num_items_in_batch": kwargs.pop("num_items_in_batch", None),
             "shift_labels": kwargs.pop("shift_labels", None),
+            "liger": liger,
         }
         return args, kwargs
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            if is_main_process():
+                logger.warning(message)
 
     def _keep_hidden_states(self, module, args):
         if self._call is None or "hidden" in self._call:
             return None
         (hidden,) = args
         self._call["hidden"] = hidden
+        # Module hooks on the model run outside the autocast that wraps its forward; this one runs inside it.
+        kind = hidden.device.type
+        self._call["dtype"] = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         return (hidden[..., :0, :],)
 
     def _compute_loss(self, module, args, output):
@@ -231,8 +305,34 @@ class ChunkedLossHooks:
         shifted = call["shift_labels"]
         if shifted is None:  # as `ForCausalLMLoss`: token t predicts label t + 1
             shifted = nn.functional.pad(call["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
-        loss = chunked_cross_entropy(
-            call["hidden"], self.head.weight, self.head.bias, shifted, call["num_items_in_batch"], self.chunk_tokens
-        )
+        if call["liger"]:
+            loss = _liger_loss(call["hidden"], self.head, shifted, call["num_items_in_batch"], call["dtype"])
+        else:
+            loss = chunked_cross_entropy(
+                call["hidden"], self.head.weight, self.head.bias, shifted, call["num_items_in_batch"], self.chunk_tokens,
+                call["dtype"],
+            )
         fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
         return type(output)(loss=loss, logits=None, **fields)
+
+
+def _input_device(args, kwargs) -> Optional[torch.device]:
+    for value in list(kwargs.values()) + list(args):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def _liger_loss(hidden, head: nn.Linear, labels, num_items_in_batch, dtype) -> torch.Tensor:
+    """Transformers' causal-LM loss (labels already shifted) with Liger-Kernel's fused linear cross entropy, its
+    products in the training's autocast dtype."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    dtype = dtype or hidden.dtype
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    labels = labels.reshape(-1).to(hidden.device)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    if num_items_in_batch is None:
+        return liger_fused_linear_cross_entropy(hidden, head.weight.to(dtype), labels, bias, reduction="mean").float()
+    total = liger_fused_linear_cross_entropy(hidden, head.weight.to(dtype), labels, bias, reduction="sum").float()
+    return total / torch.as_tensor(num_items_in_batch, device=total.device).float()

@@ -14,7 +14,8 @@ __all__ = ["TrainingLoss", "wants_chunked_loss"]
 
 
 def wants_chunked_loss(model: nn.Module, arguments: Any) -> bool:
-    """`freeze_chunked_loss`: on by default where it computes the model's own loss; asked for elsewhere, refused."""
+    """`freeze_chunked_loss`: on by default where it computes the model's own loss (on a GPU only when asked for:
+    `ChunkedLossHooks`); asked for where it cannot, refused."""
     setting = arguments.freeze_chunked_loss
     if setting is False:
         return False
@@ -47,4 +48,8 @@ class TrainingLoss(AddOn):
 
     @classmethod
     def attach(cls, model: nn.Module, layout: Any, arguments: Any, run: Any) -> "TrainingLoss":
-        return cls(set_chunked_loss(model, layout is not None and wants_chunked_loss(model, arguments)))
+        # Unset, the lever computes the loss in chunks on the CPU alone (where it measured faster and leaner) and
+        # leaves the model's own loss on a GPU (where the chunks measured slower); asked for, it is Liger-Kernel's
+        # fused kernel on a GPU.
+        enabled = layout is not None and wants_chunked_loss(model, arguments)
+        return cls(set_chunked_loss(model, enabled, "liger" if arguments.freeze_chunked_loss else "model"))

@@ -41,7 +41,7 @@ __all__ = [
 # Options every strategy accepts; the rest belong to the strategies that name them.
 COMMON_OPTIONS = (
     "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
-    "freeze_health_check", "freeze_frozen_modules_eval", "freeze_chunked_loss", "freeze_layer_stack", "freeze_vision_tower",
+    "freeze_health_check", "freeze_frozen_modules_eval", "freeze_chunked_loss", "freeze_frozen_dtype", "freeze_layer_stack", "freeze_vision_tower",
     "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
     "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
     "freeze_cache_prefix", "freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep",
