@@ -87,7 +87,7 @@ def build_trainer(args, callbacks, max_steps: int):
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as transformers_logging
 
-    from hf_freeze import FreezeArguments, FreezeCallback, FreezeConfigError, decide, discover_layout
+    from hf_freeze import FreezeCallback, FreezeConfigError, discover_layout
 
     transformers_logging.disable_progress_bar()
     cuda = _on_gpu(args)
@@ -102,10 +102,7 @@ def build_trainer(args, callbacks, max_steps: int):
     if configuration.freeze:
         callbacks.insert(0, FreezeCallback(**configuration.freeze))
     if configuration.by_hand:
-        # The same parameters as hf_freeze's bottom-50%, frozen the way a user does it by hand.
-        frozen = decide(layout, FreezeArguments(freeze_strategy="bottom", freeze_layers=0.5)).frozen
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name not in frozen)
+        freeze_by_hand(model, layout)
     if configuration.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -133,6 +130,17 @@ def build_trainer(args, callbacks, max_steps: int):
     trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     return trainer, model, layout
+
+
+def freeze_by_hand(model, layout, fraction: float = 0.5) -> set:
+    """Freeze, with `requires_grad_(False)` alone, the parameters hf_freeze's bottom strategy freezes at ``fraction``
+    (the input embeddings and the bottom layers): the way a user does it without hf_freeze. Returns their names."""
+    from hf_freeze import FreezeArguments, decide
+
+    frozen = decide(layout, FreezeArguments(freeze_strategy="bottom", freeze_layers=fraction)).frozen
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
+    return set(frozen)
 
 
 def describe(args, model, layout) -> dict:
