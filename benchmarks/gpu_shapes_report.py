@@ -7,7 +7,7 @@ import os
 from typing import List, Optional
 
 GIB = 2**30
-PLAN_ROWS = [("full", "full fine-tuning (transformers' loss)"), ("bottom50", "bottom 50%, chunked loss (default)"),
+PLAN_ROWS = [("full", "full fine-tuning (transformers' loss)"), ("bottom50", "bottom 50%, `freeze_chunked_loss=True` (the default on CPU)"),
              ("bottom50_unchunked", "bottom 50%, `freeze_chunked_loss=False`")]
 
 

@@ -325,14 +325,16 @@ def _input_device(args, kwargs) -> Optional[torch.device]:
 
 def _liger_loss(hidden, head: nn.Linear, labels, num_items_in_batch, dtype) -> torch.Tensor:
     """Transformers' causal-LM loss (labels already shifted) with Liger-Kernel's fused linear cross entropy, its
-    products in the training's autocast dtype."""
+    operands in the training's autocast dtype. (Handing Liger the float32 weight under autocast instead measured
+    slower on an H200 at the same peak: 0.733 against 0.618 of full fine-tuning's step, bottom 50% + frozen bf16.)"""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     dtype = dtype or hidden.dtype
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     labels = labels.reshape(-1).to(hidden.device)
     bias = head.bias.to(dtype) if head.bias is not None else None
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = liger_fused_linear_cross_entropy(hidden, head.weight.to(dtype), labels, bias, reduction=reduction).float()
     if num_items_in_batch is None:
-        return liger_fused_linear_cross_entropy(hidden, head.weight.to(dtype), labels, bias, reduction="mean").float()
-    total = liger_fused_linear_cross_entropy(hidden, head.weight.to(dtype), labels, bias, reduction="sum").float()
-    return total / torch.as_tensor(num_items_in_batch, device=total.device).float()
+        return loss
+    return loss / torch.as_tensor(num_items_in_batch, device=loss.device).float()
