@@ -81,6 +81,8 @@ def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
     plan.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                       help="; ".join(f"{name}: {item.description}" for name, item in PRECISIONS.items()))
     plan.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="sets the optimizer state size")
+    plan.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                      help="where training runs: unset, `freeze_chunked_loss` is on on the CPU only (default cpu)")
     plan.add_argument("--gradient-checkpointing", action="store_true", help="keep only layer inputs, recompute")
     plan.add_argument("--max-steps", type=int, default=None, help="steps of the run (needed for a schedule's timeline)")
     plan.add_argument("--num-epochs", type=float, default=1.0, help="epochs over --max-steps, for epoch-based schedules")
@@ -218,7 +220,7 @@ def _plan(namespace) -> int:
     model = _meta_model(source, namespace.task, namespace.num_labels)
     plan = make_plan(
         model, arguments, batch_size=namespace.batch_size, sequence_length=namespace.seq_len,
-        precision=namespace.precision, optimizer=namespace.optimizer,
+        precision=namespace.precision, optimizer=namespace.optimizer, device=namespace.device,
         gradient_checkpointing=namespace.gradient_checkpointing, max_steps=namespace.max_steps,
         num_epochs=namespace.num_epochs, seed=namespace.seed,
     )

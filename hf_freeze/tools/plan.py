@@ -153,8 +153,10 @@ def make_plan(
     max_steps: Optional[int] = None,
     num_epochs: float = 1.0,
     seed: int = 0,
+    device: str = "cpu",
 ) -> FreezePlan:
-    """Discover the blocks of ``model`` (real or on the meta device), run the policy and estimate the memory."""
+    """Discover the blocks of ``model`` (real or on the meta device), run the policy and estimate the memory of
+    training on ``device`` ("cpu" or "cuda": the loss lever's default differs, see `hf_freeze.loss`)."""
     from ..model import discover_layout  # torch
 
     layout = counted_layout(
@@ -178,10 +180,12 @@ def make_plan(
     memory = dict(settings)
     for key in ("max_steps", "num_epochs"):
         memory.pop(key)
-    # Training computes the causal-LM loss in chunks unless `freeze_chunked_loss` is false (or cannot apply).
+    # Training computes the causal-LM loss without the full logits where the loss lever is on: unset, on the CPU
+    # only; asked for, on any device (a GPU's fused kernel holds about one chunk of logits too).
     from ..loss import CHUNK_TOKENS, chunked_loss_unsupported  # torch
 
-    chunked = arguments.freeze_chunked_loss is not False and chunked_loss_unsupported(model) is None
+    wanted = arguments.freeze_chunked_loss or (arguments.freeze_chunked_loss is None and device == "cpu")
+    chunked = bool(wanted) and chunked_loss_unsupported(model) is None
     memory["loss_chunk_tokens"] = CHUNK_TOKENS if chunked else None
     settings["chunked_loss"] = chunked
 

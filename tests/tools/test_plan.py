@@ -303,3 +303,14 @@ def test_the_estimate_follows_the_chunked_loss(capsys, llama_70b_json):
     tokens, vocab, hidden = 2 * 4096, 128256, 8192
     saved = plans["false"]["memory"]["policy"]["activations"] - plans["true"]["memory"]["policy"]["activations"]
     assert saved == tokens * vocab * 8 - 256 * vocab * 4 - tokens * hidden * 4  # float32: the chunk is its own softmax
+
+
+def test_on_a_gpu_the_plan_counts_the_full_logits_unless_the_lever_is_asked_for(capsys, llama_70b_json):
+    """The loss lever is on by default on the CPU only (on a GPU the model's own loss measured faster): `--device
+    cuda` plans the full logits, and the lever asked for plans the fused loss's one chunk."""
+    chunked = {}
+    for extra in ((), ("--device", "cuda"), ("--device", "cuda", "--chunked_loss", "true")):
+        code, out, _ = run_cli(capsys, "plan", llama_70b_json, "--strategy", "bottom", "--layers", "60", *extra, "--json")
+        assert code == 0
+        chunked[extra] = json.loads(out)["settings"]["chunked_loss"]
+    assert chunked == {(): True, ("--device", "cuda"): False, ("--device", "cuda", "--chunked_loss", "true"): True}
