@@ -262,12 +262,14 @@ class FreezeArguments:
     freeze_chunked_loss: Optional[bool] = field(
         default=None,
         metadata=_help(
-            "Causal language models: compute the training loss in chunks of 256 tokens, so that the logits "
-            "(batch x sequence x vocabulary) and their gradient are never held in full; the loss and the gradients "
-            "are those of transformers' own loss, and training forward calls return `logits=None` (evaluation calls "
-            "and calls without labels are untouched). Default: on for causal LMs whose loss it can compute (a "
-            "linear LM head, transformers' causal-LM loss, no logit soft-capping or scaling), off otherwise; true "
-            "refuses other models, false turns it off."
+            "Causal language models: compute the training loss without holding the logits (batch x sequence x "
+            "vocabulary) and their gradient in full: in chunks of 256 tokens on the CPU, with Liger-Kernel's fused "
+            "linear cross entropy on a GPU (`pip install hf_freeze[gpu]`). The loss and the gradients are those of "
+            "transformers' own loss, in the training's autocast dtype; training forward calls return `logits=None` "
+            "(evaluation calls and calls without labels are untouched). Default: on on the CPU for causal LMs whose "
+            "loss it can compute (a linear LM head, transformers' causal-LM loss, no logit soft-capping or scaling), "
+            "off on a GPU (the model's own loss measured faster there); true also turns it on on a GPU and refuses "
+            "other models; false turns it off. A loss already fused (`use_liger_kernel`) is left alone."
         ),
     )
     freeze_layer_paths: Optional[List[str]] = field(
