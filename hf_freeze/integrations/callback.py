@@ -9,6 +9,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..add_on import RunContext
 from ..config import FreezeArguments, arguments_from, resolve_arguments
+from ..config.training import CALLBACK_ATTACHED
 from ..errors import FreezeConfigError
 from ..logs import follow_training_log_level
 from ..model import unwrap_model
@@ -16,7 +17,8 @@ from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from ..engine import LayerFreezer
 from .support import check_backend, raise_if_changed_after_wrap
-from .trainer_events import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state, training_input_names
+from .trainer_events import add_to_logs, check_checkpoint, guard_resume, move_before_reporters, progress_of
+from .trainer_events import saved_callback_state, training_input_names
 
 __all__ = ["FreezeCallback"]
 
@@ -49,8 +51,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def __init__(self, arguments: Optional[FreezeArguments] = None, **options: Any):
         self._given = arguments_from(arguments, options)
         self.freezer: Optional[LayerFreezer] = None
-        self._setup = None
-        self._tokenizer = None
+        self._setup, self._tokenizer = None, None
 
     def __getstate__(self) -> Dict[str, Any]:
         # Pickled (a Ray Tune trial sends the Trainer to a worker process): the policy travels, not its binding to
@@ -109,13 +110,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
             self.freezer.close()  # the frozen-prefix cache's states (unless `freeze_cache_keep`)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.freezer is None or logs is None:
-            return
-        metrics = self.freezer.metrics()
-        logs.update(metrics)
-        # The Trainer stored its copy of `logs` before calling us: keep `log_history` in step.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        if self.freezer is not None and logs is not None:
+            add_to_logs(state, logs, self.freezer.metrics())
 
     def state(self) -> Dict[str, Any]:
         """For checkpoints (`ExportableState`): the constructor's arguments and the freezer's state."""
@@ -126,6 +122,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def _set_up(self, args, state, model, late: bool) -> None:
         follow_training_log_level(args)
+        setattr(args, CALLBACK_ATTACHED, True)  # the policy of FreezeTrainingArguments has its callback
         if model is None:
             raise FreezeConfigError("FreezeCallback needs the model: the Trainer passes it to its callbacks.")
         run = RunContext(output_dir=str(args.output_dir), tokenizer=self._tokenizer)

@@ -20,7 +20,7 @@ from ..processes import is_main_process
 
 logger = get_logger(__name__)
 
-__all__ = ["check_checkpoint", "guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
+__all__ = ["add_to_logs", "check_checkpoint", "guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
 
 
 def progress_of(args: Any, state: Any) -> TrainingProgress:
@@ -32,6 +32,18 @@ def progress_of(args: Any, state: Any) -> TrainingProgress:
         num_epochs=float(getattr(state, "num_train_epochs", 0) or getattr(args, "num_train_epochs", 0) or 0),
         seed=int(getattr(args, "seed", 0) or 0),
     )
+
+
+def add_to_logs(state: Any, logs: Dict[str, Any], metrics: Dict[str, float]) -> None:
+    """Add ``metrics`` to the ``logs`` an `on_log` event received and to the Trainer's `log_history` entry.
+
+    `Trainer.log` appends its own copy of ``logs`` (with the step) to `state.log_history` before it calls `on_log`
+    (transformers 5.23), and no event comes earlier: the entry of this step is updated too, so that the metrics
+    land in `trainer_state.json` as well as in the reporters.
+    """
+    logs.update(metrics)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(metrics)
 
 
 def training_input_names(train_dataloader: Any) -> Optional[List[str]]:
@@ -107,6 +119,15 @@ def guard_resume(check: Callable[[str], None]) -> bool:
     callback event, so a damaged file or an optimizer state that belongs to other parameters could not be refused in
     time otherwise. Returns False when no Trainer is calling (then `on_train_begin` checks, after the load but
     before any training step).
+
+    Why the stack and a wrapped `train` (measured on transformers 5.23, not assumed): `Trainer.train` runs
+    `_prepare_for_training`, which calls `_load_optimizer_and_scheduler(resume_from_checkpoint)`, before
+    `callback_handler.on_train_begin`; no event comes in between, events are not handed the Trainer
+    (`CallbackHandler.call_event` passes the model, the processing class, the optimizer, the scheduler and the
+    dataloaders), and `on_init_end` is the last event of `Trainer.__init__`. A torch optimizer given the state of
+    a different set of parameters either loads it into the wrong parameters or fails with a message that names no
+    policy, so the check must run first. A `Trainer` subclass could override `train`, but users pass the callback
+    to the plain `Trainer` (and to TRL's trainers).
     """
     trainer = _calling(Trainer)
     if trainer is None:
@@ -129,8 +150,10 @@ def move_before_reporters(callback: TrainerCallback) -> None:
     """Make ``callback`` run first among the Trainer's callbacks.
 
     Reporting integrations (TensorBoard, W&B, ...) are added before user callbacks and write `logs` as soon as
-    `on_log` reaches them: `freeze/...` metrics must be in `logs` before that. The Trainer does not hand its
-    CallbackHandler to callbacks, so find the handler that is calling us.
+    `on_log` reaches them: `freeze/...` metrics must be in `logs` before that. Measured on transformers 5.23:
+    `Trainer.__init__` builds the list as `DEFAULT_CALLBACKS + reporting callbacks + callbacks`, and
+    `CallbackHandler.call_event` hands callbacks neither the handler nor the Trainer, so no documented way reaches
+    the order; `Trainer.pop_callback`/`add_callback` need the Trainer. Find the handler that is calling us.
     """
     handler = _calling(CallbackHandler)
     if handler is not None and callback in handler.callbacks and handler.callbacks[0] is not callback:
@@ -141,6 +164,8 @@ def move_before_reporters(callback: TrainerCallback) -> None:
 def _calling(kind: type) -> Any:
     """The nearest object of type ``kind`` whose method is on the call stack (the Trainer hands callbacks neither
     itself nor its CallbackHandler)."""
+    # Measured reason (transformers 5.23; `guard_resume`, `move_before_reporters`): no event hands a callback the
+    # Trainer or its CallbackHandler, and the two things done with them have no event of their own.
     frame = inspect.currentframe()
     while frame is not None:
         owner = frame.f_locals.get("self")
