@@ -119,5 +119,17 @@ def parse_args_with_config_file(parser, args: Optional[Iterable[str]] = None) ->
                 action.required = False  # the file gives it
         parser.set_defaults(**values)
         args = args[1:]
+    _refuse_unknown_options(parser, args)
     return parser.parse_args_into_dataclasses(args=args)
+
+
+def _refuse_unknown_options(parser, args: List[str]) -> None:
+    """A misspelled option is named first: building the dataclasses would otherwise judge the others without it
+    (``--freeze_stratgy bottom --freeze_layers 1`` would read as 'none' given `freeze_layers`)."""
+    _, extra = parser.parse_known_args(args=args)
+    given = {token[2:].split("=", 1)[0].replace("-", "_"): None for token in extra if token.startswith("--")}
+    unknown = unknown_keys(given, parser.dataclass_types)
+    if unknown:
+        raise FreezeConfigError("; ".join(f"command line: {problem}" for problem in unknown) + ".",
+                                fields=[problem.fields[0] for problem in unknown])
 

@@ -236,15 +236,17 @@ class LayerFreezer(ResumableFreezer):
         return change
 
     def start(
-        self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[Dict[str, Any]] = None
+        self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None,
+        state: Optional[Dict[str, Any]] = None, source: str = "the saved state",
     ) -> AppliedChange:
-        """Training begins at `progress`, or resumes there from a saved `state`: refuse a state this run cannot
-        resume, forget any earlier run, take over the saved one, refuse a probe as long as training, apply the
-        frozen set in full, and log it (a static policy's report only when it is first applied now)."""
+        """Training begins at `progress`, or resumes there from a saved `state` (read from ``source``): refuse a
+        state this run cannot resume, forget any earlier run, take over the saved one, refuse a probe as long as
+        training, apply the frozen set in full, and log it (a static policy's report only when it is first applied
+        now). A changing policy resumed past step 0 without its state restarts its schedule: a warning says so."""
+        if state is not None:
+            self.check_resumable(state, source)
         if not self.dynamic:
             first = self.decision is None
-            if state is not None:
-                self.check_resumable(state)
             change = self.apply(progress, optimizer)
             if first:
                 self.log(self.report_lines())
@@ -256,6 +258,10 @@ class LayerFreezer(ResumableFreezer):
         self.restart()
         if state is not None:
             self.load_state_dict(state, step=progress.step)
+        elif progress.step > 0:
+            self.log([f"Resuming at step {progress.step} without the freezing state of the interrupted run: "
+                      f"{self.strategy.name!r} starts its schedule (its timeline, an adaptive policy's probe and "
+                      "scores) afresh here, so the run will differ from an uninterrupted one."], warning=True)
         self.check_training_length(progress.max_steps)
         change = self.update(progress, optimizer)
         self.log(self.describe_update(change, always=True) + self.report_lines(summary=False))

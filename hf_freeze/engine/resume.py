@@ -33,13 +33,16 @@ def check_shape(state: Any, source: str) -> None:
         if not isinstance(entries, list):
             raise damaged(f"'timeline.{kind}' is not a list")
         for index, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
-                raise damaged(f"'timeline.{kind}[{index}]' has no integer 'step' (got {entry!r})")
+            if not isinstance(entry, dict) or not _is_step(entry.get("step")):
+                raise damaged(f"'timeline.{kind}[{index}]' has no integer 'step' (a whole number >= 0; got {entry!r})")
     probe = state.get("probe") or {}
     if not isinstance(probe, dict):
         raise damaged("'probe' is not a mapping")
-    for index, entry in (probe.get("rounds") or {}).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or not isinstance(entry.get("scores"), list):
+    rounds = probe.get("rounds") or {}
+    if not isinstance(rounds, dict):
+        raise damaged(f"'probe.rounds' is not a mapping of round: entry (got a {type(rounds).__name__})")
+    for index, entry in rounds.items():
+        if not isinstance(entry, dict) or not _is_step(entry.get("step")) or not isinstance(entry.get("scores"), list):
             raise damaged(f"'probe.rounds[{index}]' lacks its 'step' or 'scores' (got {entry!r})")
     meter = probe.get("meter")
     if meter is not None and not (isinstance(meter, dict) and {"round", "start_step", "state"} <= set(meter)):
@@ -47,6 +50,10 @@ def check_shape(state: Any, source: str) -> None:
     registered = state.get("registered")
     if registered is not None and not (isinstance(registered, list) and all(isinstance(n, str) for n in registered)):
         raise damaged("'registered' is not a list of parameter names")
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_registered(

@@ -83,7 +83,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if not self.freezer.dynamic:
             raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress), model_init=rebuilt)
-        self.freezer.start(progress, optimizer, saved)
+        self.freezer.start(progress, optimizer, saved, source="the checkpoint's trainer_state.json")
         raise_if_ranks_disagree(self.freezer.frozen_names())
         strict_ddp = self._setup is not None and self._setup.strict_ddp
         self.freezer.log(self.freezer.check_inputs(training_input_names(train_dataloader), strict_ddp))

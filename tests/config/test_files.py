@@ -34,3 +34,13 @@ def test_options_the_new_strategy_reads_are_kept(bottom_yaml):
 def test_an_option_given_on_the_command_line_is_never_dropped(bottom_yaml):
     with pytest.raises(FreezeConfigError, match="'none' does not use `freeze_layers`"):
         _parse(bottom_yaml, "--freeze_strategy", "none", "--freeze_layers", "2")
+
+
+@pytest.mark.parametrize("misspelled", [["--freeze_stratgy", "bottom"], ["--freeze-stratgy=bottom"]])
+def test_a_misspelled_option_on_the_command_line_is_named_before_the_others_are_judged(tmp_path, misspelled):
+    """Without the misspelled `freeze_strategy`, `freeze_layers` would be refused as unused by 'none': the user
+    must hear about the misspelling, with the name they meant."""
+    parser = HfArgumentParser(FreezeTrainingArguments)
+    with pytest.raises(FreezeConfigError, match=r"'freeze_stratgy' \(did you mean 'freeze_strategy'\?\)") as error:
+        parse_args_with_config_file(parser, ["--output_dir", str(tmp_path), *misspelled, "--freeze_layers", "1"])
+    assert error.value.fields == ("freeze_stratgy",)

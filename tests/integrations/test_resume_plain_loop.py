@@ -206,3 +206,27 @@ def test_a_state_saved_under_other_options_warns_and_still_resumes(capsys):
     # ... and the timeline goes on from the saved one.
     before = saved[2]["timeline"]["changes"]
     assert before and resumed.freezer.timeline.changes[: len(before)] == before
+
+
+def test_a_changing_policy_started_past_step_0_without_its_state_warns(capsys):
+    """Resumed mid-probe without the freezing state, an adaptive policy starts its probe afresh: the run diverges
+    from the uninterrupted one (the test above), so the user is warned, not told at INFO."""
+    model = build("llama")
+    freezer = LayerFreezer(model, **dict(PROBED, freeze_score="weight_change"))
+    freezer.prepare()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    capsys.readouterr()
+    freezer.start(progress(2), optimizer)
+    assert "without the freezing state of the interrupted run" in capsys.readouterr().err
+    freezer.start(progress(0), optimizer)  # a fresh start says nothing of the kind
+    assert "without the freezing state" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step", [True, -1, "2", 2.0])
+def test_a_saved_entry_whose_step_is_not_a_step_is_refused_naming_the_entry(step):
+    freezer = LayerFreezer(build("llama"), freeze_strategy="lisa", freeze_active_layers=1)
+    freezer.prepare()
+    state = freezer.state_dict()
+    state["timeline"] = {"changes": [{"step": step, "frozen_blocks": []}], "selections": []}
+    with pytest.raises(Exception, match=r"damaged: 'timeline.changes\[0\]' has no integer 'step'"):
+        freezer.load_state_dict(state)
