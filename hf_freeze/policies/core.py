@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, few, invalid_choice
+from ..errors import FreezeConfigError, few
 from ..model.layout import EMBEDDINGS, HEAD, NORM, OTHER, ModelLayout
 from ..registry import Registry
 from .common import check_cache_options
@@ -24,29 +24,20 @@ from .parts import (
     policy_view,
 )
 from .name_patterns import pattern_rows
-from .row_selection import ROW_OPTIONS, check_row_options, row_selection
+from .row_selection import check_row_options, row_selection
 
 __all__ = [
-    "COMMON_OPTIONS",
     "STRATEGIES",
     "FreezeDecision",
     "Strategy",
     "TrainingProgress",
     "check_options",
+    "common_options",
     "decide",
     "explicitly_trained",
     "register_strategy",
 ]
 
-# Options every strategy accepts; the rest belong to the strategies that name them.
-COMMON_OPTIONS = (
-    "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
-    "freeze_health_check", "freeze_frozen_modules_eval", "freeze_chunked_loss", "freeze_layer_stack", "freeze_vision_tower",
-    "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
-    "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
-    "freeze_cache_prefix", "freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep",
-    *ROW_OPTIONS,
-)
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
 NON_LAYER_OPTIONS = {"freeze_embeddings": (EMBEDDINGS,), "freeze_norm": (NORM, OTHER), "freeze_head": (HEAD,)}
@@ -120,7 +111,8 @@ class Strategy:
         name: The `freeze_strategy` value.
         select: ``(layout, options, progress) -> (frozen parameter names, notes)`` for the layer part of the
             policy; the non-layer blocks are then settled by `defaults` and the user's overrides.
-        options: `freeze_*` fields this strategy reads besides the common ones.
+        options: `freeze_*` fields this strategy reads besides the common ones (`common_options`: the fields no
+            strategy names). Name only options of its own: a common option named here is refused for the others.
         defaults: Whether embeddings / norms / head are frozen when the user leaves them unset.
         check: Configuration-time validation that needs no model; raises `FreezeConfigError`.
         dynamic: True when the decision depends on the training progress.
@@ -183,6 +175,24 @@ def register_strategy(strategy: Strategy) -> Strategy:
     return STRATEGIES.add(strategy.name, strategy)
 
 
+def common_options(field_names: Iterable[str]) -> List[str]:
+    """The options of ``field_names`` that every strategy accepts: those that no registered strategy names as its own
+    (`Strategy.options`). A new `freeze_*` field is common until a strategy names it.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.config import freeze_fields
+    >>> from hf_freeze.policies.core import common_options
+    >>> common = common_options(freeze_fields())
+    >>> "freeze_head" in common, "freeze_layers" in common
+    (True, False)
+    ```
+    """
+    own = {option for name in STRATEGIES.names() for option in STRATEGIES.get(name).options}
+    return [name for name in field_names if name not in own]
+
+
 def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
     """Configuration-time checks shared by every strategy, then the strategy's own; returns the strategy.
 
@@ -191,7 +201,8 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
         field_names: Every ``freeze_*`` field there is (an option set that its strategy does not read is refused).
     """
     strategy = STRATEGIES.get(options.freeze_strategy)
-    allowed = set(COMMON_OPTIONS) | set(strategy.options)
+    field_names = list(field_names)
+    allowed = set(common_options(field_names)) | set(strategy.options)
     unused = [name for name in field_names if name not in allowed and getattr(options, name) is not None]
     if unused:
         readers = {name: [s for s in STRATEGIES.names() if name in STRATEGIES.get(s).options] for name in unused}
@@ -213,8 +224,6 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
                 f"{strategy.name!r} decides it itself. Remove `{name}`.",
                 fields=[name],
             )
-    if getattr(options, "freeze_health_check", None) not in (None, *HEALTH_CHECK_MODES):
-        raise invalid_choice("freeze_health_check", options.freeze_health_check, HEALTH_CHECK_MODES)
     _check_part_options(options, strategy)
     check_cache_options(options, strategy.dynamic)
     check_row_options(options)

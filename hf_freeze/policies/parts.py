@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, few, invalid, invalid_choice
+from ..errors import FreezeConfigError, few, invalid
 from ..model.layout import EMBEDDINGS, LANGUAGE, PROJECTOR, ROUTER, SHARED_EXPERTS, VISION, ModelLayout
 
 __all__ = [
@@ -57,8 +57,6 @@ def _check_part_options(options: Any, strategy: Any) -> None:
                     fields=["freeze_unused_modalities", *_part_fields(options, name)],
                 )
     stack = getattr(options, "freeze_layer_stack", None)
-    if stack is not None and stack not in LAYER_STACKS:
-        raise invalid_choice("freeze_layer_stack", stack, LAYER_STACKS)
     if stack not in (None, "language") and strategy.needs_scores:
         raise FreezeConfigError(
             f"`freeze_layer_stack` {stack!r} cannot be used with `freeze_strategy` {strategy.name!r}: its scores are "

@@ -6,11 +6,11 @@ import re
 
 from typing import Optional
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..errors import FreezeConfigError, invalid
 from ..model.layout import HEAD, ModelLayout
 from .core import Selection, Strategy, register_strategy
 from .parts import MOE_OPTIONS, PART_OPTIONS
-from .name_patterns import PATTERN_SYNTAXES, parse_name_pattern
+from .name_patterns import parse_name_pattern
 from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 
 __all__ = ["check_count", "compile_name_pattern", "llama_pro_layers"]
@@ -101,8 +101,6 @@ def _check_patterns(options) -> None:
             fields=["freeze_patterns", "freeze_trainable_patterns"],
         )
     syntax = getattr(options, "freeze_pattern_syntax", None)
-    if syntax is not None and syntax not in PATTERN_SYNTAXES:
-        raise invalid_choice("freeze_pattern_syntax", syntax, PATTERN_SYNTAXES)
     for field_name in ("freeze_patterns", "freeze_trainable_patterns"):
         for pattern in getattr(options, field_name) or []:
             if parse_name_pattern(pattern, field_name, syntax).rows is not None and field_name == "freeze_patterns":
