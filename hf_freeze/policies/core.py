@@ -15,14 +15,7 @@ from ..errors import FreezeConfigError, few
 from ..model.layout import EMBEDDINGS, HEAD, NORM, OTHER, ModelLayout
 from ..registry import Registry
 from .common import check_cache_options
-from .parts import (
-    _check_part_options,
-    _component_settings,
-    _part_settings,
-    _pinned_components,
-    _pinned_parts,
-    policy_view,
-)
+from .parts import check_part_options, component_settings, part_settings, pinned_components, pinned_parts, policy_view
 from .name_patterns import pattern_rows
 from .row_selection import check_row_options, row_selection
 
@@ -224,7 +217,7 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
                 f"{strategy.name!r} decides it itself. Remove `{name}`.",
                 fields=[name],
             )
-    _check_part_options(options, strategy)
+    check_part_options(options, strategy)
     check_cache_options(options, strategy.dynamic)
     check_row_options(options)
     if strategy.check is not None:
@@ -256,9 +249,9 @@ def decide(
     frozen = set(selected)
     pinned_frozen, pinned_trainable = _non_layer_settings(view, options, strategy)
     frozen = (frozen | pinned_frozen) - pinned_trainable
-    frozen, part_notes = _part_settings(layout, view, options, strategy, frozen)
+    frozen, part_notes = part_settings(layout, view, options, strategy, frozen)
     notes = list(notes) + part_notes
-    frozen = _component_settings(layout, options, frozen)
+    frozen = component_settings(layout, options, frozen)
     frozen, warnings = _honour_ties(layout, frozen, options)
     notes = list(notes) + _tied_embedding_notes(layout, frozen, options)
     kept, note = _keep_user_frozen(layout, options, strategy, frozen, kept_frozen)
@@ -287,8 +280,8 @@ def explicitly_trained(layout: ModelLayout, options: Any) -> set:
     strategy = STRATEGIES.get(options.freeze_strategy)
     view = policy_view(layout, options, strategy)
     named = set(_non_layer_settings(view, options, strategy)[1])
-    named |= _pinned_parts(layout, view, options, strategy)[1]
-    named |= _pinned_components(layout, options)[1]
+    named |= pinned_parts(layout, view, options, strategy)[1]
+    named |= pinned_components(layout, options)[1]
     if strategy.trains is not None:
         named |= set(strategy.trains(view, options))
     return named
@@ -344,7 +337,7 @@ def registration_decision(layout: ModelLayout, options: Any, kept_frozen: Iterab
     strategy = STRATEGIES.get(options.freeze_strategy)
     view = policy_view(layout, options, strategy)
     pinned_frozen, _ = _non_layer_settings(view, options, strategy)
-    pinned_frozen |= _pinned_parts(layout, view, options, strategy)[0] | _pinned_components(layout, options)[0]
+    pinned_frozen |= pinned_parts(layout, view, options, strategy)[0] | pinned_components(layout, options)[0]
     kept, _ = _keep_user_frozen(layout, options, strategy, set(pinned_frozen), kept_frozen)
     rows = trainable_rows(layout, options)
     return FreezeDecision(frozenset(pinned_frozen | kept | set(rows)), trainable_rows=rows)
