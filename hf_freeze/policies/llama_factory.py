@@ -153,13 +153,16 @@ def _llama_pro(layout: ModelLayout, options, progress) -> Selection:
     return [name for name in layout.parameter_names if name not in trainable], []
 
 
+# What both modes read besides their choice of layers, and LLaMA-Factory's own defaults on a vision-language model
+# (`freeze_vision_tower`, `freeze_multi_modal_projector`: true; `freeze_language_model`: false).
+_MODULE_OPTIONS = ("freeze_trainable_modules", "freeze_extra_modules")
+_DEFAULTS = {"freeze_vision_tower": True, "freeze_multi_modal_projector": True}
+
 LLAMA_FACTORY = Strategy(
     name="llama_factory",
     select=_llama_factory,
-    options=("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
-    # LLaMA-Factory's own defaults on a vision-language model (`freeze_vision_tower`,
-    # `freeze_multi_modal_projector`: true; `freeze_language_model`: false).
-    defaults={"freeze_vision_tower": True, "freeze_multi_modal_projector": True},
+    options=("freeze_trainable_layers", *_MODULE_OPTIONS),
+    defaults=_DEFAULTS,
     check=_check_llama_factory,
     trains=_llama_factory_trains,
     description=(
@@ -170,8 +173,8 @@ LLAMA_FACTORY = Strategy(
 LLAMA_PRO = Strategy(
     name="llama_pro",
     select=_llama_pro,
-    options=("freeze_num_new_blocks", "freeze_trainable_modules", "freeze_extra_modules"),
-    defaults={"freeze_vision_tower": True, "freeze_multi_modal_projector": True},
+    options=("freeze_num_new_blocks", *_MODULE_OPTIONS),
+    defaults=_DEFAULTS,
     check=_check_llama_pro,
     trains=_llama_pro_trains,
     description=(
