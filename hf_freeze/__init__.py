@@ -11,8 +11,6 @@ a new adaptive score (`Score`, `ScoreMeter`, `register_score`). Everything else 
 
 import importlib
 
-from . import scores  # noqa: F401  (registers the built-in scores; imports no torch)
-
 # Every export is imported from its module on first access (PEP 562): `import hf_freeze` (and so the `hf-freeze`
 # command) imports neither torch nor transformers until a name that needs them is used.
 _EXPORTS = {

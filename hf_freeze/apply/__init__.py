@@ -3,7 +3,8 @@ the hooks that keep a frozen prefix out of the autograd graph under activation c
 
 from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
 from .frozen_prefix import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
-from .health import FrozenModulesEval, HealthCheck
+from .eval_mode import FrozenModulesEval
+from .health import HealthCheck
 from .trainable_rows import TrainableRows, merge_rows_file, save_rows_file
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The training health check, and frozen modules in eval mode.
+"""The training health check.
 
 After the first optimizer step and after every change of the frozen set, `HealthCheck` looks once:
 
@@ -8,21 +8,20 @@ After the first optimizer step and after every change of the frozen set, `Health
   check costs a few small copies, not a copy of the model);
 * with `freeze_frozen_modules_eval`, the buffers of frozen modules (BatchNorm running statistics) did not change.
 
-`FrozenModulesEval` runs every module whose parameters are all frozen in eval mode (Lightning's ``train_bn=False``):
-its BatchNorm uses and keeps its running statistics, and its dropout is off. The Trainer calls ``model.train()``
-before every step, so the mode is set again by a forward pre-hook each time the module runs.
+Frozen modules in eval mode (`freeze_frozen_modules_eval`) are `hf_freeze.apply.eval_mode`'s.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 from ..errors import FreezeHealthError, few
+from .eval_mode import FrozenModulesEval  # noqa: F401  (applier.py imports it from here)
 
-__all__ = ["FrozenModulesEval", "HealthCheck"]
+__all__ = ["HealthCheck"]
 
 # Entries of each frozen parameter compared before and after a step.
 SAMPLE_SIZE = 16
@@ -104,54 +103,6 @@ class HealthCheck:
             if self.mode == "raise":
                 raise FreezeHealthError(f"Training health check: {problem} (`freeze_health_check: warn` only warns.)")
             self.report(f"Training health check: {problem}")
-
-
-class FrozenModulesEval:
-    """Keeps the modules whose parameters are all frozen in eval mode while they are frozen."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._hooks: Dict[str, Any] = {}
-
-    @property
-    def modules(self) -> List[str]:
-        return sorted(self._hooks)
-
-    def update(self, frozen: Iterable[str]) -> None:
-        frozen = set(frozen)
-        wanted = _outermost_frozen_modules(self.model, frozen)
-        for path in set(self._hooks) - wanted:
-            self._hooks.pop(path).remove()
-            module = self.model.get_submodule(path)
-            module.train(self.model.training)  # back in the model's mode; the next model.train() agrees
-        for path in wanted - set(self._hooks):
-            module = self.model.get_submodule(path)
-            self._hooks[path] = module.register_forward_pre_hook(_to_eval)
-            module.eval()
-
-    def remove(self) -> None:
-        self.update(())
-
-
-def _to_eval(module: nn.Module, args) -> None:
-    if module.training:
-        module.eval()
-
-
-def _outermost_frozen_modules(model: nn.Module, frozen: set) -> set:
-    """Paths of the largest modules whose own and descendants' parameters are all frozen (and that have some)."""
-    chosen = set()
-
-    def visit(module: nn.Module, path: str) -> None:
-        names = [f"{path}.{name}" if path else name for name, _ in module.named_parameters()]
-        if path and names and all(name in frozen for name in names):
-            chosen.add(path)
-            return
-        for child_name, child in module.named_children():
-            visit(child, f"{path}.{child_name}" if path else child_name)
-
-    visit(model, "")
-    return chosen
 
 
 def _sample(parameter: torch.Tensor) -> torch.Tensor:

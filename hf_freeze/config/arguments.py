@@ -2,20 +2,28 @@
 `.training`).
 
 Every field's `help` text is the one documentation of the option: `--help`, the YAML and the option reference (docs/options.md) read it.
-Values are checked in `__post_init__`, so a bad YAML file fails when it is parsed, long before training.
+A set of choices is declared once, in the field's annotation (``Optional[Literal[SCHEDULE_UNITS]]``, the constant
+defined next to its implementation in `hf_freeze.policies`), or by a registry (strategies, scores): the validator,
+`--help`, the option page and `hf-freeze validate`'s suggestions read it from there. Values are checked in
+`__post_init__` (`hf_freeze.config.checks`), so a bad YAML file fails when it is parsed, long before training.
+This module holds the field declarations only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from ..errors import invalid
-from ..model.layout import check_component_paths, refuse_overlapping_paths
-from ..policies import check_options
-from ..policies.schedules import parse_stages
-from .types import check_field, check_values, field_hints
+from ..policies.adaptive import SELECT_ENDS
+from ..policies.common import CACHE_DTYPES
+from ..policies.core import HEALTH_CHECK_MODES
+from ..policies.name_patterns import PATTERN_SYNTAXES
+from ..policies.parts import LAYER_STACKS
+from ..policies.progress import SCHEDULE_UNITS
+from ..policies.rotation import BLOCK_ORDERS
+from ..policies.schedules import GRANULARITIES
+from .checks import check_freeze_arguments
+from .choices import score_help, strategy_help
 
 __all__ = ["FreezeArguments", "freeze_fields"]
 
@@ -23,39 +31,6 @@ __all__ = ["FreezeArguments", "freeze_fields"]
 def _help(text: str) -> Dict[str, str]:
     # HfArgumentParser hands a field's metadata to `argparse.add_argument`: only argparse's own keys go here.
     return {"help": text}
-
-
-# What a valid value is, in words, where the annotation alone would say less ("a number" for a count of layers).
-_EXPECTS = {
-    "freeze_strategy": "a strategy name (a string)",
-    "freeze_layers": "a number: a count of layers or a fraction in (0, 1)",
-    "freeze_layer_indices": "a list of integers",
-    "freeze_patterns": "a list of regular expressions",
-    "freeze_trainable_patterns": "a list of regular expressions",
-    "freeze_layer_paths": "a list of dotted module paths",
-    "freeze_schedule_unit": "'step' or 'epoch'",
-    "freeze_stages": "a mapping from a start step (or epoch) to bottom layers frozen",
-    "freeze_granularity": "'layer' or 'module'",
-    "freeze_block_order": "'ascending', 'descending', 'random' or 'fixed'",
-    "freeze_trainable_modules": "a list of module names (or ['all'])",
-    "freeze_extra_modules": "a list of module names",
-    "freeze_score": "a score name (a string)",
-    "freeze_select": "'lowest' or 'highest'",
-    "freeze_health_check": "'warn', 'raise' or 'off'",
-    "freeze_probe_steps": "a number: a count of steps or a fraction of training in (0, 1)",
-    "freeze_layer_stack": "'language', 'vision' or 'all'",
-    "freeze_component_paths": "a mapping from 'vision_tower', 'audio_tower', 'projector', 'language_model' to module paths",
-    "freeze_cache_memory_mb": "a number of MiB (>= 0)",
-    "freeze_cache_dtype": "'float32', 'float16' or 'bfloat16'",
-    "freeze_pattern_syntax": "'regex' or 'axolotl'",
-    "freeze_trainable_tokens": "a list of token ids, or 'new'",
-    "freeze_trainable_experts": "a list of expert indices or 'layer:expert' strings",
-}
-# List fields whose items are integers or words: read as strings (the command line gives strings), then numbers
-# turned back into integers.
-_INTEGERS_OR_WORDS = ("freeze_trainable_tokens", "freeze_trainable_experts")
-# Fields that hold a count or a fraction: a whole number is a count (2.0 -> 2), anything else a fraction.
-_COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
 
 
 @dataclass
@@ -76,12 +51,7 @@ class FreezeArguments:
 
     freeze_strategy: str = field(
         default="none",
-        metadata=_help(
-            "Which layers to freeze. Static: 'none', 'bottom', 'top', 'interval', 'layers', 'pattern', 'bitfit', "
-            "'head_only', 'trlx', 'llama_factory'. Schedules (the frozen set changes during training): "
-            "'progressive', 'gradual_unfreezing', 'lisa', 'badam'. Chosen from measurements: 'adaptive'. The options "
-            "each strategy reads are listed in docs/options.md."
-        ),
+        metadata=_help(strategy_help()),
     )
     freeze_layers: Optional[float] = field(
         default=None,
@@ -119,7 +89,7 @@ class FreezeArguments:
             "expert tensor ('model.embed_tokens.weight$[32000:]')."
         ),
     )
-    freeze_pattern_syntax: Optional[str] = field(
+    freeze_pattern_syntax: Optional[Literal[PATTERN_SYNTAXES]] = field(
         default=None,
         metadata=_help(
             "'pattern': how the patterns read. 'regex' (default): a regular expression from the start of the name, "
@@ -205,7 +175,7 @@ class FreezeArguments:
             "lets the policy decide every parameter."
         ),
     )
-    freeze_health_check: Optional[str] = field(
+    freeze_health_check: Optional[Literal[HEALTH_CHECK_MODES]] = field(
         default=None,
         metadata=_help(
             "After the first optimizer step and after every change of the frozen set, check that every trainable "
@@ -245,7 +215,7 @@ class FreezeArguments:
             "'<output_dir>/frozen_prefix_cache' with the Trainer, a temporary folder in a plain loop."
         ),
     )
-    freeze_cache_dtype: Optional[str] = field(
+    freeze_cache_dtype: Optional[Literal[CACHE_DTYPES]] = field(
         default=None,
         metadata=_help(
             "`freeze_cache_prefix`: the precision of the stored states, 'float32', 'float16' or 'bfloat16' (half "
@@ -281,7 +251,7 @@ class FreezeArguments:
     )
 
     # -- multi-part models (vision-language, mixture-of-experts): parts found by discovery -------------------------
-    freeze_layer_stack: Optional[str] = field(
+    freeze_layer_stack: Optional[Literal[LAYER_STACKS]] = field(
         default=None,
         metadata=_help(
             "Multi-part models: whose layers the layer strategies count and index ('bottom', 'top', 'interval', "
@@ -365,7 +335,7 @@ class FreezeArguments:
         ),
     )
 
-    # -- rows of frozen parameters (hf_freeze/policies/rows.py, hf_freeze/apply/rows.py) --------------------------
+    # -- rows of frozen parameters (hf_freeze/policies/row_selection.py, hf_freeze/apply/trainable_rows.py) --------
     freeze_trainable_tokens: Optional[List[str]] = field(
         default=None,
         metadata=_help(
@@ -386,7 +356,7 @@ class FreezeArguments:
     )
 
     # -- schedules (hf_freeze/policies/schedules.py): the frozen set changes during training ----------------------
-    freeze_schedule_unit: Optional[str] = field(
+    freeze_schedule_unit: Optional[Literal[SCHEDULE_UNITS]] = field(
         default=None,
         metadata=_help(
             "Schedules: progress is counted in 'step' (optimizer steps) or 'epoch' (whole epochs; changes then "
@@ -422,7 +392,7 @@ class FreezeArguments:
             "`freeze_level`; default 1.0)."
         ),
     )
-    freeze_granularity: Optional[str] = field(
+    freeze_granularity: Optional[Literal[GRANULARITIES]] = field(
         default=None,
         metadata=_help(
             "'progressive': what freezes bottom-up. 'layer' (default): whole layers, with the embeddings when the "
@@ -471,7 +441,7 @@ class FreezeArguments:
             "'badam': layers per block (default 1)."
         ),
     )
-    freeze_block_order: Optional[str] = field(
+    freeze_block_order: Optional[Literal[BLOCK_ORDERS]] = field(
         default=None,
         metadata=_help(
             "'badam': order in which blocks take turns (BAdam's `switch_mode`, LLaMA-Factory's "
@@ -489,19 +459,9 @@ class FreezeArguments:
         ),
     )
 
-    # -- adaptive selection (hf_freeze/policies/adaptive.py, hf_freeze/scores.py) ---------------------------------
-    freeze_score: Optional[str] = field(
-        default=None,
-        metadata=_help(
-            "'adaptive': how layers are scored. 'weight_change': relative weight change |dw|/|w| over the probe "
-            "(the adaptive strategy of the paper Exploring Selective Layer Freezing Strategies in Transformer "
-            "Fine-Tuning; default); 'grad_norm': mean gradient norm over the probe; "
-            "'grad_norm_change': relative change of the gradient norm between the probe's halves, low when it has "
-            "settled (AutoFreeze; 2 or more probe steps); 'snr': signal-to-noise ratio of the weight matrices "
-            "against the Marchenko-Pastur noise edge, measured without a probe (Spectrum)."
-        ),
-    )
-    freeze_select: Optional[str] = field(
+    # -- adaptive selection (hf_freeze/policies/adaptive.py, hf_freeze/scores/) ----------------------------------
+    freeze_score: Optional[str] = field(default=None, metadata=_help(score_help()))
+    freeze_select: Optional[Literal[SELECT_ENDS]] = field(
         default=None,
         metadata=_help(
             "'adaptive': which layers freeze: those with the 'lowest' scores (default: the layers that change "
@@ -543,24 +503,7 @@ class FreezeArguments:
             parent_post_init()
 
     def _normalise_and_check(self) -> None:
-        # The one check of the options: types (the annotation-driven checker), then the strategy's own rules.
-        # Everything downstream (LayerFreezer, policies, the callback) trusts a FreezeArguments.
-        hints = field_hints(FreezeArguments)
-        for item in fields(FreezeArguments):
-            if item.name in _INTEGERS_OR_WORDS:
-                setattr(self, item.name, _integers_or_words(item.name, getattr(self, item.name)))
-                continue
-            value = check_field(
-                item.name, hints[item.name], getattr(self, item.name), _EXPECTS.get(item.name),
-                count_or_fraction=item.name in _COUNT_OR_FRACTION,
-            )
-            setattr(self, item.name, value)
-        self.freeze_component_paths = check_component_paths(_mapping("freeze_component_paths", self.freeze_component_paths))
-        self.freeze_stages = parse_stages(_mapping("freeze_stages", self.freeze_stages))
-        check_options(self, freeze_fields())
-        refuse_overlapping_paths(self.freeze_layer_paths or [])
-        if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):
-            check_values(self, skip=freeze_fields())  # the TrainingArguments fields, as `hf-freeze validate` checks them
+        check_freeze_arguments(self, FreezeArguments)
 
     def freeze_options(self) -> Dict[str, Any]:
         """The `freeze_*` fields as a JSON-safe dict (constructor arguments of an equivalent policy)."""
@@ -573,27 +516,7 @@ class FreezeArguments:
         )
 
 
-def _integers_or_words(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple)) else [value]
-    if not items or any(isinstance(item, bool) or not isinstance(item, (int, str)) for item in items):
-        raise invalid(name, value, _EXPECTS[name])
-    return [int(item) if isinstance(item, str) and item.strip().isdecimal() else item for item in items]
-
-
 def freeze_fields() -> List[str]:
     """Names of every `freeze_*` field, in declaration order."""
     return [item.name for item in fields(FreezeArguments)]
 
-
-def _mapping(name: str, value: Any) -> Any:
-    """A mapping given on the command line arrives as text (JSON, or YAML's ``{key: value}``): read it."""
-    if not isinstance(value, str):
-        return value
-    import yaml
-
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise invalid(name, value, "a mapping written as JSON or YAML, e.g. '{\"vision_tower\": \"model.vision_tower\"}'") from None

@@ -9,7 +9,8 @@ from typing import Any, Dict, Iterable, List, Optional
 from ..errors import FreezeConfigError
 from ..logs import get_logger
 from ..policies import STRATEGIES
-from ..policies.core import COMMON_OPTIONS
+from ..policies.core import common_options
+from .arguments import freeze_fields
 from .types import unknown_keys
 
 logger = get_logger(__name__)
@@ -68,7 +69,7 @@ def _without_other_strategys_options(values: Dict[str, Any], command_line: List[
     strategy = _command_line_value(command_line, "freeze_strategy")
     if strategy is None or strategy == values.get("freeze_strategy", "none") or strategy not in STRATEGIES:
         return values
-    read = set(COMMON_OPTIONS) | set(STRATEGIES.get(strategy).options)
+    read = set(common_options(freeze_fields())) | set(STRATEGIES.get(strategy).options)
     dropped = sorted(key for key in values if key.startswith("freeze_") and key not in read and key not in given)
     if dropped:
         logger.info(

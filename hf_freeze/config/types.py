@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import FreezeConfigError, invalid
+from ..errors import FreezeConfigError, invalid, invalid_choice
 
 __all__ = [
     "ConfigProblem",
@@ -98,6 +98,9 @@ def check_field(
             raise invalid(name, value, "a non-empty list, or unset")
         return list(value)
     if not accepts(value, inner):
+        allowed = choices(inner)
+        if allowed and expects is None:  # a `Literal`: the error keeps the choices, for "did you mean ...?"
+            raise invalid_choice(name, value, allowed)
         raise invalid(name, value, expected)
     if origin is float:
         if not math.isfinite(value):

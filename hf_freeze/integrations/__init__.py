@@ -1,6 +1,7 @@
-"""Integrations: the flow plugged into a training loop. `LayerFreezer` for any loop, `FreezeCallback` for the
-Trainer (thin glue over it), and the checks against the distributed backend the Trainer wraps the model with."""
+"""Integrations: the engine plugged into the Trainer. `FreezeCallback` is thin glue from Trainer events to
+`hf_freeze.engine.LayerFreezer` (which a plain loop calls directly), and the checks against the distributed backend
+the Trainer wraps the model with."""
 
 from .callback import FreezeCallback
 
-__all__ = ["FreezeCallback", "LayerFreezer"]
+__all__ = ["FreezeCallback"]

@@ -93,8 +93,8 @@ def discover_layout(
     return replace(layout, leaf_modules=leaf_modules(model, canonical))
 
 
-def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths, component_paths) -> ModelLayout:
-    parts = find_parts(model, component_paths) if _is_transformers_model(model) or component_paths else []
+def _discover(model: nn.Module, canonical: Dict[str, str], layer_paths, part_paths) -> ModelLayout:
+    parts = find_parts(model, part_paths) if _is_transformers_model(model) or part_paths else []
     if layer_paths:
         refuse_overlapping_paths(layer_paths)
         stacks = [stack_at(model, path) for path in layer_paths]
@@ -255,9 +255,9 @@ def _layout_from_stacks(
 
 
 def _owning_block(parameter_name: str, stack_paths: Sequence[str]) -> str:
-    components = parameter_name.split(".")
-    for length in range(1, len(components) + 1):
-        prefix = ".".join(components[:length])
+    segments = parameter_name.split(".")
+    for length in range(1, len(segments) + 1):
+        prefix = ".".join(segments[:length])
         if not any(inside(path, prefix) for path in stack_paths):
             return prefix
     return parameter_name
@@ -294,7 +294,7 @@ def _classify(model, block_name, names, base_prefix, input_params, output_params
     return OTHER
 
 
-def _shared_components(path: str, other: str) -> int:
+def _shared_segments(path: str, other: str) -> int:
     count = 0
     for mine, theirs in zip(path.split("."), other.split(".")):
         if mine != theirs:
@@ -310,7 +310,7 @@ def _anchor_stack(block_name: str, stacks: List[Stack], kind: str) -> str:
         return max(enclosing, key=lambda stack: len(stack.parent)).path
     # Otherwise the stack it shares the longest path with (a vision encoder's pre-norm sits beside its encoder's
     # layers, not the language model's); on a tie, the first stack for embeddings and the last for the rest.
-    shared = [_shared_components(block_name, stack.path) for stack in stacks]
+    shared = [_shared_segments(block_name, stack.path) for stack in stacks]
     best = max(shared)
     closest = [stack for stack, length in zip(stacks, shared) if length == best]
     if len(closest) < len(stacks):

@@ -52,14 +52,14 @@ _LANGUAGE_ATTRIBUTES = ("language_model", "text_model")
 _PROJECTOR_ATTRIBUTES = ("multi_modal_projector", "connector", "merger", "mm_projector", "aligner", "audio_projector")
 
 
-def find_parts(model: nn.Module, component_paths: Optional[Dict[str, List[str]]] = None) -> List[Tuple[str, str]]:
+def find_parts(model: nn.Module, part_paths: Optional[Dict[str, List[str]]] = None) -> List[Tuple[str, str]]:
     """``[(part, module path), ...]`` in forward order (encoders, projectors, language model); ``[]`` for a
-    single-part model. A part may be named by several paths (two projectors). ``component_paths`` (the
+    single-part model. A part may be named by several paths (two projectors). ``part_paths`` (the
     ``freeze_component_paths`` option, checked by `check_component_paths`) names parts by hand; the others are
     found by the rule."""
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
-    given = _given_parts(model, modules, component_paths or {})
+    given = _given_parts(model, modules, part_paths or {})
     encoders: Dict[str, str] = {part: paths[0] for part, paths in given.items() if part in (VISION, AUDIO)}
     language: Optional[str] = given[LANGUAGE][0] if LANGUAGE in given else None
     for path, module in modules.items():
@@ -108,10 +108,10 @@ def find_parts(model: nn.Module, component_paths: Optional[Dict[str, List[str]]]
     return ordered + [(PROJECTOR, path) for path in projectors] + [(LANGUAGE, language)]
 
 
-def _given_parts(model: nn.Module, modules: Dict[str, nn.Module], component_paths: Dict[str, List[str]]):
+def _given_parts(model: nn.Module, modules: Dict[str, nn.Module], part_paths: Dict[str, List[str]]):
     """``freeze_component_paths`` as ``{part: [paths]}``, each path checked to be a module with parameters."""
     given: Dict[str, List[str]] = {}
-    for key, paths in component_paths.items():
+    for key, paths in part_paths.items():
         for path in paths:
             if path not in modules or not has_parameters(modules[path]):
                 what = "is not a module of" if path not in modules else "holds no parameters in"
@@ -247,8 +247,8 @@ def with_parts(model: nn.Module, layout: ModelLayout, parts, counted) -> ModelLa
 def _common_prefix(names: Sequence[str]) -> str:
     split = [name.split(".") for name in names]
     common = []
-    for components in zip(*split):
-        if len(set(components)) > 1:
+    for segments in zip(*split):
+        if len(set(segments)) > 1:
             break
-        common.append(components[0])
+        common.append(segments[0])
     return ".".join(common) or names[0]

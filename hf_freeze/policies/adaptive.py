@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..errors import FreezeConfigError, invalid
 from ..model.layout import ModelLayout
 from .core import Selection, Strategy, TrainingProgress, register_strategy
 from .common import bottom_prefix, require_layers, resolve_count
@@ -114,8 +114,6 @@ def select_layers(scores: Sequence[float], count: int, end: str = "lowest") -> L
 def _check(options) -> None:
     if options.freeze_score is not None:
         SCORES.get(options.freeze_score)
-    if options.freeze_select is not None and options.freeze_select not in SELECT_ENDS:
-        raise invalid_choice("freeze_select", options.freeze_select, SELECT_ENDS)
     check_count(options)
     probe = options.freeze_probe_steps
     if probe is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, List
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..errors import FreezeConfigError, invalid
 from ..model.layout import EMBEDDINGS, LAYER, NORM, OTHER, ModelLayout
 
 __all__ = [
@@ -107,5 +107,3 @@ def check_cache_options(options: Any, dynamic: bool) -> None:
     memory = options.freeze_cache_memory_mb
     if memory is not None and not memory >= 0:
         raise invalid("freeze_cache_memory_mb", memory, "a number of MiB >= 0 (0: everything on disk)")
-    if options.freeze_cache_dtype is not None and options.freeze_cache_dtype not in CACHE_DTYPES:
-        raise invalid_choice("freeze_cache_dtype", options.freeze_cache_dtype, CACHE_DTYPES)

@@ -11,42 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, few, invalid_choice
+from ..errors import FreezeConfigError, few
 from ..model.layout import EMBEDDINGS, HEAD, NORM, OTHER, ModelLayout
 from ..registry import Registry
 from .common import check_cache_options
-from .parts import (
-    _check_part_options,
-    _component_settings,
-    _part_settings,
-    _pinned_components,
-    _pinned_parts,
-    policy_view,
-)
+from .parts import check_part_options, component_settings, part_settings, pinned_components, pinned_parts, policy_view
 from .name_patterns import pattern_rows
-from .row_selection import ROW_OPTIONS, check_row_options, row_selection
+from .row_selection import check_row_options, row_selection
 
 __all__ = [
-    "COMMON_OPTIONS",
     "STRATEGIES",
     "FreezeDecision",
     "Strategy",
     "TrainingProgress",
     "check_options",
+    "common_options",
     "decide",
     "explicitly_trained",
     "register_strategy",
 ]
 
-# Options every strategy accepts; the rest belong to the strategies that name them.
-COMMON_OPTIONS = (
-    "freeze_strategy", "freeze_embeddings", "freeze_norm", "freeze_head", "freeze_layer_paths", "freeze_respect_existing",
-    "freeze_health_check", "freeze_frozen_modules_eval", "freeze_chunked_loss", "freeze_frozen_dtype", "freeze_layer_stack", "freeze_vision_tower",
-    "freeze_multi_modal_projector", "freeze_language_model", "freeze_vit", "freeze_aligner", "freeze_llm",
-    "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
-    "freeze_cache_prefix", "freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep",
-    *ROW_OPTIONS,
-)
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.
 NON_LAYER_OPTIONS = {"freeze_embeddings": (EMBEDDINGS,), "freeze_norm": (NORM, OTHER), "freeze_head": (HEAD,)}
@@ -120,7 +104,8 @@ class Strategy:
         name: The `freeze_strategy` value.
         select: ``(layout, options, progress) -> (frozen parameter names, notes)`` for the layer part of the
             policy; the non-layer blocks are then settled by `defaults` and the user's overrides.
-        options: `freeze_*` fields this strategy reads besides the common ones.
+        options: `freeze_*` fields this strategy reads besides the common ones (`common_options`: the fields no
+            strategy names). Name only options of its own: a common option named here is refused for the others.
         defaults: Whether embeddings / norms / head are frozen when the user leaves them unset.
         check: Configuration-time validation that needs no model; raises `FreezeConfigError`.
         dynamic: True when the decision depends on the training progress.
@@ -183,6 +168,24 @@ def register_strategy(strategy: Strategy) -> Strategy:
     return STRATEGIES.add(strategy.name, strategy)
 
 
+def common_options(field_names: Iterable[str]) -> List[str]:
+    """The options of ``field_names`` that every strategy accepts: those that no registered strategy names as its own
+    (`Strategy.options`). A new `freeze_*` field is common until a strategy names it.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.config import freeze_fields
+    >>> from hf_freeze.policies.core import common_options
+    >>> common = common_options(freeze_fields())
+    >>> "freeze_head" in common, "freeze_layers" in common
+    (True, False)
+    ```
+    """
+    own = {option for name in STRATEGIES.names() for option in STRATEGIES.get(name).options}
+    return [name for name in field_names if name not in own]
+
+
 def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
     """Configuration-time checks shared by every strategy, then the strategy's own; returns the strategy.
 
@@ -191,7 +194,8 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
         field_names: Every ``freeze_*`` field there is (an option set that its strategy does not read is refused).
     """
     strategy = STRATEGIES.get(options.freeze_strategy)
-    allowed = set(COMMON_OPTIONS) | set(strategy.options)
+    field_names = list(field_names)
+    allowed = set(common_options(field_names)) | set(strategy.options)
     unused = [name for name in field_names if name not in allowed and getattr(options, name) is not None]
     if unused:
         readers = {name: [s for s in STRATEGIES.names() if name in STRATEGIES.get(s).options] for name in unused}
@@ -213,9 +217,7 @@ def check_options(options: Any, field_names: Iterable[str]) -> Strategy:
                 f"{strategy.name!r} decides it itself. Remove `{name}`.",
                 fields=[name],
             )
-    if getattr(options, "freeze_health_check", None) not in (None, *HEALTH_CHECK_MODES):
-        raise invalid_choice("freeze_health_check", options.freeze_health_check, HEALTH_CHECK_MODES)
-    _check_part_options(options, strategy)
+    check_part_options(options, strategy)
     check_cache_options(options, strategy.dynamic)
     check_row_options(options)
     if strategy.check is not None:
@@ -247,9 +249,9 @@ def decide(
     frozen = set(selected)
     pinned_frozen, pinned_trainable = _non_layer_settings(view, options, strategy)
     frozen = (frozen | pinned_frozen) - pinned_trainable
-    frozen, part_notes = _part_settings(layout, view, options, strategy, frozen)
+    frozen, part_notes = part_settings(layout, view, options, strategy, frozen)
     notes = list(notes) + part_notes
-    frozen = _component_settings(layout, options, frozen)
+    frozen = component_settings(layout, options, frozen)
     frozen, warnings = _honour_ties(layout, frozen, options)
     notes = list(notes) + _tied_embedding_notes(layout, frozen, options)
     kept, note = _keep_user_frozen(layout, options, strategy, frozen, kept_frozen)
@@ -278,8 +280,8 @@ def explicitly_trained(layout: ModelLayout, options: Any) -> set:
     strategy = STRATEGIES.get(options.freeze_strategy)
     view = policy_view(layout, options, strategy)
     named = set(_non_layer_settings(view, options, strategy)[1])
-    named |= _pinned_parts(layout, view, options, strategy)[1]
-    named |= _pinned_components(layout, options)[1]
+    named |= pinned_parts(layout, view, options, strategy)[1]
+    named |= pinned_components(layout, options)[1]
     if strategy.trains is not None:
         named |= set(strategy.trains(view, options))
     return named
@@ -335,7 +337,7 @@ def registration_decision(layout: ModelLayout, options: Any, kept_frozen: Iterab
     strategy = STRATEGIES.get(options.freeze_strategy)
     view = policy_view(layout, options, strategy)
     pinned_frozen, _ = _non_layer_settings(view, options, strategy)
-    pinned_frozen |= _pinned_parts(layout, view, options, strategy)[0] | _pinned_components(layout, options)[0]
+    pinned_frozen |= pinned_parts(layout, view, options, strategy)[0] | pinned_components(layout, options)[0]
     kept, _ = _keep_user_frozen(layout, options, strategy, set(pinned_frozen), kept_frozen)
     rows = trainable_rows(layout, options)
     return FreezeDecision(frozenset(pinned_frozen | kept | set(rows)), trainable_rows=rows)

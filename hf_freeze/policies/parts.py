@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
-from ..errors import FreezeConfigError, few, invalid, invalid_choice
+from ..errors import FreezeConfigError, few, invalid
 from ..model.layout import EMBEDDINGS, LANGUAGE, PROJECTOR, ROUTER, SHARED_EXPERTS, VISION, ModelLayout
 
 __all__ = [
-    "LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "check_unused_parts", "counted_layout", "part_option", "policy_view",
-    "unused_parts",
+    "LAYER_STACKS", "MOE_OPTIONS", "PART_OPTIONS", "check_part_options", "check_unused_parts", "component_settings",
+    "counted_layout", "part_option", "part_settings", "pinned_components", "pinned_parts", "policy_view", "unused_parts",
 ]
 
 
@@ -23,7 +23,7 @@ PART_OPTIONS = {
     "freeze_multi_modal_projector": ("freeze_aligner", PROJECTOR, "multi-modal projector"),
     "freeze_language_model": ("freeze_llm", LANGUAGE, "separate language model"),
 }
-# The options that settle a component inside mixture-of-experts layers.
+# The options that settle a component inside mixture-of-experts layers (`ModelLayout.components`).
 MOE_OPTIONS = {"freeze_router": (ROUTER, "router (gate)"), "freeze_shared_experts": (SHARED_EXPERTS, "shared experts")}
 # `freeze_layer_stack`: whose layers the layer strategies count on a multi-part model.
 LAYER_STACKS = ("language", "vision", "all")
@@ -39,7 +39,10 @@ def _part_fields(options: Any, name: str) -> List[str]:
     return [name] + ([alias] if getattr(options, alias, None) is not None else [])
 
 
-def _check_part_options(options: Any, strategy: Any) -> None:
+def check_part_options(options: Any, strategy: Any) -> None:
+    """Configuration-time checks of the part options: an option and its ms-swift alias agree,
+    `freeze_unused_modalities` does not contradict a part set to train, and `freeze_layer_stack` other than the
+    language model's is not used with a strategy whose scores are measured on the language model's layers."""
     for name, (alias, _, _) in PART_OPTIONS.items():
         value, alias_value = getattr(options, name, None), getattr(options, alias, None)
         if value is not None and alias_value is not None and value != alias_value:
@@ -57,8 +60,6 @@ def _check_part_options(options: Any, strategy: Any) -> None:
                     fields=["freeze_unused_modalities", *_part_fields(options, name)],
                 )
     stack = getattr(options, "freeze_layer_stack", None)
-    if stack is not None and stack not in LAYER_STACKS:
-        raise invalid_choice("freeze_layer_stack", stack, LAYER_STACKS)
     if stack not in (None, "language") and strategy.needs_scores:
         raise FreezeConfigError(
             f"`freeze_layer_stack` {stack!r} cannot be used with `freeze_strategy` {strategy.name!r}: its scores are "
@@ -164,7 +165,7 @@ def _option_for_part(part: str) -> Optional[str]:
     return next((name for name, (_, covered, _) in PART_OPTIONS.items() if covered == part), None)
 
 
-def _pinned_parts(layout: ModelLayout, view: ModelLayout, options: Any, strategy: Any) -> Tuple[set, set]:
+def pinned_parts(layout: ModelLayout, view: ModelLayout, options: Any, strategy: Any) -> Tuple[set, set]:
     """Parameters of whole parts pinned frozen / trainable by the part options (or the strategy's defaults)."""
     frozen, trainable = set(), set()
     for part in layout.parts:
@@ -182,14 +183,14 @@ def _pinned_parts(layout: ModelLayout, view: ModelLayout, options: Any, strategy
     return frozen, trainable
 
 
-def _part_settings(layout: ModelLayout, view: ModelLayout, options: Any, strategy: Any, frozen: set):
+def part_settings(layout: ModelLayout, view: ModelLayout, options: Any, strategy: Any, frozen: set):
     """Settle the parts: a part option set (or a strategy default) wins; a part the strategy did not see follows
     the input side: the parts that feed the counted layers (the vision tower and projector, for the language model's
     layers) freeze when the counted part's input embeddings are frozen, so that a frozen prefix stays a prefix
     and freezing the bottom layers still saves their backward pass; the parts after it train."""
     if not layout.parts:
         return frozen, []
-    pinned_frozen, pinned_trainable = _pinned_parts(layout, view, options, strategy)
+    pinned_frozen, pinned_trainable = pinned_parts(layout, view, options, strategy)
     embeddings = set(view.input_embedding_parameters) or set(view.parameters_of(view.blocks_of_kind(EMBEDDINGS)))
     input_frozen = bool(embeddings) and embeddings <= frozen
     counted = [block.part for block in view.layers]
@@ -210,7 +211,9 @@ def _part_settings(layout: ModelLayout, view: ModelLayout, options: Any, strateg
     return (frozen | pinned_frozen) - pinned_trainable, notes
 
 
-def _pinned_components(layout: ModelLayout, options: Any) -> Tuple[set, set]:
+def pinned_components(layout: ModelLayout, options: Any) -> Tuple[set, set]:
+    """Parameters of the mixture-of-experts components (routers, shared experts) pinned frozen / trainable by
+    `freeze_router` and `freeze_shared_experts`; refuses an option whose component this model does not have."""
     frozen, trainable = set(), set()
     for option, (component, words) in MOE_OPTIONS.items():
         value = getattr(options, option, None)
@@ -228,8 +231,10 @@ def _pinned_components(layout: ModelLayout, options: Any) -> Tuple[set, set]:
     return frozen, trainable
 
 
-def _component_settings(layout: ModelLayout, options: Any, frozen: set) -> set:
-    pinned_frozen, pinned_trainable = _pinned_components(layout, options)
+def component_settings(layout: ModelLayout, options: Any, frozen: set) -> set:
+    """``frozen`` with the mixture-of-experts components settled as `pinned_components` says (they win over the
+    strategy's choice for their layer)."""
+    pinned_frozen, pinned_trainable = pinned_components(layout, options)
     return (frozen | pinned_frozen) - pinned_trainable
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 
-from ..errors import invalid, invalid_choice
+from ..errors import invalid
 from .core import TrainingProgress
 
 __all__ = [
@@ -58,7 +58,5 @@ def seeded_random(name: str, seed: int, index: int) -> random.Random:
 
 
 def check_schedule_options(options) -> None:
-    if options.freeze_schedule_unit is not None and options.freeze_schedule_unit not in SCHEDULE_UNITS:
-        raise invalid_choice("freeze_schedule_unit", options.freeze_schedule_unit, SCHEDULE_UNITS)
     if options.freeze_schedule_every is not None and options.freeze_schedule_every < 1:
         raise invalid("freeze_schedule_every", options.freeze_schedule_every, "an integer >= 1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..errors import FreezeConfigError, invalid
 from ..model.layout import ModelLayout
 from .common import layer_parameters, require_layers
 from .core import Selection, TrainingProgress
@@ -99,8 +99,6 @@ def active_block(options, progress: TrainingProgress, num_layers: int) -> List[i
 def check_badam(options) -> None:
     check_active_layers(options)
     order, start = options.freeze_block_order, options.freeze_start_block
-    if order is not None and order not in BLOCK_ORDERS:
-        raise invalid_choice("freeze_block_order", order, BLOCK_ORDERS)
     if start is not None and start < 0:
         raise invalid("freeze_start_block", start, "a block index >= 0 (0 is the block nearest the input)")
     if order == "fixed" and start is None:

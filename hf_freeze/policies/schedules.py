@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Union
 
-from ..errors import FreezeConfigError, invalid, invalid_choice
+from ..errors import FreezeConfigError, invalid
 from ..model.layout import ModelLayout
 from .common import bottom_prefix, require_layers, resolve_count
 from .core import Selection, Strategy, TrainingProgress, register_strategy
@@ -139,8 +139,6 @@ def progressive_frozen_count(options, progress: TrainingProgress, num_layers: in
 
 def _check_progressive(options) -> None:
     check_schedule_options(options)
-    if options.freeze_granularity is not None and options.freeze_granularity not in GRANULARITIES:
-        raise invalid_choice("freeze_granularity", options.freeze_granularity, GRANULARITIES)
     if options.freeze_start is not None and not 0.0 <= options.freeze_start < 1.0:
         raise invalid("freeze_start", options.freeze_start, "a fraction of training in [0, 1)")
     if options.freeze_level is not None and not 0.0 < options.freeze_level <= 1.0:

@@ -1,6 +1,7 @@
 """Run a policy over a whole training run without a model or a run: the frozen set at every change.
 
-The one simulator: `hf-freeze plan` shows its result, `hf_freeze.report.simulate_timeline` draws it.
+The one simulator: `hf-freeze plan` shows its result, `hf_freeze.report.simulate_timeline` draws it, and
+`describe_inaction` reads it to tell a user that a policy does nothing in their run.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, FrozenSet, Iterable, List, Optional, Sequence
 
-from ..errors import FreezeConfigError, invalid
+from ..errors import invalid
 from ..model.layout import ModelLayout
 from .core import STRATEGIES, TrainingProgress, decide
+from .layout_checks import check_against_layout  # noqa: F401  (engine/freezer.py imports it from here)
 from .parts import policy_view
 
-__all__ = [
-    "FrozenSetChange", "check_against_layout", "describe_inaction", "frozen_sets_over_training", "placeholder_scores",
-]
+__all__ = ["FrozenSetChange", "describe_inaction", "frozen_sets_over_training", "placeholder_scores"]
 
 
 @dataclass(frozen=True)
@@ -97,31 +97,6 @@ def frozen_sets_over_training(
                     high = middle
             changes.append(at(high) if high != current.step else current)
     return changes
-
-
-def check_against_layout(
-    layout: ModelLayout, options: Any, max_steps: Optional[int] = None, kept_frozen: Iterable[str] = ()
-) -> None:
-    """Raise now what the policy would raise on this model during training (a count above the number of layers, an
-    index past the last layer, a pattern that matches nothing), and refuse a policy that leaves nothing to train.
-    It is asked at the start of training and, when it changes during training, at the quarter points and the end.
-    """
-    steps = max_steps or 100
-    fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if STRATEGIES.get(options.freeze_strategy).dynamic else (0.0,)
-    for fraction in fractions:
-        decision = decide(layout, options, TrainingProgress(step=int(fraction * steps), max_steps=steps), kept_frozen)
-        if fraction == 0.0 and layout.parameter_names and set(layout.parameter_names) <= decision.frozen and not decision.trainable_rows:
-            kept = set(kept_frozen) & decision.frozen
-            because = (
-                f" ({len(kept)} of them were frozen before hf_freeze saw the model, and `freeze_respect_existing` keeps "
-                "them frozen)" if kept else ""
-            )
-            raise FreezeConfigError(
-                f"`freeze_strategy` {options.freeze_strategy!r} freezes every parameter{because}, so nothing would "
-                "train: the first backward pass fails, and under multi-process training accelerate skips (GPU) or "
-                "fails (CPU) the DDP wrap. Leave something trainable, e.g. `freeze_head: false`.",
-                fields=["freeze_strategy"] + (["freeze_respect_existing"] if kept else []),
-            )
 
 
 def describe_inaction(

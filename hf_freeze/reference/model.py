@@ -44,7 +44,6 @@ from ..model import peft_adapter_reason, unwrap_model
 from ..processes import is_main_process
 from ..integrations.backends import DEEPSPEED, FSDP, detect_setup
 from .hooks import SharedPair, WeakHook, remove_all
-from .hooks import _inert_hook  # noqa: F401  pickles of a policy made before the split name it here
 from .sharing import SharedComputation
 
 __all__ = ["ReferenceMemory", "ReferenceState", "reference_model", "reference_state"]

@@ -1,13 +1,12 @@
 """The torch side of adaptive freezing: meters that measure per-layer scores, and the probe that runs them.
 
-One file a meter. The built-in scores are registered here, in `hf_freeze.policies.scoring.SCORES`, without importing
-torch: each entry's meter imports its file when a probe first measures it, so that checking a configuration
-(`freeze_score: snr`) needs neither torch nor the meters. They register in the order `--help` lists them in. The
-meters and the probe are imported from their files on first access (PEP 562).
+One file a meter. The built-in scores are registered with the registry, in `hf_freeze.policies.scoring`, each
+naming its meter here by dotted path; `build_meter` imports it when a probe first measures the score. The meters and
+the probe are imported from their files on first access (PEP 562).
 """
 
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 from ..policies.scoring import SCORES, Score, register_score
 
@@ -22,6 +21,7 @@ __all__ = [
     "ScoreMeter",
     "SnrMeter",
     "WeightChangeMeter",
+    "build_meter",
     "matrix_snr",
     "register_score",
 ]
@@ -36,6 +36,7 @@ _LAZY = {
     "SnrMeter": "snr",
     "WEIGHT_SAMPLE_SIZE": "weight_change",
     "WeightChangeMeter": "weight_change",
+    "build_meter": "meter",
     "matrix_snr": "snr",
 }
 
@@ -50,28 +51,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-def _meter(name: str) -> Callable[..., Any]:
-    """``(layers, seed) -> ScoreMeter`` for the meter class ``name``: its file (and torch) is imported on first use."""
-
-    def build(layers, seed: int = 0):
-        return __getattr__(name)(layers, seed)
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"Builds a `hf_freeze.scores.{name}` (imported when first measured)."
-    return build
-
-
-register_score(
-    Score("weight_change", _meter("WeightChangeMeter"), True, "Relative weight change |dw|/|w| over the probe (Exploring Selective Layer Freezing Strategies).")
-)
-register_score(Score("grad_norm", _meter("GradNormMeter"), True, "Mean gradient norm over the probe."))
-register_score(
-    Score(
-        "grad_norm_change", _meter("GradNormChangeMeter"), True,
-        "Relative change of the gradient norm between the probe's halves (AutoFreeze); needs 2+ probe steps.",
-        min_probe_steps=2,
-    )
-)
-register_score(Score("snr", _meter("SnrMeter"), False, "Signal-to-noise ratio of the weight matrices, no probe (Spectrum)."))

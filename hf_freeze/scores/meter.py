@@ -8,12 +8,13 @@ a probe resumes it exactly. Register a new score with `hf_freeze.register_score(
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["Layers", "ScoreMeter"]
+__all__ = ["Layers", "ScoreMeter", "build_meter"]
 
 # Layers in forward order: (block name, [(parameter name, parameter), ...]).
 Layers = Sequence[Tuple[str, Sequence[Tuple[str, nn.Parameter]]]]
@@ -27,9 +28,10 @@ class ScoreMeter:
     ```python
     >>> from torch import nn
     >>> from hf_freeze import SCORES
+    >>> from hf_freeze.scores import build_meter
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     >>> layers = [(f"{i}", [(f"{i}.{name}", p) for name, p in module.named_parameters()]) for i, module in enumerate(net)]
-    >>> meter = SCORES.get("weight_change").meter(layers, 0)
+    >>> meter = build_meter(SCORES.get("weight_change"), layers, 0)
     >>> meter.start()
     >>> _ = net[1].weight.data.mul_(2.0)
     >>> [round(score, 2) for score in meter.finish()][0]
@@ -64,3 +66,12 @@ class ScoreMeter:
                 return parameter.device
         return torch.device("cpu")
 
+
+def build_meter(score: Any, layers: Layers, seed: int = 0) -> ScoreMeter:
+    """A new meter of the registered `Score` ``score`` for ``layers``; a meter named by its dotted path (as the
+    built-in scores name theirs) is imported here, when a probe first measures it."""
+    meter = score.meter
+    if isinstance(meter, str):
+        module, _, name = meter.rpartition(".")
+        meter = getattr(importlib.import_module(module), name)
+    return meter(layers, seed)

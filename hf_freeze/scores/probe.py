@@ -20,7 +20,7 @@ from ..model.layout import ModelLayout
 from ..policies import SCORES, TrainingProgress
 from ..policies.adaptive import adaptive_round, probe_length, score_name
 from ..processes import broadcast_from_main, is_main_process
-from .meter import ScoreMeter
+from .meter import ScoreMeter, build_meter
 
 __all__ = ["LayerProbe"]
 
@@ -148,7 +148,7 @@ class LayerProbe:
         self.meter = self.meter_round = None
         meter = state.get("meter")
         if meter and meter["round"] not in self.rounds and meter["start_step"] <= before_step:
-            self.meter = self.score.meter(self.layers, _SAMPLE_SEED)
+            self.meter = build_meter(self.score, self.layers, _SAMPLE_SEED)
             self.meter.load_state_dict(meter["state"])
             self.meter_round, self.meter_start_step = meter["round"], meter["start_step"]
             self._probe_began = time.perf_counter()
@@ -161,7 +161,7 @@ class LayerProbe:
     # -- internals ---------------------------------------------------------------------------------------------------
 
     def _start(self, round_index: int, step: int) -> None:
-        self.meter = self.score.meter(self.layers, _SAMPLE_SEED)
+        self.meter = build_meter(self.score, self.layers, _SAMPLE_SEED)
         self.meter_round, self.meter_start_step = round_index, step
         self._probe_began = time.perf_counter()
         with self._timed():

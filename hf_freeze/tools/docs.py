@@ -18,6 +18,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 from ..config import FreezeArguments
+from ..errors import one_of
 from ..policies import STRATEGIES
 
 __all__ = ["default_page", "render_options", "render_strategies", "update_page"]
@@ -32,6 +33,8 @@ def _type_name(hint: Any, plural: bool = False) -> str:
         return _type_name(args[0])
     if typing.get_origin(hint) in (list, typing.List):
         return f"list of {_type_name(typing.get_args(hint)[0], plural=True)}"
+    if typing.get_origin(hint) is typing.Literal:
+        return one_of(typing.get_args(hint))  # the words of the validator's error
     names = {bool: "true/false", int: "integer", float: "number", str: "string"}
     name = names.get(hint, getattr(hint, "__name__", str(hint)))
     return name + "s" if plural and hint in names and hint is not bool else name

@@ -51,7 +51,7 @@ from .hpo_space import (
     trainable_layer_counts,
     training_step_counts,
 )
-from .hpo_trial import _FINISHED, _best, _Objective, _Progress, format_results
+from .hpo_trial import FINISHED_STATES, ProgressLog, TrialObjective, best_trial, format_results
 
 __all__ = ["FIDELITY_KINDS", "PRUNERS", "SearchResult", "add_parser", "format_results", "main", "run_search"]
 
@@ -176,19 +176,19 @@ def run_search(
     study = _open_study(optuna, storage, study_name, direction, pruner, sampler or optuna.samplers.TPESampler(
         seed=args.seed), description)
 
-    done = sum(trial.state.name in _FINISHED for trial in study.trials)
+    done = sum(trial.state.name in FINISHED_STATES for trial in study.trials)
     remaining = max(0, n_trials - done)
     if remaining:
         _retry_interrupted(study)
     logger.info(f"hpo: study {study_name!r} in {storage}: {done} finished trial(s), {remaining} to run; rungs {unit} "
                 f"(fidelities {list(fidelities)}), {direction} {metric}")
-    objective = _Objective(args, model_init, train_dataset, eval_dataset, space, fidelity, fidelities, counts,
+    objective = TrialObjective(args, model_init, train_dataset, eval_dataset, space, fidelity, fidelities, counts,
                            num_layers, metric, reduction_factor, continuation, trainer_class, list(callbacks),
                            trainer_kwargs)
     if remaining:
         study.optimize(objective, n_trials=remaining,
-                       callbacks=[_Progress(n_trials, metric, len(counts)), *study_callbacks])
-    best = _best(study)
+                       callbacks=[ProgressLog(n_trials, metric, len(counts)), *study_callbacks])
+    best = best_trial(study)
     logger.info("hpo: results\n" + format_results(study))
     return SearchResult(study, storage, study_name, best.params if best else None, best.value if best else None,
                         best.number if best else None)

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import FreezeTrainingArguments, load_config_file
 from ..errors import FreezeConfigError, invalid
 
-__all__ = ["DEFAULT_FIDELITIES", "FIDELITY_KINDS", "SearchParameter", "SearchSpace", "load_search_space",
-           "trainable_layer_counts", "training_step_counts"]
+__all__ = ["DEFAULT_FIDELITIES", "FIDELITY_KINDS", "SearchParameter", "SearchSpace", "check_fidelity_grid",
+           "load_search_space", "trainable_layer_counts", "training_step_counts"]
 
 DEFAULT_FIDELITIES: Tuple[float, ...] = (0.25, 0.5, 1.0)
 # What a rung's fraction is of: the model's layers left trainable, or the optimizer steps of a full run.
@@ -170,7 +170,9 @@ def load_search_space(path: str) -> SearchSpace:
     return SearchSpace.from_mapping(load_config_file(path), source=path)
 
 
-def _check_grid(fidelities: Sequence[float], unit: str) -> List[float]:
+def check_fidelity_grid(fidelities: Sequence[float], unit: str) -> List[float]:
+    """``fidelities`` as a list, refused unless they are strictly increasing fractions in (0, 1] of ``unit``
+    ('trainable layers', 'training steps'): one per rung, each rung training more than the one before."""
     grid = list(fidelities)
     if not grid:
         raise invalid("fidelities", grid, f"a non-empty list of fractions of {unit}, e.g. [0.25, 0.5, 1.0]")
@@ -210,7 +212,7 @@ def trainable_layer_counts(fidelities: Sequence[float], num_layers: int) -> List
     [2, 3, 6]
     ```
     """
-    return _counts(_check_grid(fidelities, "trainable layers"), num_layers, "layers")
+    return _counts(check_fidelity_grid(fidelities, "trainable layers"), num_layers, "layers")
 
 
 def training_step_counts(fidelities: Sequence[float], full_steps: int) -> List[int]:
@@ -225,4 +227,4 @@ def training_step_counts(fidelities: Sequence[float], full_steps: int) -> List[i
     [8, 16, 32]
     ```
     """
-    return _counts(_check_grid(fidelities, "training steps"), full_steps, "steps")
+    return _counts(check_fidelity_grid(fidelities, "training steps"), full_steps, "steps")

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Union
 
 from ..errors import FreezeConfigError, invalid
-from .hpo_space import DEFAULT_FIDELITIES, SearchSpace, _check_grid, load_search_space, trainable_layer_counts
+from .hpo_space import (
+    DEFAULT_FIDELITIES, SearchSpace, check_fidelity_grid, load_search_space, trainable_layer_counts,
+)
 
 __all__ = ["LayerFidelityStages"]
 
@@ -65,7 +67,7 @@ class LayerFidelityStages:
             raise invalid("rung_steps", self.rung_steps, "the optimizer steps of the first rung, an integer >= 1")
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
             raise invalid("reduction_factor", self.reduction_factor, "an integer >= 2")
-        _check_grid(self.fidelities, "trainable layers")  # strictly increasing fractions in (0, 1]
+        check_fidelity_grid(self.fidelities, "trainable layers")  # strictly increasing fractions in (0, 1]
         object.__setattr__(self, "fidelities", tuple(float(f) for f in self.fidelities))
 
     @property

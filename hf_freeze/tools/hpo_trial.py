@@ -20,14 +20,15 @@ from ..errors import invalid_choice
 from ..integrations import FreezeCallback
 from ..logs import get_logger
 
-__all__ = ["format_results"]
+__all__ = ["FINISHED_STATES", "ProgressLog", "TrialObjective", "best_trial", "format_results"]
 
 logger = get_logger(__name__)
 
-_FINISHED = ("COMPLETE", "PRUNED")
+# The states of a trial that counts as done (a failed, interrupted one is run again: `hpo._retry_interrupted`).
+FINISHED_STATES = ("COMPLETE", "PRUNED")
 
 
-class _Objective:
+class TrialObjective:
     """One trial: the rungs in order, each a Trainer run reported to Optuna, until the pruner stops it."""
 
     def __init__(self, args, model_init, train_dataset, eval_dataset, space, fidelity, fidelities, counts, num_layers,
@@ -106,23 +107,24 @@ class _Objective:
         return self.model_class.from_pretrained(folder)
 
 
-class _Progress:
+class ProgressLog:
     """Logs trials done, the rung a trial reached and the best value so far, after every trial."""
 
     def __init__(self, n_trials: int, metric: str, num_rungs: int):
         self.n_trials, self.metric, self.num_rungs = n_trials, metric, num_rungs
 
     def __call__(self, study, trial) -> None:
-        done = sum(item.state.name in _FINISHED for item in study.trials)
+        done = sum(item.state.name in FINISHED_STATES for item in study.trials)
         reached = len(trial.user_attrs.get("rungs", []))
-        best = _best(study)
+        best = best_trial(study)
         best_text = (f"best so far: trial {best.number}, {self.metric} {best.value:.4g}" if best
                      else "no complete trial yet")
         logger.info(f"hpo: {done}/{self.n_trials} trials done; trial {trial.number} {trial.state.name.lower()} at rung "
                     f"{reached}/{self.num_rungs}; {best_text}")
 
 
-def _best(study):
+def best_trial(study):
+    """The study's best complete trial, or ``None`` while no trial has completed (Optuna's `best_trial` raises)."""
     complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
     return study.best_trial if complete else None
 
@@ -153,7 +155,7 @@ def format_results(study) -> str:
     ```
     """
     trials = study.trials
-    best = _best(study)
+    best = best_trial(study)
     # Columns in rung order; a rung's label (its trainable layers or its steps) grows with the rung.
     labels: Dict[int, str] = {}
     for trial in trials:

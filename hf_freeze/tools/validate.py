@@ -126,7 +126,7 @@ def _strategy_reading(option: str) -> str:
 
 
 def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
-    from ..integrations import LayerFreezer  # with a model only: the integrations import the Trainer's callbacks
+    from ..engine import LayerFreezer  # with a model only: the engine imports torch
 
     # Exactly what training runs: building the freezer refuses on the model what it would refuse in the Trainer;
     # with the run's length known, the checks that need it run too.
