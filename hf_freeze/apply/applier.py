@@ -13,7 +13,7 @@ from ..model.layout import ROWS_MODULE, ModelLayout
 from ..policies import FreezeDecision
 from .frozen_dtype import FrozenWeightsDtype
 from .frozen_prefix import FrozenPrefixHooks
-from .health import FrozenModulesEval
+from .eval_mode import FrozenModulesEval
 from .trainable_rows import TrainableRows
 
 __all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..errors import FreezeHealthError, few
-from .eval_mode import FrozenModulesEval  # noqa: F401  (applier.py imports it from here)
 
 __all__ = ["HealthCheck"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from ..policies.adaptive import SELECT_ENDS
-from ..policies.common import CACHE_DTYPES
+from ..policies.common import CACHE_DTYPES, FROZEN_DTYPES
 from ..policies.core import HEALTH_CHECK_MODES
 from ..policies.name_patterns import PATTERN_SYNTAXES
 from ..policies.parts import LAYER_STACKS
@@ -485,10 +485,11 @@ class FreezeArguments:
             "the layers are chosen again from the new scores. Unset: the layers are chosen once."
         ),
     )
-    freeze_frozen_dtype: Optional[Literal["bfloat16", "float16", "none"]] = field(
+    freeze_frozen_dtype: Optional[Literal[FROZEN_DTYPES]] = field(
         default=None,
         metadata=_help(
-            "Store the weights of frozen linear layers in this dtype under bf16/fp16 mixed precision: autocast casts "
+            "'bfloat16' or 'float16': store the weights of frozen linear layers in this dtype under bf16/fp16 mixed "
+            "precision: autocast casts "
             "them to it on every forward anyway, so the products are the same and each frozen weight takes 2 bytes "
             "instead of 4. Norms, embeddings and biases stay as they are. A layer a schedule unfreezes gets its "
             "float32 weights back exactly; checkpoints are saved in the model's own dtype; outside autocast the "

@@ -20,7 +20,8 @@ from ..model import discover_layout, loaded_vocabulary_size, peft_adapter_reason
 from ..policies import STRATEGIES, FreezeDecision, TrainingProgress, decide, registration_decision
 from ..policies.adaptive import check_against_training
 from ..policies.parts import check_unused_parts, counted_layout
-from ..policies.simulate import check_against_layout, describe_inaction
+from ..policies.layout_checks import check_against_layout
+from ..policies.simulate import describe_inaction
 from ..processes import is_main_process
 from ..report import FreezeTimeline, applied_lines, format_block_table, freeze_metrics, model_metrics, summary_line
 from ..report import update_lines

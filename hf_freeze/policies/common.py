@@ -8,10 +8,12 @@ from ..errors import FreezeConfigError, invalid
 from ..model.layout import EMBEDDINGS, LAYER, NORM, OTHER, ModelLayout
 
 __all__ = [
-    "CACHE_DTYPES", "bottom_prefix", "check_cache_options", "layer_parameters", "require_layers", "resolve_count",
+    "CACHE_DTYPES", "FROZEN_DTYPES", "bottom_prefix", "check_cache_options", "layer_parameters", "require_layers", "resolve_count",
 ]
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+# `freeze_frozen_dtype`: the storage dtype of frozen linear weights (`hf_freeze.apply.frozen_dtype`).
+FROZEN_DTYPES = ("bfloat16", "float16", "none")
 _CACHE_DETAILS = ("freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep")
 
 

@@ -13,7 +13,6 @@ from typing import Any, FrozenSet, Iterable, List, Optional, Sequence
 from ..errors import invalid
 from ..model.layout import ModelLayout
 from .core import STRATEGIES, TrainingProgress, decide
-from .layout_checks import check_against_layout  # noqa: F401  (engine/freezer.py imports it from here)
 from .parts import policy_view
 
 __all__ = ["FrozenSetChange", "describe_inaction", "frozen_sets_over_training", "placeholder_scores"]
