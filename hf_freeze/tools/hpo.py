@@ -37,7 +37,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 from ..config import FreezeTrainingArguments
 from ..errors import FreezeConfigError, invalid, invalid_choice
