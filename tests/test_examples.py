@@ -165,9 +165,9 @@ def test_plain_pytorch_loop_resumes_in_a_new_process_mid_probe(tmp_path, tiny_be
               "--freeze_probe_steps", "2", "--freeze_reselect_every", "3"]
     common = ["--model_name_or_path", tiny_bert_dir, "--data_dir", tmp_path, "--max_steps", "6", "--batch_size", "8"]
     whole = run_example("plain_pytorch.py", *common, *policy)
-    # Rounds start at steps 0 and 3, each with a 2-step probe: stopping after step 3 leaves round 1's probe half done.
+    # Rounds start at steps 0 and 3, each with a 2-step probe: stopping after 4 steps (0-3) leaves round 1's probe half done.
     first = run_example("plain_pytorch.py", *common, *policy, "--stop_after", "4", "--checkpoint_dir", tmp_path / "ckpt")
-    assert "stopped after step 3" in first
+    assert "stopped after 4 of 6 steps" in first
     resumed = run_example("plain_pytorch.py", *common, *policy, "--resume_from", tmp_path / "ckpt")
     digest = lambda out: out.split("weights ")[-1].split()[0]  # noqa: E731
     assert digest(resumed) == digest(whole)
