@@ -86,3 +86,20 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
     assert "plan" in help_text and "validate" in help_text
     (work / "tiny_run.py").write_text(TINY_RUN)
     assert "tiny run ok" in _run([str(python), "tiny_run.py"], cwd=work).stdout
+
+
+def test_every_extra_that_allows_peft_before_0_22_keeps_transformers_below_5_24():
+    # transformers 5.24 refuses adapters (`add_adapter`, `load_adapter`) from peft < 0.22: without the cap,
+    # `pip install hf_freeze[peft]` picks the newest transformers next to peft 0.21 and adapters fail to load.
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    checked = []
+    for extra, requirements in extras.items():
+        specifiers = {Requirement(text).name: Requirement(text).specifier for text in requirements}
+        if "peft" in specifiers and specifiers["peft"].contains("0.21.2"):
+            checked.append(extra)
+            assert "transformers" in specifiers and not specifiers["transformers"].contains("5.24.0"), extra
+    assert {"peft", "examples", "bench", "dev"} <= set(checked)
