@@ -81,7 +81,7 @@ def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
     )
     for action in plan._actions:
         if "--freeze_strategy" in action.option_strings:
-            action.help = strategy_help()
+            action.help = _strategy_help()
     plan.add_argument("model", help="a local model folder or a config.json")
     plan.add_argument("--config", help="a training YAML: its freeze_* keys give the policy (the command line wins), "
                       "and per_device_train_batch_size, max_steps, num_train_epochs, bf16/fp16, "
@@ -101,7 +101,7 @@ def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
     return plan
 
 
-def strategy_help() -> str:
+def _strategy_help() -> str:
     """`--strategy`'s help: every registered strategy, from the registry, so that a new one is listed the day it
     is registered."""
     from ..policies import STRATEGIES
