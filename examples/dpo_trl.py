@@ -83,6 +83,10 @@ def model_and_tokenizer(path: Optional[str]):
 
 def main(args: Optional[List[str]] = None) -> Dict[str, float]:
     parser = HfArgumentParser((ScriptArguments, FreezeDPOConfig))
+    import torch
+
+    if not torch.cuda.is_available():  # TRL's default turns bf16 on, which the Trainer refuses on a CPU
+        parser.set_defaults(bf16=False)
     script_args, dpo_config = parse_args_with_config_file(parser, args)
     if dpo_config.sync_ref_model:
         # TRL mixes the policy into the reference in place: with shared storage that would rewrite the policy too.

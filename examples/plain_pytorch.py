@@ -53,7 +53,9 @@ class LoopArguments:
     batch_size: int = field(default=32, metadata={"help": "Sentences per step."})
     learning_rate: float = field(default=1.0e-4, metadata={"help": "AdamW learning rate."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
-    stop_after: Optional[int] = field(default=None, metadata={"help": "Stop after this many steps (with checkpoint_dir)."})
+    stop_after: Optional[int] = field(
+        default=None, metadata={"help": "Stop after this many steps in all (resumed ones included) and write a checkpoint."}
+    )
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "Write a checkpoint here when stopping."})
     resume_from: Optional[str] = field(default=None, metadata={"help": "A checkpoint_dir to resume from."})
 
@@ -167,8 +169,11 @@ def main(args: Optional[List[str]] = None) -> Dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
     if last_step < loop.max_steps:
-        save_checkpoint(loop.checkpoint_dir or "outputs/plain_pytorch_checkpoint", last_step, model, optimizer, freezer)
-        print(f"stopped after step {last_step - 1}; checkpoint written (weights {weights_digest(model)})")
+        directory = loop.checkpoint_dir or "outputs/plain_pytorch_checkpoint"
+        save_checkpoint(directory, last_step, model, optimizer, freezer)
+        # Counted as --stop_after and the Trainer's global_step count them: steps done, not the last step's index.
+        print(f"stopped after {last_step} of {loop.max_steps} steps; checkpoint written to {directory} "
+              f"(continue with --resume_from {directory}; weights {weights_digest(model)})")
         return {"stopped_after": last_step}
 
     moved = [name for name, parameter in model.named_parameters() if not torch.equal(parameter, start[name])]

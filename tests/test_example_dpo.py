@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import tiny
-from test_examples import QUICK, run_example, saved
+from test_examples import TRL_QUICK, run_example, saved
 
 
 def test_dpo_example_with_a_schedule_and_the_shared_reference(tmp_path, tmp_path_factory):
@@ -21,7 +21,7 @@ def test_dpo_example_with_a_schedule_and_the_shared_reference(tmp_path, tmp_path
     out = run_example("dpo_trl.py", "--model_name_or_path", model_dir, "--output_dir", tmp_path / "out",
                       "--freeze_strategy", "gradual_unfreezing", "--freeze_layers", "3", "--freeze_schedule_unit",
                       "step", "--freeze_schedule_every", "1", "--max_steps", "3", "--per_device_train_batch_size", "4",
-                      "--learning_rate", "1e-2", "--num_examples", "16", *QUICK)
+                      "--learning_rate", "1e-2", "--num_examples", "16", *TRL_QUICK)
     assert "DPO with freeze_strategy 'gradual_unfreezing'" in out and "reference model:" in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["reference_shared_forwards"] == 3 and results["reference_full_forwards"] == 0

@@ -18,6 +18,9 @@ from hf_freeze import LayerFreezer
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 QUICK = ["--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "0"]
+# The TRL scripts without --use_cpu where there is no GPU, as their documented commands run: TRL's configs turn bf16
+# on, which the Trainer refuses on a CPU unless the script turns it off.
+TRL_QUICK = QUICK if torch.cuda.is_available() else [arg for arg in QUICK if arg != "--use_cpu"]
 
 
 def run_example(script, *args, cwd=None):
@@ -132,7 +135,7 @@ def test_trl_sft_example_with_freeze_callback(tmp_path, tmp_path_factory, tokeni
     model_dir = saved(tmp_path_factory, "llama", tiny.build("llama", vocab_size=len(tokenizer)), tokenizer)
     out = run_example("sft_trl.py", "--model_name_or_path", model_dir, "--output_dir", tmp_path / "out",
                       "--freeze_strategy", "llama_factory", "--freeze_trainable_layers", "1", "--max_steps", "2",
-                      "--per_device_train_batch_size", "4", "--num_examples", "16", *QUICK)
+                      "--per_device_train_batch_size", "4", "--num_examples", "16", *TRL_QUICK)
     assert "SFT with freeze_strategy 'llama_factory'" in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     layer = sum(p.numel() for p in tiny.build("llama").model.layers[3].parameters())
@@ -165,9 +168,9 @@ def test_plain_pytorch_loop_resumes_in_a_new_process_mid_probe(tmp_path, tiny_be
               "--freeze_probe_steps", "2", "--freeze_reselect_every", "3"]
     common = ["--model_name_or_path", tiny_bert_dir, "--data_dir", tmp_path, "--max_steps", "6", "--batch_size", "8"]
     whole = run_example("plain_pytorch.py", *common, *policy)
-    # Rounds start at steps 0 and 3, each with a 2-step probe: stopping after step 3 leaves round 1's probe half done.
+    # Rounds start at steps 0 and 3, each with a 2-step probe: stopping after 4 steps (0-3) leaves round 1's probe half done.
     first = run_example("plain_pytorch.py", *common, *policy, "--stop_after", "4", "--checkpoint_dir", tmp_path / "ckpt")
-    assert "stopped after step 3" in first
+    assert "stopped after 4 of 6 steps" in first
     resumed = run_example("plain_pytorch.py", *common, *policy, "--resume_from", tmp_path / "ckpt")
     digest = lambda out: out.split("weights ")[-1].split()[0]  # noqa: E731
     assert digest(resumed) == digest(whole)

@@ -1,11 +1,13 @@
 """The package builds as a wheel and an sdist that `twine check` accepts, and the installed wheel works on its own.
 
-The wheel goes into a fresh virtual environment that sees the system's packages (so torch and transformers are not
-downloaded) and runs from a folder outside the source tree, so what is tested is the installed copy.
+The wheel goes into a fresh virtual environment that sees the packages of the interpreter running the tests (so
+torch and transformers are not downloaded) and runs from a folder outside the source tree, so what is tested is the
+installed copy.
 """
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -46,6 +48,24 @@ def _run(command, **kwargs):
     return result
 
 
+def _environment_with_the_running_packages(environment: Path) -> Path:
+    """A new virtual environment whose Python also finds the packages of this one; returns its interpreter.
+
+    `system_site_packages=True` would give it the packages of the base installation, not those of a virtual
+    environment the tests run in (where the README's command installs torch). Instead a `.pth` file adds this
+    interpreter's site-packages folders as site folders (their own `.pth` files read too, as here), after the
+    environment's own: the wheel installed there is the hf_freeze it imports, even next to an editable install.
+    """
+    venv.EnvBuilder(with_pip=True).create(environment)
+    python = environment / "bin" / "python"
+    folders = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    lines = [f"import site; site.addsitedir({folder!r})" for folder in dict.fromkeys(folders)]
+    (Path(purelib) / "running_interpreter_packages.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
 def test_the_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=_NOT_SOURCE)  # build from a copy: the build writes egg-info next to the code
@@ -57,8 +77,7 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
     _run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)])
 
     environment = tmp_path / "env"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(environment)
-    python = environment / "bin" / "python"
+    python = _environment_with_the_running_packages(environment)
     _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)])
 
     work = tmp_path / "elsewhere"
@@ -67,3 +86,20 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
     assert "plan" in help_text and "validate" in help_text
     (work / "tiny_run.py").write_text(TINY_RUN)
     assert "tiny run ok" in _run([str(python), "tiny_run.py"], cwd=work).stdout
+
+
+def test_every_extra_that_allows_peft_before_0_22_keeps_transformers_below_5_24():
+    # transformers 5.24 refuses adapters (`add_adapter`, `load_adapter`) from peft < 0.22: without the cap,
+    # `pip install hf_freeze[peft]` picks the newest transformers next to peft 0.21 and adapters fail to load.
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    checked = []
+    for extra, requirements in extras.items():
+        specifiers = {Requirement(text).name: Requirement(text).specifier for text in requirements}
+        if "peft" in specifiers and specifiers["peft"].contains("0.21.2"):
+            checked.append(extra)
+            assert "transformers" in specifiers and not specifiers["transformers"].contains("5.24.0"), extra
+    assert {"peft", "examples", "bench", "dev"} <= set(checked)

@@ -140,3 +140,16 @@ class SaveAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         control.should_save = state.global_step == self.step
+
+
+def assert_same_outputs(actual: torch.Tensor, expected: torch.Tensor, msg: Optional[str] = None) -> None:
+    """The outputs of two models with the same weights, one of them loaded or built apart from the other (a saved and
+    reloaded checkpoint, an expanded copy), agree to float32 rounding.
+
+    Bit-equality is a fair test only where the same kernels run on the same data in the same order (a frozen weight
+    untouched by training, a resumed run against an uninterrupted one). Two separately allocated models do not
+    guarantee that: the CPU's matrix kernels may take another path for other buffers (weights read from a
+    safetensors file among them), and the outputs then differ in the last bits: 2.98e-08 apart on one CPU where
+    another gives identical bits. A wrong weight moves them by orders of magnitude more than this tolerance.
+    """
+    torch.testing.assert_close(actual, expected, rtol=1.3e-6, atol=1e-5, msg=msg)

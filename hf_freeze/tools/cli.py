@@ -3,7 +3,7 @@ hyperparameters with frozen layers as the fidelity (`hpo`).
 
     hf-freeze plan path/to/model --strategy bottom --layers 0.5 --batch-size 8 --seq-len 2048 --precision bf16-mixed
     hf-freeze plan path/to/config.json --config configs/bottom.yaml
-    hf-freeze validate configs/bottom.yaml [--model path/to/model]
+    hf-freeze validate configs/*.yaml [--model path/to/model] [--task sequence-classification]
     hf-freeze hpo train.yaml --space configs/search_spaces/hpo_space.yaml --trials 24
     hf-freeze expand path/to/model --num-new-blocks 8 path/to/expanded-model
 """
@@ -52,9 +52,18 @@ def build_parser(command: Optional[str] = None) -> Tuple[argparse.ArgumentParser
         if name != command:
             commands.add_parser(name, help=help_line)
             continue
-        # Defaults shown in --help, as HfArgumentParser does.
-        chosen = _ADD_PARSER[name](commands, help=help_line, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        chosen = _ADD_PARSER[name](commands, help=help_line, formatter_class=_DefaultsHelpFormatter)
     return parser, chosen
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help, as HfArgumentParser does, except None: an unset `freeze_*` option means "the
+    strategy's default", which its help text states ("default 2"); "(default: None)" after it would contradict it."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
@@ -70,6 +79,9 @@ def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
         epilog="Every --freeze_* option also works without its prefix: --strategy bottom --layers 0.5.",
         **kwargs,
     )
+    for action in plan._actions:
+        if "--freeze_strategy" in action.option_strings:
+            action.help = _strategy_help()
     plan.add_argument("model", help="a local model folder or a config.json")
     plan.add_argument("--config", help="a training YAML: its freeze_* keys give the policy (the command line wins), "
                       "and per_device_train_batch_size, max_steps, num_train_epochs, bf16/fp16, "
@@ -91,18 +103,36 @@ def _add_plan_parser(commands, **kwargs) -> argparse.ArgumentParser:
     return plan
 
 
+def _strategy_help() -> str:
+    """`--strategy`'s help: every registered strategy, from the registry, so that a new one is listed the day it
+    is registered."""
+    from ..policies import STRATEGIES
+
+    groups = {"static": [], "schedule": [], "measured": []}
+    for name in STRATEGIES:
+        strategy = STRATEGIES.get(name)
+        kind = "measured" if strategy.needs_scores else "schedule" if strategy.dynamic else "static"
+        groups[kind].append(repr(name))
+    return (
+        f"Which layers to freeze. Static: {', '.join(groups['static'])}. Schedules (the frozen set changes during "
+        f"training): {', '.join(groups['schedule'])}. Chosen from measurements: {', '.join(groups['measured'])}. "
+        "The options each strategy reads are listed in docs/options.md."
+    )
+
+
 def _add_validate_parser(commands, **kwargs) -> argparse.ArgumentParser:
     from .plan import TASKS
 
     validate = commands.add_parser(
         "validate",
-        description="Parse a YAML file as HfArgumentParser(FreezeTrainingArguments) would for training, and report "
-        "every problem: unknown keys, values of the wrong type, each bad freeze_* value with what is valid.",
+        description="Parse YAML files as HfArgumentParser(FreezeTrainingArguments) would for training, and report "
+        "every problem of each: unknown keys, values of the wrong type, each bad freeze_* value with what is valid. "
+        "The exit status is 1 if any file has a problem.",
         **kwargs,
     )
-    validate.add_argument("file", help="the YAML file")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="the YAML files (e.g. configs/*.yaml)")
     validate.add_argument("--model", default=None, help="also check the values that depend on this model "
-                          "(a local folder or config.json, built on the meta device)")
+                          "(a local folder or config.json, built on the meta device as the class --task names)")
     validate.add_argument("--task", default="auto", choices=["auto", *TASKS], help="which head to build for --model")
     validate.add_argument("--arguments-from", default=None, metavar="SCRIPT[:Class,...]",
                           help="a training script (file or module) whose own argument dataclasses the YAML also "
@@ -154,7 +184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _expand(namespace)
         return _validate(namespace)
     except FreezeConfigError as error:
-        print(f"hf-freeze: error: {error}", file=sys.stderr)
+        from .validate import did_you_mean
+
+        suggestion = did_you_mean(error)
+        print(f"hf-freeze: error: {error.sentence + suggestion if suggestion else error}", file=sys.stderr)
         return 2
 
 
@@ -261,15 +294,62 @@ def _validate(namespace) -> int:
 
     dataclass_types = _dataclass_types(namespace.arguments_from)
     model = _meta_model(namespace.model, namespace.task) if namespace.model else None
-    problems = check_config_file(namespace.file, dataclass_types, model)
+    against = f", against {namespace.model} built as {type(model).__name__}" if model is not None else ""
     names = ", ".join(dtype.__name__ for dtype in dataclass_types)
-    if not problems:
-        print(f"{namespace.file}: OK (as {names}" + (f", against {namespace.model}" if model is not None else "") + ")")
-        return 0
-    print(f"{namespace.file}: {len(problems)} problem{'s' if len(problems) > 1 else ''} (as {names}):")
-    for problem in problems:
-        print(f"  - {problem}")
-    return 1
+    failed = 0
+    for path in namespace.files:
+        problems = check_config_file(path, dataclass_types, model)
+        if not problems:
+            print(f"{path}: OK (as {names}{against})")
+            continue
+        failed += 1
+        print(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} (as {names}{against}):")
+        for problem in problems:
+            print(f"  - {problem}")
+        if model is not None:
+            hint = _other_task_hint(path, dataclass_types, namespace.model, type(model), problems)
+            if hint:
+                print(f"  hint: {hint}")
+    if len(namespace.files) > 1:
+        print(f"{len(namespace.files) - failed} of {len(namespace.files)} files OK")
+    return 1 if failed else 0
+
+
+def _other_task_hint(path: str, dataclass_types, model_path: str, built: type, problems) -> Optional[str]:
+    """When the problems found against the model ``--task`` built are gone against another task's model (a
+    pattern written for `BertForSequenceClassification`'s names, ``bert.encoder...``, checked against the bare
+    `BertModel` that a sentence-embedding checkpoint's config names), the ``--task`` that fixes them."""
+    from transformers.utils import logging as transformers_logging
+
+    from .plan import TASKS, load_model_on_meta
+    from .validate import check_config_file
+
+    found = {str(problem) for problem in problems}
+    if found == {str(problem) for problem in check_config_file(path, dataclass_types)}:
+        return None  # no problem depends on the model
+    better = []
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # building a head the user did not ask for may warn about its config
+    try:
+        for task in TASKS:
+            try:
+                candidate = load_model_on_meta(model_path, task)
+            except (OSError, ValueError, KeyError):
+                continue  # no such head for this architecture
+            if type(candidate) is built:
+                continue
+            left = {str(problem) for problem in check_config_file(path, dataclass_types, candidate)}
+            if left < found:
+                better.append(f"--task {task} ({type(candidate).__name__})")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if not better:
+        return None
+    return (
+        f"the model was built as {built.__name__}, whose parameter names differ from a task model's: with "
+        f"{', '.join(better)}, {'these problems are' if len(problems) > 1 else 'the problem is'} gone "
+        "(fewer or none left); add the --task of the model you train"
+    )
 
 
 def _dataclass_types(source: Optional[str]) -> List[type]:

@@ -119,7 +119,8 @@ def run_search(
             `freeze_layers` replace theirs. The study and each rung's output go under `args.output_dir`.
         model_init: Builds the model to train, called (after `set_seed(args.seed)`) for every rung that starts
             afresh: a pretrained model, or one from its config for the paper's training from random initialisation.
-        train_dataset, eval_dataset: Passed to the `Trainer`; every rung is evaluated on `eval_dataset`.
+        train_dataset: Passed to the `Trainer`.
+        eval_dataset: Passed to the `Trainer`; every rung is evaluated on it.
         space: A `SearchSpace`, its mapping, or the path of a search-space YAML.
         n_trials: Trials the study should hold when this call ends, counting finished (complete or pruned) ones
             from an earlier run of the same study.

@@ -19,7 +19,7 @@ from ..errors import FreezeConfigError, invalid_choice
 from ..policies import STRATEGIES
 from ..policies.adaptive import check_against_training
 
-__all__ = ["ConfigProblem", "check_config", "check_config_file", "unknown_keys"]
+__all__ = ["ConfigProblem", "check_config", "check_config_file", "did_you_mean", "unknown_keys"]
 
 
 def check_config_file(path: str, dataclass_types: Sequence[type] = (FreezeTrainingArguments,), model=None) -> List[ConfigProblem]:
@@ -146,10 +146,23 @@ def _problems_of(check: Callable[..., None], *args: Any, suffix: str = "") -> Li
 
 def _problem(error: FreezeConfigError, suffix: str = "") -> ConfigProblem:
     """A refusal as a problem, with the closest valid value when the error lists them and the value is a near miss."""
-    text = error.sentence + suffix
+    return ConfigProblem(error.fields, error.sentence + suffix + did_you_mean(error))
+
+
+def did_you_mean(error: FreezeConfigError) -> str:
+    """``"; did you mean 'bottom'?"`` when ``error`` lists the valid values and its value is a near miss, else "".
+
+    Example:
+
+    ```python
+    >>> from hf_freeze.errors import invalid_choice
+    >>> did_you_mean(invalid_choice("freeze_strategy", "bottm", ["bottom", "top"]))
+    "; did you mean 'bottom'?"
+    ```
+    """
     choices = [option for option in error.options if isinstance(option, str)]
     close = difflib.get_close_matches(error.value, choices, n=1) if isinstance(error.value, str) and choices else []
-    return ConfigProblem(error.fields, text + (f"; did you mean {close[0]!r}?" if close else ""))
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _construction_problems(dtype: type, typed: Dict[str, Any], freeze_names: set) -> List[ConfigProblem]:

@@ -161,6 +161,11 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 # -- compiled models -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.xfail(
+    tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13), strict=True,
+    reason="torch 2.11 reuses the compiled graph when requires_grad changes: the newly unfrozen layer gets no "
+    "gradient (docs/versions.md)",
+)
 def test_a_compiled_model_is_discovered_and_trains_the_right_layers_after_each_change():
     torch.manual_seed(0)
     model = tiny_bert()

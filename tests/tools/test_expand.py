@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from hf_freeze import FreezeCallback, FreezeTrainingArguments
 from hf_freeze.tools.cli import main
 
-from tiny import build, snapshot, trainer_for, training_kwargs
+from tiny import assert_same_outputs, build, snapshot, trainer_for, training_kwargs
 
 CASES = {
     "llama": {},
@@ -52,8 +52,8 @@ def test_the_expanded_model_computes_what_the_original_did(tmp_path, model_type,
     assert expand(source, tmp_path / "pro", num_new_blocks) == 0
     expanded = AutoModelForCausalLM.from_pretrained(tmp_path / "pro").eval()
     assert expanded.config.num_hidden_layers == 4 + num_new_blocks
-    assert torch.equal(logits(expanded), logits(original))
-    assert torch.equal(logits(expanded, seed=1), logits(original, seed=1))
+    assert_same_outputs(logits(expanded), logits(original))
+    assert_same_outputs(logits(expanded, seed=1), logits(original, seed=1))
 
     # Layer i of the original is layer i + i // k; after every k-th layer comes its copy, with o_proj and down_proj
     # zero and everything else equal.
@@ -87,7 +87,7 @@ def test_layer_types_follow_the_layers_and_matter(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path / "pro")
     config.layer_types = ["sliding_attention", "full_attention"] * 3
     misplaced = AutoModelForCausalLM.from_pretrained(tmp_path / "pro", config=config).eval()
-    assert not torch.equal(logits(misplaced), logits(original))
+    assert not torch.allclose(logits(misplaced), logits(original), rtol=1e-3, atol=1e-3)
 
 
 def test_sharded_weights_in_and_out_with_index_and_tokenizer_copied(tmp_path):
@@ -102,7 +102,7 @@ def test_sharded_weights_in_and_out_with_index_and_tokenizer_copied(tmp_path):
     assert sorted(name for name in os.listdir(output) if name.endswith(".safetensors")) == shards
     assert "model.layers.5.mlp.down_proj.weight" in index["weight_map"]
     expanded = AutoModelForCausalLM.from_pretrained(output).eval()
-    assert torch.equal(logits(expanded), logits(original))
+    assert_same_outputs(logits(expanded), logits(original))
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert tokenizer("a b")["input_ids"] == AutoTokenizer.from_pretrained(source)("a b")["input_ids"]
     assert (output / "generation_config.json").exists()
@@ -183,4 +183,4 @@ def test_layer_types_that_transformers_derives_are_written_out_extended(tmp_path
     assert expand(source, tmp_path / "pro", 2) == 0
     written = json.loads((tmp_path / "pro" / "config.json").read_text())
     assert written["layer_types"] == ["full_attention"] * 3 + ["sliding_attention"] * 3
-    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "pro").eval()), logits(original))
+    assert_same_outputs(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "pro").eval()), logits(original))

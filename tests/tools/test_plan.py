@@ -96,7 +96,7 @@ def test_config_file_gives_policy_and_run_settings_and_command_line_wins(capsys,
 
 def test_errors_exit_2_with_the_field_and_valid_choices(capsys, tmp_path, tiny_llama_dir):
     code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "bottm")
-    assert code == 2 and "`freeze_strategy`" in err and "'bottom'" in err and "'bottm'" in err
+    assert code == 2 and "`freeze_strategy`" in err and "'bottom'" in err and "(got 'bottm'); did you mean 'bottom'?" in err
     code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--strategy", "layers", "--layer_indices", "7")
     assert code == 2 and "freeze_layer_indices" in err and "4 layers" in err
     code, _, err = run_cli(capsys, "plan", tmp_path / "missing", "--strategy", "top", "--layers", "1")
@@ -314,3 +314,18 @@ def test_on_a_gpu_the_plan_counts_the_full_logits_unless_the_lever_is_asked_for(
         assert code == 0
         chunked[extra] = json.loads(out)["settings"]["chunked_loss"]
     assert chunked == {(): True, ("--device", "cuda"): False, ("--device", "cuda", "--chunked_loss", "true"): True}
+
+
+def test_help_lists_every_registered_strategy_and_no_default_that_contradicts_the_help(capsys, progressive_strategy):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at spaces
+    strategy_help = text[text.index("Which layers to freeze."):text.index("--freeze_layers FREEZE_LAYERS,")]
+    for name in STRATEGIES.names():  # llama_pro, staged and the test's own strategy included
+        assert repr(name) in strategy_help, name
+    assert "Schedules (the frozen set changes during training): 'progressive'" in strategy_help
+    assert "'test_progressive'" in strategy_help.split("Schedules")[1]  # dynamic: listed as a schedule
+    # Unset freeze_* options fall back to the strategy's default, which their help states.
+    assert "(default: None)" not in text
+    assert "'interval': freeze every n-th layer (n >= 1; default 2)." in text
+    assert "(default: 512)" in text and "(default: none)" in text  # real defaults are still shown

