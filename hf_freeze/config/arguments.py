@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from ..errors import invalid
 from ..model.layout import check_component_paths, refuse_overlapping_paths
 from ..policies import check_options
+from ..policies.adaptive import ProbeMode
 from ..policies.schedules import parse_stages
 from .types import check_field, check_values, field_hints
 
@@ -531,6 +532,18 @@ class FreezeArguments:
             "instead of 4. Norms, embeddings and biases stay as they are. A layer a schedule unfreezes gets its "
             "float32 weights back exactly; checkpoints are saved in the model's own dtype; outside autocast the "
             "layer computes in the model's dtype. Unset or 'none': frozen weights keep their dtype."
+        ),
+    )
+    freeze_probe_mode: Optional[ProbeMode] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive' with a score measured by a probe (all but 'snr'): what the probe's optimizer steps do. "
+            "'measure' (default): every layer's gradients are measured, then the step is withheld: nothing trains "
+            "during the probe and the optimizer holds no state (the state of what trained before a re-selection "
+            "probe is released), so a probe needs weights, gradients and activations, not full fine-tuning's "
+            "memory; 'weight_change' scores the update the optimizer would have made, computed on the meter's "
+            "sample of entries. 'train': every layer trains through the probe with the optimizer (the peak memory "
+            "of full fine-tuning; how probes ran before this option)."
         ),
     )
 
