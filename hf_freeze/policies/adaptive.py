@@ -22,7 +22,7 @@ from typing import List, Literal, Optional, Sequence, get_args
 from ..errors import FreezeConfigError, invalid, invalid_choice
 from ..model.layout import ModelLayout
 from .core import Selection, Strategy, TrainingProgress, register_strategy
-from .common import bottom_prefix, require_layers, resolve_count
+from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 from .scoring import SCORES
 from .static import check_count
 
@@ -212,6 +212,11 @@ def check_against_training(options, max_steps: int) -> None:
 def _adaptive(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "adaptive")
     count = resolve_count(options.freeze_layers, total)
+    if withholds_updates(options, progress):
+        # A probe that only measures scores the layers: nothing else needs a gradient while it runs (the embeddings'
+        # and the head's would be the largest), and the layers' gradients do not depend on theirs.
+        candidates = set(layer_parameters(layout, range(total)))
+        return [name for name in layout.parameter_names if name not in candidates], []
     if adaptive_round(options, progress).probing(progress.step):
         return [], []
     scores: Optional[Sequence[float]] = progress.layer_scores
