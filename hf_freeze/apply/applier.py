@@ -235,7 +235,7 @@ def optimizer_state_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
 
 
 def innermost_optimizer(optimizer):
-    """The torch optimizer itself. accelerate's"""
+    """The torch optimizer inside a wrapper (accelerate's `AcceleratedOptimizer`), or ``optimizer`` itself."""
     # accelerate's AcceleratedOptimizer (and DeepSpeed wrappers) keep the real optimizer in `.optimizer`.
     while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
