@@ -4,7 +4,8 @@ For each score, two runs of the same length on the same model and data, each in 
 
 * ``adaptive``: `freeze_strategy: adaptive`, `freeze_layers: 0.5`, a probe of `--probe` of the steps (default 5%);
 * ``fixed``: `freeze_strategy: layers` with the layers the adaptive run chose, frozen from step 0 — what the user
-  would have run had they known the answer.
+  would have run had they known the answer (with `--freeze-embeddings`, both freeze the embeddings, as `bottom`
+  does).
 
 Reported per score, as a share of training time: the extra cost end to end (the whole training time of
 ``adaptive`` over ``fixed``: the probe's steps train every layer, plus the scoring), the extra cost within the
@@ -12,11 +13,15 @@ adaptive run (its probe steps, and the step in which the selection is made, agai
 steps: one process, one noise environment, so this is the steadier figure on a shared machine), the scoring work
 alone (meters and agreement, as `freeze/probe_scoring_seconds` logs it), and what the FLOP model expects from the
 probe's full-cost steps: ``probe × (full step / frozen step − 1)``, from the step times measured in the same run. The goal is an extra cost
-under 5% of training time with a 5% probe. On CPU, times are process CPU time with one thread (see `worker.py`);
+under 5% of training time with a 5% probe. Also: the adaptive run's steps after the selection against the fixed
+run's same steps (medians), the goal being at most 1.05; and, from the same step times, what a 5% probe would add
+to a 1,000-step run (``0.05 × (probe step / frozen step − 1)``), and what it adds when the probe's steps, which only
+measure with `freeze_probe_mode: measure`, are trained again at the end (``0.05 × probe step / frozen step``). On CPU, times are process CPU time with one thread (see `worker.py`);
 each pair runs `--rounds` times, alternating, and the lower total of each configuration is kept.
 
     python benchmarks/adaptive_probe.py                      # GPT-2 8 x 256, 60 steps: about 4 minutes here
     python benchmarks/adaptive_probe.py --model minilm --steps 100
+    python benchmarks/adaptive_probe.py --scores weight_change --freeze-embeddings   # the step time of issue 32
 """
 
 from __future__ import annotations
@@ -121,12 +126,16 @@ def measure(score: str, args) -> dict:
     base = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
     adaptive_policy = {"freeze_strategy": "adaptive", "freeze_layers": 0.5, "freeze_score": score}
     if score != "snr":
-        adaptive_policy["freeze_probe_steps"] = args.probe
+        adaptive_policy.update(freeze_probe_steps=args.probe, freeze_probe_mode=args.probe_mode)
+    if args.freeze_embeddings:
+        adaptive_policy["freeze_embeddings"] = True
     best = {}
     for _ in range(args.rounds):
         adaptive = _in_process(dict(base, freeze=adaptive_policy))
         fixed_policy = {"freeze_strategy": "layers", "freeze_layer_indices": adaptive["selected"]}
-        if 0 not in adaptive["selected"]:
+        if args.freeze_embeddings:
+            fixed_policy["freeze_embeddings"] = True
+        elif 0 not in adaptive["selected"]:
             fixed_policy["freeze_embeddings"] = False  # adaptive freezes them with layer 0 only
         fixed = _in_process(dict(base, freeze=fixed_policy))
         for name, run in (("adaptive", adaptive), ("fixed", fixed)):
@@ -143,6 +152,7 @@ def measure(score: str, args) -> dict:
         within = adaptive["scoring_seconds"]
     full_step = statistics.median(times[1:probe_steps]) if probe_steps > 1 else None
     expected = probe_steps / args.steps * (full_step / frozen_step - 1) if full_step else 0.0
+    fixed_after = statistics.median(fixed["step_times"][probe_steps + 1:])
     return {
         "score": score,
         "selected": adaptive["selected"],
@@ -154,6 +164,9 @@ def measure(score: str, args) -> dict:
         "scoring_share": adaptive["scoring_seconds"] / adaptive["total"],
         "scoring_seconds": adaptive["scoring_seconds"],
         "flop_expected_extra": expected,
+        "step_after_selection_ratio": frozen_step / fixed_after,
+        "thousand_step_probe": 0.05 * (full_step / frozen_step - 1) if full_step else 0.0,
+        "thousand_step_probe_retrained": 0.05 * full_step / frozen_step if full_step else 0.0,
     }
 
 
@@ -170,6 +183,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--probe-mode", choices=["measure", "train"], default=None,
+                        help="`freeze_probe_mode` (default: unset, 'measure')")
+    parser.add_argument("--freeze-embeddings", action="store_true",
+                        help="adaptive and fixed runs both freeze the embeddings (`freeze_embeddings: true`), as bottom does")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "adaptive_probe.md"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -181,18 +198,21 @@ def main(argv=None) -> None:
     command = "python benchmarks/adaptive_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"Model {args.model} ({MODELS[args.model]['description']}), {args.steps} steps of batch {args.batch_size} x "
-        f"{args.seq_len}, probe {args.probe:g} of the steps, freeze_layers 0.5; best of {args.rounds} rounds. "
+        f"{args.seq_len}, probe {args.probe:g} of the steps ({args.probe_mode or 'measure'}), freeze_layers 0.5"
+        f"{', embeddings frozen' if args.freeze_embeddings else ''}; best of {args.rounds} rounds. "
         f"Command: `{command.strip()}` ({time.perf_counter() - started:.0f} s).",
         "",
-        "| score | layers chosen | probe steps | adaptive run | same layers frozen from step 0 | extra cost, end to end | extra cost, within the run | scoring alone | FLOP model's extra |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| score | layers chosen | probe steps | adaptive run | same layers frozen from step 0 | extra cost, end to end | extra cost, within the run | scoring alone | FLOP model's extra | step after the selection / same layers frozen | 5% probe in 1,000 steps | ... its steps trained again |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['score']} | {row['selected']} | {row['probe_steps']} | {row['adaptive_seconds']:.2f} s | "
             f"{row['fixed_seconds']:.2f} s | {100 * row['extra']:+.1f}% | {100 * row['extra_within']:+.1f}% | "
             f"{100 * row['scoring_share']:.2f}% "
-            f"({row['scoring_seconds']:.3f} s) | {100 * row['flop_expected_extra']:+.1f}% |"
+            f"({row['scoring_seconds']:.3f} s) | {100 * row['flop_expected_extra']:+.1f}% | "
+            f"{row['step_after_selection_ratio']:.3f} | {100 * row['thousand_step_probe']:+.1f}% | "
+            f"{100 * row['thousand_step_probe_retrained']:+.1f}% |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -192,6 +192,9 @@ def measure(row: Row, args, cuda: bool) -> dict:
         peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         attention=getattr(model.config, "_attn_implementation", None),
     )
+    selections = callback.freezer.timeline.selections if callback is not None and callback.freezer.probe else []
+    if selections:  # an adaptive row: which layers its probe chose, and at which step
+        result.update(selected_layers=selections[-1]["frozen_layers"], selected_at_step=selections[-1]["step"])
     trainer.accelerator.free_memory()  # the accelerator keeps the model and optimizer it prepared
     return result
 

@@ -58,6 +58,12 @@ def _bottom(fraction: float, **options) -> dict:
     return dict(freeze_strategy="bottom", freeze_layers=fraction, **options)
 
 
+def _adaptive(fraction: float, **options) -> dict:
+    # A probe of 3 steps: inside the 3 warm-up steps of the GPU run, so that the measured steps are the selection's
+    # (the peak memory counts the probe: it is taken over the whole run).
+    return dict(freeze_strategy="adaptive", freeze_layers=fraction, freeze_probe_steps=3, **options)
+
+
 UNCHUNKED = dict(freeze_chunked_loss=False)
 BF16_FROZEN = dict(freeze_frozen_dtype="bfloat16")  # a newer hf_freeze option; an older one refuses it (skipped)
 # In the order they run: what the issue's table turns on first, so that a cut-short run has it.
@@ -94,5 +100,9 @@ ROWS = {
             frozen_dtype="bfloat16"),
         # What a user gets with both on: hf_freeze's defaults leave Liger's fused loss alone.
         Row("bottom50_liger", "bottom 50%, hf_freeze defaults, Liger", _bottom(0.5), liger=True),
+        # Issue 32: the layers chosen by a probe that measures (no optimizer state), then the selection's cost.
+        Row("adaptive50", "adaptive 50% (weight change, probe of 3 steps)", _adaptive(0.5)),
+        Row("adaptive50_frozen_embeddings", "adaptive 50%, embeddings and tied head frozen like bottom's",
+            _adaptive(0.5, freeze_embeddings=True)),
     ]
 }

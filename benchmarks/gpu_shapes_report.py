@@ -81,7 +81,10 @@ def _row(row: dict) -> str:
         return f"| {row['label']} | {row['status']}: {row['message']} | | | | | |"
     share = row["trainable_params"] / row["total_params"]
     step = f"{row['step_ms']:.1f} ms ({row['step_ms_min']:.1f}-{row['step_ms_max']:.1f})"
-    cells = [row["label"], f"{row['trainable_params'] / 1e6:.1f}M ({share:.0%})", step, _ratio(row["step_ratio"]),
+    label = row["label"]
+    if row.get("selected_layers") is not None:  # an adaptive row: what its probe chose
+        label += f"; chose layers {row['selected_layers']} at step {row['selected_at_step']}"
+    cells = [label, f"{row['trainable_params'] / 1e6:.1f}M ({share:.0%})", step, _ratio(row["step_ratio"]),
              gib(row.get("peak_bytes")), _ratio(row["peak_ratio"]), gib(row.get("estimate_bytes"))]
     return "| " + " | ".join(cells) + " |"
 

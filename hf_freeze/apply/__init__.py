@@ -1,7 +1,7 @@
 """Application: the one place that changes a model and its optimizer to match a decision (`FreezeApplier`), and
 the hooks that keep a frozen prefix out of the autograd graph under activation checkpointing."""
 
-from .applier import AppliedChange, FreezeApplier, optimizer_state_bytes
+from .applier import AppliedChange, FreezeApplier, innermost_optimizer, optimizer_state_bytes
 from .frozen_prefix import FrozenPrefix, FrozenPrefixHooks, frozen_prefix
 from .eval_mode import FrozenModulesEval
 from .health import HealthCheck
@@ -16,6 +16,7 @@ __all__ = [
     "HealthCheck",
     "TrainableRows",
     "frozen_prefix",
+    "innermost_optimizer",
     "merge_rows_file",
     "optimizer_state_bytes",
     "save_rows_file",

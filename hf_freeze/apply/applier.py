@@ -16,7 +16,7 @@ from .frozen_prefix import FrozenPrefixHooks
 from .eval_mode import FrozenModulesEval
 from .trainable_rows import TrainableRows
 
-__all__ = ["AppliedChange", "FreezeApplier", "optimizer_state_bytes"]
+__all__ = ["AppliedChange", "FreezeApplier", "innermost_optimizer", "optimizer_state_bytes"]
 
 # The attribute of the model that lists the parameters an hf_freeze applier froze.
 _FROZEN_BY_POLICY = "_hf_freeze_frozen_by_policy"
@@ -116,7 +116,7 @@ class FreezeApplier:
             object.__setattr__(self.model, _FROZEN_BY_POLICY, marked)
         marked.difference_update(unfrozen)
         marked.update(frozen)
-        inner = _innermost_optimizer(optimizer) if optimizer is not None else None
+        inner = innermost_optimizer(optimizer) if optimizer is not None else None
         if self.rows.update(decision.trainable_rows, inner) and optimizer is not None:
             self._register_rows(optimizer)
         if optimizer is not None:
@@ -134,7 +134,7 @@ class FreezeApplier:
 
     def _register_rows(self, optimizer: torch.optim.Optimizer) -> None:
         """Rows attached after the optimizer was built join the param group of their full parameter's kind."""
-        inner = _innermost_optimizer(optimizer)
+        inner = innermost_optimizer(optimizer)
         known = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
         for name, rows in self.rows.parameters.items():
             if id(rows) not in known:
@@ -142,7 +142,7 @@ class FreezeApplier:
 
     def sync_optimizer(self, optimizer: torch.optim.Optimizer, frozen: List[str], unfrozen: List[str]) -> None:
         """Release the state of newly frozen parameters; give newly trainable ones a place in a param group."""
-        inner = _innermost_optimizer(optimizer)
+        inner = innermost_optimizer(optimizer)
         for name in frozen:
             inner.state.pop(self.parameters[name], None)
         known = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
@@ -151,6 +151,29 @@ class FreezeApplier:
             if id(parameter) not in known:
                 self._group_for(inner, name)["params"].append(parameter)
                 known.add(id(parameter))
+
+    # -- a step that only measures (an adaptive probe's, `freeze_probe_mode: measure`) -----------------------------
+
+    def withhold_step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Before ``optimizer.step()``: drop every gradient, so that the step changes no parameter and allocates no
+        optimizer state (every torch optimizer skips a parameter whose grad is ``None``; a zero grad would still
+        move it under weight decay or momentum, and give it Adam's moments)."""
+        for parameter in self._stepped(optimizer):
+            parameter.grad = None
+
+    def release_optimizer_state(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Drop the optimizer's state of every parameter, as freezing does for a frozen one: what trains afterwards
+        starts with fresh state."""
+        if optimizer is not None:
+            innermost_optimizer(optimizer).state.clear()
+
+    def _stepped(self, optimizer: Optional[torch.optim.Optimizer]) -> List[torch.Tensor]:
+        stepped = list(self.model.parameters())
+        if optimizer is not None:  # the optimizer may hold tensors that are not the model's
+            known = {id(parameter) for parameter in stepped}
+            stepped += [parameter for group in innermost_optimizer(optimizer).param_groups for parameter in group["params"]
+                        if id(parameter) not in known]
+        return stepped
 
     def _group_for(self, optimizer: torch.optim.Optimizer, name: str) -> dict:
         """The existing group a parameter joins: the one holding parameters of its kind (weight decay or not, by the
@@ -202,7 +225,7 @@ def optimizer_state_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
     """Bytes held by the optimizer's per-parameter state tensors (Adam's moments, momentum buffers, ...)."""
     if optimizer is None:
         return 0
-    inner = _innermost_optimizer(optimizer)
+    inner = innermost_optimizer(optimizer)
     return sum(
         value.numel() * value.element_size()
         for state in inner.state.values()
@@ -211,7 +234,8 @@ def optimizer_state_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
     )
 
 
-def _innermost_optimizer(optimizer):
+def innermost_optimizer(optimizer):
+    """The torch optimizer inside a wrapper (accelerate's `AcceleratedOptimizer`), or ``optimizer`` itself."""
     # accelerate's AcceleratedOptimizer (and DeepSpeed wrappers) keep the real optimizer in `.optimizer`.
     while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
         optimizer = optimizer.optimizer

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from ..policies.adaptive import SELECT_ENDS
+from ..policies.adaptive import SELECT_ENDS, ProbeMode
 from ..policies.common import CACHE_DTYPES, FROZEN_DTYPES
 from ..policies.core import HEALTH_CHECK_MODES
 from ..policies.name_patterns import PATTERN_SYNTAXES
@@ -473,7 +473,7 @@ class FreezeArguments:
         default=None,
         metadata=_help(
             "'adaptive' with a score measured by a probe (all but 'snr'): optimizer steps each probe lasts, with "
-            "every layer training, before the layers are chosen: a whole number is a count of steps, a number in "
+            "every layer measured (see `freeze_probe_mode`), before the layers are chosen: a whole number is a count of steps, a number in "
             "(0, 1) a fraction of training (default 0.05, at least one step; two for 'grad_norm_change'). Must be "
             "shorter than training and than `freeze_reselect_every`."
         ),
@@ -481,8 +481,8 @@ class FreezeArguments:
     freeze_reselect_every: Optional[int] = field(
         default=None,
         metadata=_help(
-            "'adaptive': start a new round every N optimizer steps: every layer trains again for a new probe, then "
-            "the layers are chosen again from the new scores. Unset: the layers are chosen once."
+            "'adaptive': start a new round every N optimizer steps: every layer is measured again by a new probe, "
+            "then the layers are chosen again from the new scores. Unset: the layers are chosen once."
         ),
     )
     freeze_frozen_dtype: Optional[Literal[FROZEN_DTYPES]] = field(
@@ -494,6 +494,18 @@ class FreezeArguments:
             "instead of 4. Norms, embeddings and biases stay as they are. A layer a schedule unfreezes gets its "
             "float32 weights back exactly; checkpoints are saved in the model's own dtype; outside autocast the "
             "layer computes in the model's dtype. Unset or 'none': frozen weights keep their dtype."
+        ),
+    )
+    freeze_probe_mode: Optional[ProbeMode] = field(
+        default=None,
+        metadata=_help(
+            "'adaptive' with a score measured by a probe (all but 'snr'): what the probe's optimizer steps do. "
+            "'measure' (default): every layer's gradients are measured, then the step is withheld: nothing trains "
+            "during the probe, the optimizer holds no state (the state of what trained before a re-selection "
+            "probe is released) and what is not a layer (embeddings, head) has no gradient, so a probe needs "
+            "weights, the layers' gradients and activations, not full fine-tuning's memory; 'weight_change' scores "
+            "the update the optimizer would have made, computed on the meter's sample of entries. 'train': every layer trains through the probe with the optimizer (the peak memory "
+            "of full fine-tuning; how probes ran before this option)."
         ),
     )
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..add_on import RunContext
-from ..apply import AppliedChange, FreezeApplier, HealthCheck, optimizer_state_bytes, save_rows_file
+from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes, save_rows_file
 from ..apply.frozen_dtype import frozen_dtype_of
 from ..config import FreezeArguments, arguments_from
 from ..logs import get_logger
@@ -107,6 +107,8 @@ class LayerFreezer(ResumableFreezer):
         self.timeline: Optional[FreezeTimeline] = None
         # Adaptive policies decide from per-layer scores, measured by probes during training.
         self.probe: Optional[LayerProbe] = None
+        # The optimizer `update` was last given: a probe that withholds its steps needs it in `before_optimizer_step`.
+        self._optimizer: Optional[torch.optim.Optimizer] = None
         self._warned = False
         # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
         self.registered: Optional[List[str]] = None
@@ -222,18 +224,26 @@ class LayerFreezer(ResumableFreezer):
 
         Call it before each step's forward pass (with the optimizer): newly frozen parameters lose their ``.grad``
         and their optimizer state, newly trainable ones join the optimizer if it never saw them. After `restart` or
-        `load_state_dict` it applies in full.
+        `load_state_dict` it applies in full. While an adaptive probe withholds its optimizer steps, the optimizer
+        holds no state: what trained before the probe starts afresh after it.
         """
         if self.skipped:
             return AppliedChange([], [])
+        if optimizer is not None:
+            self._optimizer = optimizer
         decision = self._decide_measured(progress)
+        released = 0
+        if self.probe is not None and self.probe.withholding and optimizer is not None:
+            # A re-selection's probe would otherwise hold the state of what trained before: more than the first probe.
+            released = optimizer_state_bytes(optimizer)
+            self.applier.release_optimizer_state(optimizer)
         if self.decision is not None and decision.frozen == self.decision.frozen:
             self.decision = decision  # learning-rate factors may change without the frozen set changing
             return AppliedChange([], [])
         held = optimizer_state_bytes(optimizer)
         change = self.apply(progress, optimizer, decision=decision)
         after = optimizer_state_bytes(optimizer) if optimizer is not None else None
-        self.timeline.record(progress, self.frozen_names(), after, held - (after or 0))
+        self.timeline.record(progress, self.frozen_names(), after, released + held - (after or 0))
         return change
 
     def start(
@@ -303,14 +313,19 @@ class LayerFreezer(ResumableFreezer):
             self.timeline.record_selection(dict(self.probe.last_selection, frozen_layers=decision.frozen_layers(self.layout)))
         return decision
 
-    def before_optimizer_step(self) -> None:
-        """Call just before ``optimizer.step()`` (needed when the policy sets learning-rate factors, and by the
-        gradient scores of adaptive policies, which read the gradients there)."""
+    def before_optimizer_step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Call just before ``optimizer.step()`` (needed when the policy sets learning-rate factors, and by adaptive
+        policies: their probes read the gradients there and, with `freeze_probe_mode: measure`, withhold the step by
+        dropping every gradient). ``optimizer``: the one being stepped (default: the one `update` was given)."""
+        optimizer = optimizer if optimizer is not None else self._optimizer
         if self.decision is not None and self.decision.update_factors:
             self.applier.begin_scaled_step(self.decision.update_factors)
+        self.health.before_optimizer_step()  # while the gradients are there
         if self.probe is not None:
-            self.probe.observe_gradients()
-        self.health.before_optimizer_step()
+            withholding = self.probe.withholding
+            self.probe.observe_gradients(innermost_optimizer(optimizer) if optimizer is not None else None)
+            if withholding:
+                self.applier.withhold_step(optimizer)
 
     def after_optimizer_step(self) -> None:
         """Call just after ``optimizer.step()``: scales the updates of parameters with a learning-rate factor, and

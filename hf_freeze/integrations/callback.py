@@ -93,9 +93,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self._drives_steps() and self.freezer.dynamic:
             self.freezer.log(self.freezer.describe_update(self.freezer.update(progress_of(args, state), optimizer)))
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._drives_steps():
-            self.freezer.before_optimizer_step()
+            self.freezer.before_optimizer_step(optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._drives_steps():

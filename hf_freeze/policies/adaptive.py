@@ -1,10 +1,13 @@
 """Adaptive freezing: the layers to freeze are chosen from per-layer scores measured during training.
 
 Training is divided into *rounds*. A round starts with a probe of `freeze_probe_steps` steps during which every
-layer trains; the probe's per-layer scores (`hf_freeze.scores`) then pick the `freeze_layers` layers that stay frozen
-for the rest of the round. Without `freeze_reselect_every` there is one round, the whole run; with it, a new round
-(and a new probe) starts every `freeze_reselect_every` steps. A score that needs no probe (``snr``) is measured on
-the weights as the round begins, and the selection applies from the round's first step.
+layer is measured; the probe's per-layer scores (`hf_freeze.scores`) then pick the `freeze_layers` layers that stay
+frozen for the rest of the round. By default (`freeze_probe_mode: measure`) the probe's optimizer steps are withheld:
+nothing trains and the optimizer holds no state while it runs, so a probe needs no more memory than weights,
+gradients and activations; with 'train' every layer trains through the probe (full fine-tuning's memory). Without
+`freeze_reselect_every` there is one round, the whole run; with it, a new round (and a new probe) starts every
+`freeze_reselect_every` steps. A score that needs no probe (``snr``) is measured on the weights as the round begins,
+and the selection applies from the round's first step.
 
 Everything here is pure: the scores come in through `TrainingProgress.layer_scores`, measured by the torch side
 (`hf_freeze.scores.LayerProbe`), so the same step and scores give the same frozen set on every process and in a
@@ -14,25 +17,33 @@ resumed run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Literal, Optional, Sequence, get_args
 
 from ..errors import FreezeConfigError, invalid
 from ..model.layout import ModelLayout
 from .core import Selection, Strategy, TrainingProgress, register_strategy
-from .common import bottom_prefix, require_layers, resolve_count
+from .common import bottom_prefix, layer_parameters, require_layers, resolve_count
 from .scoring import SCORES
 from .static import check_count
 
 __all__ = [
+    "PROBE_MODES",
     "SELECT_ENDS",
     "AdaptiveRound",
+    "ProbeMode",
     "adaptive_round",
     "probe_length",
+    "probe_mode",
     "score_name",
     "select_layers",
+    "withholds_updates",
 ]
 
 SELECT_ENDS = ("lowest", "highest")
+# What a probe's optimizer steps do: 'measure' withholds them (no update, no optimizer state), 'train' takes them.
+ProbeMode = Literal["measure", "train"]
+PROBE_MODES = get_args(ProbeMode)
+DEFAULT_PROBE_MODE = "measure"
 DEFAULT_SCORE = "weight_change"
 # The probe covers this fraction of training when `freeze_probe_steps` is unset (the paper Exploring Selective Layer Freezing Strategies probed 5 steps).
 DEFAULT_PROBE_FRACTION = 0.05
@@ -47,6 +58,29 @@ def _score(options):
 
 def _needs_probe(options) -> bool:
     return _score(options).needs_probe
+
+
+def probe_mode(options) -> str:
+    return getattr(options, "freeze_probe_mode", None) or DEFAULT_PROBE_MODE
+
+
+def withholds_updates(options, progress: TrainingProgress) -> bool:
+    """True when `progress`'s step is a probe step whose optimizer step is withheld (`freeze_probe_mode: measure`):
+    the gradients are measured, then dropped, so nothing trains and the optimizer allocates no state.
+
+    Example:
+
+    ```python
+    >>> from hf_freeze import FreezeArguments, TrainingProgress
+    >>> from hf_freeze.policies.adaptive import withholds_updates
+    >>> options = FreezeArguments(freeze_strategy="adaptive", freeze_layers=2, freeze_probe_steps=3)
+    >>> [withholds_updates(options, TrainingProgress(step=step, max_steps=10)) for step in (0, 2, 3)]
+    [True, True, False]
+    ```
+    """
+    if options.freeze_strategy != "adaptive" or probe_mode(options) != "measure" or not _needs_probe(options):
+        return False
+    return adaptive_round(options, progress).probing(progress.step)
 
 
 def probe_length(options, max_steps: int) -> int:
@@ -132,6 +166,13 @@ def _check(options) -> None:
             raise invalid(
                 "freeze_probe_steps", probe, f"at least {shortest} steps for `freeze_score` {score_name(options)!r}"
             )
+    mode = getattr(options, "freeze_probe_mode", None)
+    if mode is not None and not _needs_probe(options):
+        raise FreezeConfigError(
+            f"`freeze_probe_mode` ({mode!r}) is not used by `freeze_score` {score_name(options)!r}, which is measured "
+            "on the weights without a probe. Remove `freeze_probe_mode`, or choose a score measured by a probe.",
+            fields=["freeze_probe_mode", "freeze_score"],
+        )
     every = options.freeze_reselect_every
     if every is not None:
         if every < 1:
@@ -169,6 +210,11 @@ def check_against_training(options, max_steps: int) -> None:
 def _adaptive(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "adaptive")
     count = resolve_count(options.freeze_layers, total)
+    if withholds_updates(options, progress):
+        # A probe that only measures scores the layers: nothing else needs a gradient while it runs (the embeddings'
+        # and the head's would be the largest), and the layers' gradients do not depend on theirs.
+        candidates = set(layer_parameters(layout, range(total)))
+        return [name for name in layout.parameter_names if name not in candidates], []
     if adaptive_round(options, progress).probing(progress.step):
         return [], []
     scores: Optional[Sequence[float]] = progress.layer_scores
@@ -187,15 +233,16 @@ register_strategy(
     Strategy(
         "adaptive",
         _adaptive,
-        ("freeze_layers", "freeze_score", "freeze_select", "freeze_probe_steps", "freeze_reselect_every"),
+        ("freeze_layers", "freeze_score", "freeze_select", "freeze_probe_steps", "freeze_reselect_every",
+         "freeze_probe_mode"),
         {},
         _check,
         dynamic=True,
         needs_scores=True,
         description=(
             "Freeze the `freeze_layers` layers with the lowest (or highest) score, measured by a probe of "
-            "`freeze_probe_steps` steps (weight change, gradient norm) or on the weights (SNR); optionally "
-            "re-selected every `freeze_reselect_every` steps."
+            "`freeze_probe_steps` steps (weight change, gradient norm; by default without optimizer steps or state) "
+            "or on the weights (SNR); optionally re-selected every `freeze_reselect_every` steps."
         ),
     )
 )

@@ -95,7 +95,7 @@ def _draw_selections(chart, data: Dict[str, Any], blocks: List[Dict[str, Any]], 
     probed = False
     for selection in selections:
         step, start = selection["step"], selection.get("probe_start_step", selection["step"])
-        if step > start:  # a probe: every layer trained while the scores were measured
+        if step > start:  # a probe: every layer was measured (and, with `freeze_probe_mode: train`, trained)
             probed = True
             chart.axvspan(start, step, facecolor="none", edgecolor="#222222", hatch="//", linewidth=0, alpha=0.35)
             if annotate:
@@ -108,7 +108,7 @@ def _draw_selections(chart, data: Dict[str, Any], blocks: List[Dict[str, Any]], 
                 chart.text(step + 0.01 * span, rows[layer] + 0.5, f"{score:.2g}", fontsize=8, va="center", color="#111111")
     handles = [Line2D([], [], color="#222222", linestyle="--", label="selection, with\neach layer's score")]
     if probed:
-        handles.insert(0, Patch(facecolor="none", edgecolor="#222222", hatch="//", label="probe (all train)"))
+        handles.insert(0, Patch(facecolor="none", edgecolor="#222222", hatch="//", label="probe (all measured)"))
     return handles
 
 

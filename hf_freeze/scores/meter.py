@@ -1,7 +1,8 @@
 """`ScoreMeter`: the interface a per-layer score is measured through, during an adaptive policy's probe.
 
 A meter is told when the probe begins (`start`), sees the gradients before each optimizer step of the probe
-(`observe_gradients`), and returns one number per layer when it ends (`finish`): higher = changed more, larger
+(`observe_gradients`), is told when that step is withheld (`withheld_step`, `freeze_probe_mode: measure`: nothing
+will move), and returns one number per layer when it ends (`finish`): higher = changed more, larger
 gradients, more signal. Its state is JSON-safe and keyed by parameter name, so a checkpoint taken in the middle of
 a probe resumes it exactly. Register a new score with `hf_freeze.register_score(Score(name, meter=YourMeter))`.
 """
@@ -48,6 +49,11 @@ class ScoreMeter:
 
     def observe_gradients(self) -> None:
         """Before an optimizer step of the probe (gradients are final)."""
+
+    def withheld_step(self, optimizer) -> None:
+        """After `observe_gradients`, when the probe withholds this optimizer step (`freeze_probe_mode: measure`):
+        no parameter will move. A meter that scores what the step does takes it here, on its own copies.
+        ``optimizer`` is the torch optimizer (``None`` when the training loop did not pass one)."""
 
     def finish(self) -> List[float]:
         """The probe ends: one score per layer."""

@@ -2,7 +2,9 @@
 
 It is the torch side of `hf_freeze.policies.adaptive`: at the start of each step it starts or finishes the round's
 probe (`hf_freeze.scores`), makes every process agree on the scores (the main process's are broadcast), and hands
-the current round's scores to the pure policy through `TrainingProgress.layer_scores`. Its state (the scores of
+the current round's scores to the pure policy through `TrainingProgress.layer_scores`. While a probe withholds its
+optimizer steps (`freeze_probe_mode: measure`, `withholding`), the meter is told of each withheld step; dropping the
+gradients is the applier's job. Its state (the scores of
 every round, and a probe in progress) is JSON-safe, so a checkpoint taken at any step resumes exactly.
 """
 
@@ -18,7 +20,7 @@ from torch import nn
 from ..logs import get_logger
 from ..model.layout import ModelLayout
 from ..policies import SCORES, TrainingProgress
-from ..policies.adaptive import adaptive_round, probe_length, score_name
+from ..policies.adaptive import adaptive_round, probe_length, probe_mode, score_name
 from ..processes import broadcast_from_main, is_main_process
 from .meter import ScoreMeter, build_meter
 
@@ -108,11 +110,19 @@ class LayerProbe:
         metrics["freeze/probe_scoring_seconds"] = round(self.scoring_seconds, 6)
         return metrics
 
-    def observe_gradients(self) -> None:
-        """Before an optimizer step: the gradient meter reads the final gradients while a probe runs."""
+    @property
+    def withholding(self) -> bool:
+        """True while a probe runs whose optimizer steps are withheld (`freeze_probe_mode: measure`)."""
+        return self.meter is not None and probe_mode(self.arguments) == "measure"
+
+    def observe_gradients(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Before an optimizer step: the meter reads the final gradients while a probe runs, and, when the probe
+        withholds the step, takes what the step would do (``optimizer``: the torch optimizer, unwrapped)."""
         if self.meter is not None:
             with self._timed():
                 self.meter.observe_gradients()
+                if self.withholding:
+                    self.meter.withheld_step(optimizer)
 
     # -- state -------------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 Instead of a copy of the whole model, the meter keeps a fixed random sample of each parameter's entries
 (`WEIGHT_SAMPLE_SIZE`; smaller tensors are kept whole): the sums of squares of the sampled entries, scaled by
 numel / sample size, estimate the full ones, so the ratio does too (about 1% error per layer at the default).
+When the probe withholds its optimizer steps (`freeze_probe_mode: measure`), the change is the one those steps would
+have made: the optimizer's update taken on the sampled entries alone (`SampledUpdate`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..errors import FreezeConfigError
 from .meter import Layers, ScoreMeter
+from .sampled_update import SampledUpdate
 
 __all__ = ["WEIGHT_SAMPLE_SIZE", "WeightChangeMeter"]
 
@@ -42,14 +46,16 @@ def _decode(text: str, device: torch.device) -> torch.Tensor:
 
 
 class WeightChangeMeter(ScoreMeter):
-    """‖Δw‖ / ‖w‖ of each layer over the probe, from a fixed sample of each parameter's entries."""
+    """‖Δw‖ / ‖w‖ of each layer over the probe, from a fixed sample of each parameter's entries (with the updates the
+    probe withheld, when it withholds them)."""
 
     def __init__(self, layers: Layers, seed: int = 0):
         super().__init__(layers, seed)
         self._indices: Dict[str, Optional[torch.Tensor]] = {}
         self._start: Dict[str, torch.Tensor] = {}
+        self._withheld: Optional[SampledUpdate] = None
 
-    def _sample(self, name: str, parameter: nn.Parameter) -> torch.Tensor:
+    def _sample(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
         if name not in self._indices:
             self._indices[name] = _sample_indices(name, parameter.numel(), self.seed, parameter.device)
         flat = parameter.detach().reshape(-1)
@@ -60,6 +66,24 @@ class WeightChangeMeter(ScoreMeter):
         self._start = {
             name: self._sample(name, parameter).clone() for _, parameters in self.layers for name, parameter in parameters
         }
+        self._withheld = None
+
+    def withheld_step(self, optimizer) -> None:
+        if optimizer is None:
+            raise FreezeConfigError(
+                "`freeze_probe_mode` 'measure' scores 'weight_change' with the update the optimizer would have made, "
+                "and no optimizer was given: pass it to `LayerFreezer.update(progress, optimizer)` (or to "
+                "`before_optimizer_step(optimizer)`), or use `freeze_probe_mode: train`.",
+                fields=["freeze_probe_mode"],
+            )
+        if self._withheld is None:
+            self._withheld = SampledUpdate(self._start)
+        parameters = {name: parameter for _, named in self.layers for name, parameter in named}
+        gradients = {
+            name: None if parameter.grad is None else self._sample(name, parameter.grad)
+            for name, parameter in parameters.items()
+        }
+        self._withheld.step(optimizer, parameters, gradients)
 
     def finish(self) -> List[float]:
         change, size = [], []
@@ -69,17 +93,25 @@ class WeightChangeMeter(ScoreMeter):
                 before = self._start[name].to(parameter.device)
                 # Sums over a sample stand for sums over numel entries.
                 scale = parameter.numel() / before.numel()
-                layer_change = layer_change + scale * (self._sample(name, parameter) - before).square().sum().to(self.device)
+                moved = self._sample(name, parameter) - before
+                if self._withheld is not None:
+                    moved = moved + (self._withheld.values[name].to(parameter.device) - before)
+                layer_change = layer_change + scale * moved.square().sum().to(self.device)
                 layer_size = layer_size + scale * before.square().sum().to(self.device)
             change.append(layer_change)
             size.append(layer_size)
         change, size = torch.stack(change), torch.stack(size)
         ratios = (change.sqrt() / size.sqrt().clamp_min(torch.finfo(torch.float32).tiny)).tolist()
-        self._start = {}
+        self._start, self._withheld = {}, None
         return ratios
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"start": {name: _encode(values) for name, values in self._start.items()}}
+        state: Dict[str, Any] = {"start": {name: _encode(values) for name, values in self._start.items()}}
+        if self._withheld is not None:
+            state["withheld"] = self._withheld.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._start = {name: _decode(text, self.device) for name, text in (state.get("start") or {}).items()}
+        withheld = state.get("withheld")
+        self._withheld = SampledUpdate.from_state_dict(withheld, self.device) if withheld else None

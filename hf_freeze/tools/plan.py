@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from ..config import FreezeArguments
@@ -18,7 +18,8 @@ from ..errors import FreezeConfigError, invalid_choice
 from ..model import ModelLayout
 from ..policies import STRATEGIES
 from ..policies.parts import counted_layout
-from ..policies.core import trainable_rows
+from ..policies.core import TrainingProgress, trainable_rows
+from ..policies.adaptive import adaptive_round, probe_length, probe_mode, withholds_updates
 from ..policies.simulate import FrozenSetChange, frozen_sets_over_training, placeholder_scores
 from .memory import ActivationShape, MemoryEstimate, estimate_training_memory
 
@@ -132,6 +133,9 @@ class FreezePlan:
     trainable_rows: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     # One estimate per entry of `timeline`: the memory of each phase of a schedule, in order.
     phase_memory: List[MemoryEstimate] = field(default_factory=list)
+    # An adaptive policy: the largest of its probes, and the largest phase after a selection (else None).
+    probe_memory: Optional[MemoryEstimate] = None
+    selection_memory: Optional[MemoryEstimate] = None
 
     @property
     def dynamic(self) -> bool:
@@ -195,6 +199,13 @@ def make_plan(
         return estimate_training_memory(layout, frozen, shape, trainable_rows=rows if with_rows else None, **memory)
 
     per_entry = [estimate(entry.frozen) for entry in timeline]
+    probing = [strategy.needs_scores and _in_probe(arguments, entry.step, max_steps) for entry in timeline]
+    for index, entry in enumerate(timeline):
+        if probing[index] and withholds_updates(arguments, TrainingProgress(entry.step, max_steps)):
+            # The probe's optimizer steps are withheld: gradients of everything it measures, no optimizer state.
+            per_entry[index] = replace(per_entry[index], optimizer_states=0)
+    probes = [memory for memory, probe in zip(per_entry, probing) if probe]
+    selections = [memory for memory, probe in zip(per_entry, probing) if not probe]
     return FreezePlan(
         model_class=type(model).__name__,
         layout=layout,
@@ -208,19 +219,32 @@ def make_plan(
         settings=settings,
         trainable_rows=rows,
         phase_memory=per_entry,
+        probe_memory=max(probes, key=lambda item: item.total) if probes else None,
+        selection_memory=max(selections, key=lambda item: item.total) if probes and selections else None,
     )
+
+
+def _in_probe(arguments: FreezeArguments, step: int, max_steps: Optional[int]) -> bool:
+    progress = TrainingProgress(step, max_steps or 1)
+    return probe_length(arguments, progress.max_steps) > 0 and adaptive_round(arguments, progress).probing(step)
 
 
 def plan_notes(plan: "FreezePlan") -> List[str]:
     """What the user should know about a plan beyond the layout's own notes."""
     notes = list(plan.layout.notes)
     if STRATEGIES.get(plan.arguments.freeze_strategy).needs_scores:
+        if plan.probe_memory is None:
+            probes = "its scores are read off the weights, without a probe"
+        elif probe_mode(plan.arguments) == "measure":
+            probes = ("each probe measures every layer with its optimizer steps withheld: gradients and activations "
+                      "of full fine-tuning, no optimizer state")
+        else:
+            probes = "each probe trains every layer (`freeze_probe_mode: train`): full fine-tuning's memory"
         notes.append(
             f"`freeze_strategy` {plan.arguments.freeze_strategy!r} chooses its layers from scores measured during "
-            "training: the timeline shows when each probe runs (every layer trains) and when the selection "
-            "applies; which layers it freezes is known only then, so the first layers stand in for them here. "
-            "Its peak memory is that of full fine-tuning, reached in every probe; in the 'policy' estimate, after "
-            "the selection, gradients and optimizer states hold for any layers of the same size, the activation "
-            "saving only when the first layers are chosen."
+            f"training: the timeline shows when each probe runs ({probes}) and when the selection applies; which "
+            "layers it freezes is known only then, so the first layers stand in for them here. After the "
+            "selection, gradients and optimizer states hold for any layers of the same size, the activation saving "
+            "only when the first layers are chosen."
         )
     return notes

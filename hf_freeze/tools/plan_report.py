@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..report import block_rows, format_block_table, freeze_metrics, layer_ranges, part_rows, summary_line
-from .memory import part_memory
+from .memory import MemoryEstimate, part_memory
 from .plan import FreezePlan, plan_notes
 
 __all__ = ["format_plan", "plan_as_dict"]
@@ -33,6 +33,8 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
             "full_finetuning": plan.full_memory.as_dict(),
             "policy": plan.policy_memory.as_dict(),
             "policy_peak": plan.peak_memory.as_dict(),
+            **({"probe": plan.probe_memory.as_dict(), "after_selection": plan.selection_memory.as_dict()}
+               if plan.probe_memory is not None and plan.selection_memory is not None else {}),
         },
         "timeline": [
             {
@@ -85,12 +87,36 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
             f"({_share(plan.peak_memory, full)}) in its largest (from step {plan.timeline[largest].step}); the "
             "device must hold the largest. Each phase's total is in the timeline above."
         )
+    lines += _probe_lines(plan)
     lines += _part_lines(plan)
     lines.append(
         "  An estimate, not a measurement: no CUDA context, allocator slack or temporary buffers; fused attention "
         "(no stored score matrix) assumed."
     )
     return "\n".join(lines)
+
+
+def _probe_lines(plan: FreezePlan) -> List[str]:
+    """An adaptive policy: what its probes hold against what its selection holds, and which sets the peak."""
+    probe, selection = plan.probe_memory, plan.selection_memory
+    if probe is None or selection is None:
+        return []
+    line = (f"  adaptive: each probe {_bytes(probe.total)} ({_ratio(probe, plan.full_memory)} of full fine-tuning; "
+            f"optimizer states {_bytes(probe.optimizer_states)}), after the selection {_bytes(selection.total)} "
+            f"({_ratio(selection, plan.full_memory)}): ")
+    if probe.total > selection.total:
+        line += (f"the probe holds {_bytes(probe.total - selection.total)} more than the selection and sets the "
+                 "peak (every layer's gradients and activations")
+        line += ")." if probe.optimizer_states == 0 else (
+            f", and optimizer states for all: `freeze_probe_mode: measure` withholds the probe's steps and holds "
+            f"{_bytes(probe.total - probe.optimizer_states)}).")
+    else:
+        line += "the probe stays within the selection's memory."
+    return [line]
+
+
+def _ratio(estimate, full: MemoryEstimate) -> str:
+    return f"{estimate.total / full.total:.2f}" if full.total else "n/a"
 
 
 def _parts(plan: FreezePlan):

@@ -12,7 +12,7 @@ from hf_freeze import SCORES, STRATEGIES, FreezeArguments, FreezeConfigError
 from hf_freeze.config import freeze_fields
 from hf_freeze.config.types import check_field, choices, field_hints
 from hf_freeze.errors import one_of
-from hf_freeze.policies.adaptive import SELECT_ENDS
+from hf_freeze.policies.adaptive import PROBE_MODES, SELECT_ENDS
 from hf_freeze.policies.common import CACHE_DTYPES, FROZEN_DTYPES
 from hf_freeze.policies.core import HEALTH_CHECK_MODES, NON_LAYER_OPTIONS, common_options
 from hf_freeze.policies.name_patterns import PATTERN_SYNTAXES
@@ -38,7 +38,7 @@ def test_each_choice_field_reads_the_constant_its_implementation_defines():
         "freeze_pattern_syntax": PATTERN_SYNTAXES, "freeze_health_check": HEALTH_CHECK_MODES,
         "freeze_cache_dtype": CACHE_DTYPES, "freeze_layer_stack": LAYER_STACKS, "freeze_schedule_unit": SCHEDULE_UNITS,
         "freeze_granularity": GRANULARITIES, "freeze_block_order": BLOCK_ORDERS, "freeze_select": SELECT_ENDS,
-        "freeze_frozen_dtype": FROZEN_DTYPES,
+        "freeze_frozen_dtype": FROZEN_DTYPES, "freeze_probe_mode": PROBE_MODES,
     }
     assert set(CHOICE_FIELDS) == set(declared)
     for name, constant in declared.items():

@@ -3,7 +3,7 @@
 import pytest
 
 from hf_freeze import FreezeArguments, FreezeConfigError, ModelLayout, TrainingProgress, decide
-from hf_freeze.policies.adaptive import adaptive_round, select_layers
+from hf_freeze.policies.adaptive import adaptive_round, select_layers, withholds_updates
 
 LAYOUT = ModelLayout.from_layer_sizes([10] * 6, embeddings=5, norm=2, head=3)
 SCORES_6 = (0.4, 0.1, 0.6, 0.2, 0.5, 0.3)
@@ -50,6 +50,20 @@ def test_rounds_probe_with_every_layer_then_apply_the_selection():
     assert _frozen_layers(_adaptive(freeze_score="snr"), step=0) == [1, 3]
 
 
+def test_a_measuring_probe_withholds_its_steps_and_leaves_only_the_layers_with_gradients():
+    measured, trained = _adaptive(freeze_probe_steps=3), _adaptive(freeze_probe_steps=3, freeze_probe_mode="train")
+    outside_layers = {"embeddings.weight", "norm.weight", "head.weight", "head.bias"}
+    for step in (0, 2):
+        progress = TrainingProgress(step=step, max_steps=100, layer_scores=SCORES_6)
+        assert withholds_updates(measured, progress) and not withholds_updates(trained, progress)
+        assert decide(LAYOUT, measured, progress).frozen == outside_layers  # only the layers are scored
+        assert decide(LAYOUT, trained, progress).frozen == set()  # every layer trains through the probe
+    after = TrainingProgress(step=3, max_steps=100, layer_scores=SCORES_6)
+    assert not withholds_updates(measured, after)
+    assert decide(LAYOUT, measured, after).frozen == decide(LAYOUT, trained, after).frozen  # the same selection
+    assert not withholds_updates(_adaptive(freeze_score="snr"), TrainingProgress(step=0, max_steps=100))  # no probe
+
+
 def test_without_measured_scores_nothing_is_frozen_and_the_decision_says_why():
     decision = decide(LAYOUT, _adaptive(freeze_probe_steps=2), TrainingProgress(step=5, max_steps=100))
     assert decision.frozen_layers(LAYOUT) == []
@@ -61,6 +75,8 @@ CONFIG_ERRORS = [
     (dict(freeze_score="grad_norm_change", freeze_probe_steps=1), "must be at least 2 steps for `freeze_score` 'grad_norm_change'"),
     (dict(freeze_select="middle"), "`freeze_select` must be one of 'lowest', 'highest' (got 'middle')"),
     (dict(freeze_score="snr", freeze_probe_steps=5), "`freeze_probe_steps` (5) is not used by `freeze_score` 'snr'"),
+    (dict(freeze_score="snr", freeze_probe_mode="train"), "`freeze_probe_mode` ('train') is not used by `freeze_score` 'snr'"),
+    (dict(freeze_probe_mode="measured"), "`freeze_probe_mode` must be one of 'measure', 'train' (got 'measured')"),
     (dict(freeze_probe_steps=0), "`freeze_probe_steps` must be a count of steps >= 1"),
     (dict(freeze_probe_steps=1.5), "`freeze_probe_steps` must be a count of steps >= 1 or a fraction"),
     (dict(freeze_probe_steps=10, freeze_reselect_every=10), "must be shorter than `freeze_reselect_every` (10)"),

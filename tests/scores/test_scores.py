@@ -18,8 +18,9 @@ def _layer_names(model, index):
     return [name for name, _ in model.named_parameters() if name.startswith(f"bert.encoder.layer.{index}.")]
 
 
-def _probe_scores(score, max_steps=4, probe_steps=3, zeroed=2, boosted=1):
-    """Plain loop, SGD: layer `zeroed` gets no gradient, layer `boosted` a gradient 20 times larger."""
+def _probe_scores(score, max_steps=4, probe_steps=3, zeroed=2, boosted=1, mode=None):
+    """Plain loop, SGD: layer `zeroed` gets no gradient, layer `boosted` a gradient 20 times larger; the probe
+    measures (`freeze_probe_mode` unset: 'measure') or trains ('train')."""
     torch.manual_seed(0)
     model = tiny_bert(4)
     parameters = dict(model.named_parameters())
@@ -28,7 +29,7 @@ def _probe_scores(score, max_steps=4, probe_steps=3, zeroed=2, boosted=1):
     for name in _layer_names(model, boosted):
         parameters[name].register_hook(lambda grad: grad * 20)
     freezer = LayerFreezer(model, freeze_strategy="adaptive", freeze_layers=1, freeze_score=score,
-                           freeze_probe_steps=probe_steps)
+                           freeze_probe_steps=probe_steps, freeze_probe_mode=mode)
     freezer.prepare(TrainingProgress(step=0, max_steps=max_steps))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     data = TokenClassificationData(size=8)
@@ -44,9 +45,10 @@ def _probe_scores(score, max_steps=4, probe_steps=3, zeroed=2, boosted=1):
     return selection, freezer
 
 
+@pytest.mark.parametrize("mode", [None, "train"])
 @pytest.mark.parametrize("score", ["weight_change", "grad_norm"])
-def test_a_layer_without_gradient_scores_lowest_and_a_boosted_layer_highest(score):
-    selection, freezer = _probe_scores(score)
+def test_a_layer_without_gradient_scores_lowest_and_a_boosted_layer_highest(score, mode):
+    selection, freezer = _probe_scores(score, mode=mode)
     scores = selection["scores"]
     assert scores[2] == 0.0 and min(scores[i] for i in (0, 1, 3)) > 0
     assert max(range(4), key=scores.__getitem__) == 1
@@ -80,6 +82,52 @@ def test_the_sampled_weight_change_estimates_the_exact_one():
     assert estimated[0] == pytest.approx(exact_big.item(), rel=0.03)
     assert estimated[1] == pytest.approx(exact_small.item(), rel=1e-5)
     assert len(meter.state_dict()["start"]) == 0  # finished: nothing kept
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda parameters: torch.optim.AdamW(parameters, lr=0.01, weight_decay=0.1),
+    lambda parameters: torch.optim.SGD(parameters, lr=0.1, momentum=0.9, weight_decay=0.01),
+], ids=["adamw", "sgd-momentum"])
+def test_a_withheld_update_scores_the_weight_change_the_optimizer_would_have_made(make_optimizer):
+    """The same gradients, once applied by the optimizer and once withheld: the same weight change, through a JSON
+    round trip in the middle of the probe too."""
+    torch.manual_seed(0)
+    modules = [nn.Linear(100, 100), nn.Linear(20, 20)]  # sampled (10,000 entries), and kept whole
+    gradients = [[torch.randn_like(p) * (index + 1) for p in module.parameters()] for index, module in enumerate(modules)]
+
+    def meter_for(copies):
+        return WeightChangeMeter([(f"{i}", [(f"{i}.{name}", p) for name, p in module.named_parameters()])
+                                  for i, module in enumerate(copies)])
+
+    def run(withhold: bool):
+        copies = [nn.Linear(m.in_features, m.out_features) for m in modules]
+        for copy, module in zip(copies, modules):
+            copy.load_state_dict(module.state_dict())
+        optimizer = make_optimizer([p for copy in copies for p in copy.parameters()])
+        meter = meter_for(copies)
+        meter.start()
+        for step in range(3):
+            for copy, grads in zip(copies, gradients):
+                for p, grad in zip(copy.parameters(), grads):
+                    p.grad = grad * (1 + step)
+            if withhold:
+                meter.withheld_step(optimizer)
+                if step == 1:  # a checkpoint: the meter is rebuilt from its saved state
+                    saved = json.loads(json.dumps(meter.state_dict()))
+                    meter = meter_for(copies)
+                    meter.load_state_dict(saved)
+                for copy in copies:
+                    for p in copy.parameters():
+                        p.grad = None
+            optimizer.step()
+        moved = [not torch.equal(a, b) for copy, module in zip(copies, modules)
+                 for a, b in zip(copy.parameters(), module.parameters())]
+        return meter.finish(), moved, optimizer
+
+    trained, moved, _ = run(withhold=False)
+    measured, unmoved, optimizer = run(withhold=True)
+    assert all(moved) and not any(unmoved) and not optimizer.state  # withheld: nothing moved, no state
+    assert measured == pytest.approx(trained, rel=1e-5) and min(measured) > 0
 
 
 def test_settled_gradients_score_lowest_on_grad_norm_change():

@@ -17,7 +17,7 @@ from gpu_shapes_report import with_ratios  # noqa: E402
 
 
 def test_tiny_run_on_cpu_measures_skips_and_writes_the_table(tmp_path):
-    configs = ["full", "bottom50_unchunked", "bottom50_hand", "full_liger", "bottom50_bf16frozen"]
+    configs = ["full", "bottom50_unchunked", "bottom50_hand", "full_liger", "bottom50_bf16frozen", "adaptive50"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
     result = subprocess.run(
         [sys.executable, "benchmarks/gpu_shapes.py", "--device", "cpu", "--tiny", "--warmup", "1", "--steps", "2",
@@ -43,6 +43,10 @@ def test_tiny_run_on_cpu_measures_skips_and_writes_the_table(tmp_path):
     assert rows["full_liger"]["status"] == "skipped" and "CUDA" in rows["full_liger"]["message"]
     # `freeze_frozen_dtype` is skipped by an hf_freeze that does not know it, measured by one that does.
     assert rows["bottom50_bf16frozen"]["status"] in ("ok", "skipped")
+    # The adaptive row's probe (3 steps) ends inside the run: it records the layers it chose, half of the 4.
+    assert rows["adaptive50"]["status"] == "ok" and rows["adaptive50"]["selected_at_step"] == 3
+    assert len(rows["adaptive50"]["selected_layers"]) == 2
+    assert rows["adaptive50"]["trainable_params"] < rows["full"]["trainable_params"]
     plan = report["plans"]["llama-3.1-8b"]
     assert plan["full"] > plan["bottom50_unchunked"] > 0 and plan["full_ckpt"] < plan["full"]
     table = (tmp_path / "gpu_shapes.md").read_text()

@@ -211,12 +211,33 @@ def test_adaptive_plan_shows_the_probes_and_the_memory_after_the_selection(capsy
     assert code == 0
     plan = json.loads(out)
     steps = [(entry["step"], entry["frozen_layers"]) for entry in plan["timeline"]]
-    assert steps[:5] == [(0, []), (5, [0, 1]), (40, []), (45, [0, 1]), (80, [])]  # probes train every layer
+    assert steps[:5] == [(0, []), (5, [0, 1]), (40, []), (45, [0, 1]), (80, [])]  # probes measure every layer
     assert any("chooses its layers from scores measured during training" in note for note in plan["notes"])
     memory = plan["memory"]
-    # The probes train everything: the peak is full fine-tuning; after the selection, 2 of 4 layers hold no state.
-    assert memory["policy_peak"]["total"] == memory["full_finetuning"]["total"] > memory["policy"]["total"]
-    assert memory["policy"]["optimizer_states"] < memory["full_finetuning"]["optimizer_states"]
+    full, probe, selection = memory["full_finetuning"], memory["probe"], memory["after_selection"]
+    # A probe withholds its optimizer steps: the layers' gradients (only they are scored), full fine-tuning's
+    # activations, no optimizer state; after the selection, 2 of 4 layers hold neither gradients nor state.
+    layer_parameters = sum(block["parameters"] for block in plan["blocks"] if block["kind"] == "layer")
+    assert probe["optimizer_states"] == 0 and probe["gradients"] == 4 * layer_parameters < full["gradients"]
+    assert probe["activations"] == full["activations"] and probe["total"] == memory["policy_peak"]["total"]
+    assert selection["total"] == memory["policy"]["total"] < full["total"]
+    assert 0 < selection["optimizer_states"] < full["optimizer_states"]
+    # Every probe is the same: the re-selections' probes hold no more than the first.
+    assert {entry["memory"]["total"] for entry in plan["timeline"] if entry["frozen_layers"] == []} == {probe["total"]}
+
+
+def test_an_adaptive_plan_says_when_its_probe_holds_more_than_the_selection(capsys, tiny_llama_dir):
+    argv = ["plan", tiny_llama_dir, "--freeze_strategy", "adaptive", "--freeze_layers", "2", "--freeze_probe_steps", "5",
+            "--max-steps", "100"]
+    code, measured, _ = run_cli(capsys, *argv)
+    assert code == 0
+    line = next(line for line in measured.splitlines() if line.strip().startswith("adaptive: each probe"))
+    assert "optimizer states 0 B" in line and "more than the selection and sets the peak" in line
+    code, trained, _ = run_cli(capsys, *argv, "--freeze_probe_mode", "train", "--json")
+    memory = json.loads(trained)["memory"]
+    assert memory["probe"]["total"] == memory["full_finetuning"]["total"] > memory["after_selection"]["total"]
+    code, trained, _ = run_cli(capsys, *argv, "--freeze_probe_mode", "train")
+    assert "`freeze_probe_mode: measure` withholds the probe's steps" in trained
 
 
 def test_a_folder_whose_one_sub_folder_holds_the_model_is_planned(capsys, tmp_path):
