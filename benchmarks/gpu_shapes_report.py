@@ -97,3 +97,43 @@ def gib(value: Optional[int]) -> str:
     if value is None:
         return "-"
     return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"  # MiB: the tiny model
+
+
+# -- the GPU section of docs/performance.md, generated from the committed results --------------------------------
+
+
+def docs_table(report: dict) -> str:
+    """The measured table, with the machine, versions and date above it (the `cuda:table` block)."""
+    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items() if version)
+    lines = [f"{report['device']}; {versions}; {report['date']}; hf_freeze {report.get('hf_freeze_commit', '?')}.", "",
+             "| configuration | trainable | step | ratio | peak memory | ratio | plan estimate |",
+             "|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + [_row(row) for row in report["results"]])
+
+
+def docs_findings(report: dict) -> str:
+    """What the table shows, each figure read from it (the `cuda:findings` block)."""
+    rows = {row["name"]: row for row in report["results"] if row["status"] == "ok"}
+
+    def ratio(name: str, key: str = "step_ratio") -> str:
+        return _ratio(rows[name][key]) if name in rows else "-"
+
+    frozen = rows.get("bottom50_unchunked", {}).get("peak_bytes"), rows.get("bottom50_bf16frozen", {}).get("peak_bytes")
+    lines = [
+        f"- **The defaults are as fast as freezing by hand**: bottom 50% at {ratio('bottom50')} of full fine-tuning's "
+        f"step (by hand {ratio('bottom50_hand')}), and {ratio('bottom50_ckpt')} with activation checkpointing, where "
+        f"freezing by hand takes {ratio('bottom50_hand_ckpt')} (the frozen prefix is recomputed and back-propagated "
+        "through by hand).",
+        f"- **With the user's `use_liger_kernel=True`** hf_freeze leaves Liger's loss alone: {ratio('bottom50_liger')} "
+        f"of the step, {ratio('bottom50_liger', 'peak_ratio')} of the peak memory.",
+        f"- **The memory lever** (`freeze_chunked_loss: true`, Liger's fused loss): with frozen weights in bf16, "
+        f"{ratio('bottom50_bf16frozen_chunked', 'peak_ratio')} of full fine-tuning's peak memory at "
+        f"{ratio('bottom50_bf16frozen_chunked')} of its step; on full fine-tuning {ratio('full_chunked')} of the step "
+        f"and {ratio('full_chunked', 'peak_ratio')} of the memory.",
+    ]
+    if all(frozen):
+        lines.append(
+            f"- **Frozen weights in bf16** (`freeze_frozen_dtype: bfloat16`): {gib(frozen[0])} → {gib(frozen[1])} at "
+            f"{ratio('bottom50_bf16frozen')} of the step (unchunked bottom 50%: {ratio('bottom50_unchunked')})."
+        )
+    return "\n".join(lines)

@@ -357,6 +357,15 @@ def render_block(source: str, kind: str, argument: Optional[str], root: str = RE
         if kind == "headline":
             return headline(runs, settings, read_timing(folder))
         raise KeyError(f"unknown quality block kind {kind!r}; valid: table, headline, dropout")
+    if source == "cuda":  # the GPU benchmark (`gpu_shapes.py`) keeps its own file
+        from gpu_shapes_report import docs_findings, docs_table
+
+        gpu = json.loads(Path(root, DOCS_SOURCES[source], "gpu_shapes.json").read_text())
+        if kind == "table":
+            return docs_table(gpu)
+        if kind == "findings":
+            return docs_findings(gpu)
+        raise KeyError(f"unknown cuda block kind {kind!r}; valid: table, findings")
     with open(os.path.join(root, DOCS_SOURCES[source], "results.json")) as handle:
         saved = json.load(handle)
     if source == "dropout":
