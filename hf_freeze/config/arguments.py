@@ -536,6 +536,29 @@ class FreezeArguments:
         ),
     )
 
+    # -- learning rates per part and per layer (hf_freeze/learning_rates/) --------------------------------------
+    freeze_learning_rates: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "Learning rates of parts of the model, each trained in a param group of its own: a mapping from a part "
+            "('vision_tower', 'audio_tower', 'multi_modal_projector' or 'projector', 'language_model'; or the part "
+            "names of the block table: 'vision', 'audio', 'language') or a parameter-name pattern (a regular "
+            "expression matched from the start of the name, as 'pattern' reads them) to its rate, e.g. "
+            "`{vision_tower: 2.0e-6, multi_modal_projector: 1.0e-4, language_model: 1.0e-5}` (on the command line as "
+            "JSON). A pattern wins over a part; parameters named by no key train at `learning_rate`. Every scheduler "
+            "of the Trainer scales each group from its own rate. A part the model does not have is refused."
+        ),
+    )
+    freeze_layer_lr_decay: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "Layer-wise learning-rate decay in (0, 1] over the counted layers (`freeze_layer_stack`): layer i of L "
+            "trains at the rate times decay^(L-1-i), the embeddings at decay^L, the final norm and the head at the "
+            "rate itself. Multiplies a `freeze_learning_rates` rate. A layer a schedule unfreezes starts at its "
+            "decayed rate times the scheduler's current multiplier."
+        ),
+    )
+
     def __post_init__(self) -> None:
         self._normalise_and_check()
         parent_post_init = getattr(super(), "__post_init__", None)
@@ -557,6 +580,7 @@ class FreezeArguments:
             setattr(self, item.name, value)
         self.freeze_component_paths = check_component_paths(_mapping("freeze_component_paths", self.freeze_component_paths))
         self.freeze_stages = parse_stages(_mapping("freeze_stages", self.freeze_stages))
+        self.freeze_learning_rates = _mapping("freeze_learning_rates", self.freeze_learning_rates)
         check_options(self, freeze_fields())
         refuse_overlapping_paths(self.freeze_layer_paths or [])
         if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):

@@ -11,7 +11,7 @@ from ..processes import is_main_process
 
 logger = get_logger(__name__)
 
-__all__ = ["ResumableFreezer", "check_registered", "check_rows", "check_shape"]
+__all__ = ["ResumableFreezer", "check_groups", "check_registered", "check_rows", "check_shape"]
 
 
 def check_shape(state: Any, source: str) -> None:
@@ -106,6 +106,24 @@ def check_rows(saved: Mapping[str, Sequence[int]], current: Mapping[str, Sequenc
     )
 
 
+def check_groups(saved: Optional[Mapping[str, Sequence[str]]], current: Optional[Mapping[str, Sequence[str]]], source: str) -> None:
+    """Refuse to resume when the checkpoint's optimizer held other learning-rate groups than this run builds: torch
+    loads a saved optimizer state group by group, so each group's rate and moments would land on other parameters
+    (or the load fails with a message that names no option)."""
+    saved = {group: list(names) for group, names in (saved or {}).items()}
+    current = {group: list(names) for group, names in (current or {}).items()}
+    if saved == current:
+        return
+    differ = sorted(group for group in set(saved) | set(current) if saved.get(group) != current.get(group))
+    raise FreezeConfigError(
+        f"Cannot resume: {source} was trained with other learning-rate groups than this run builds (they differ in "
+        f"{few(differ)}; the checkpoint's groups: {few(sorted(saved)) or 'none'}; this run's: {few(sorted(current)) or 'none'}), "
+        "so the saved rates and optimizer state would land on other parameters. Resume with the checkpoint's "
+        "`freeze_learning_rates` and `freeze_layer_lr_decay`.",
+        fields=["freeze_learning_rates", "freeze_layer_lr_decay"],
+    )
+
+
 def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
     return "; ".join(f"{name} {few([str(r) for r in rows[name]], 5) if name in rows else 'none'}" for name in names)
 
@@ -113,7 +131,7 @@ def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
 class ResumableFreezer:
     """The part of `LayerFreezer` that survives a restart: its JSON-safe state, the checks that refuse a state this
     run cannot resume, and taking a saved state over. (The freezer's attributes it reads: ``arguments``, ``layout``,
-    ``applier``, ``registered``, ``timeline``, ``probe``, and its `restart`.)"""
+    ``applier``, ``registered``, ``timeline``, ``probe``, and its `restart` and `group_layout`.)"""
 
     def state_dict(self) -> Dict[str, Any]:
         """JSON-safe state: the options, the timeline so far, an adaptive policy's scores and probe in progress.
@@ -122,9 +140,11 @@ class ResumableFreezer:
         the next `update`.
         """
         rows = self.applier.rows.selection()
+        groups = self.group_layout()
         return {
             "options": self.arguments.freeze_options(),
             "registered": self.registered,
+            **({"groups": groups} if groups else {}),
             **({"rows": {"base_vocabulary": self.layout.base_vocabulary, "selection": {k: list(v) for k, v in rows.items()}}}
                if rows else {}),
             "timeline": self.timeline.state_dict() if self.timeline is not None else None,
@@ -138,6 +158,7 @@ class ResumableFreezer:
         if self.registered is not None:
             check_rows((state.get("rows") or {}).get("selection") or {}, self.applier.rows.selection(), source)
             check_registered(state.get("registered"), self.registered, state.get("options"), self.arguments.freeze_options())
+            check_groups(state.get("groups"), self.group_layout(), source)
 
     def load_state_dict(self, state: Dict[str, Any], step: Optional[int] = None) -> None:
         """Take over the state of an interrupted run; the next `update` applies the frozen set in full.

@@ -20,7 +20,10 @@ from ..processes import is_main_process
 
 logger = get_logger(__name__)
 
-__all__ = ["add_to_logs", "check_checkpoint", "guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
+__all__ = [
+    "add_to_logs", "calling_trainer", "check_checkpoint", "guard_resume", "move_before_reporters", "progress_of",
+    "read_checkpoint_state", "saved_callback_state",
+]
 
 
 def progress_of(args: Any, state: Any) -> TrainingProgress:
@@ -159,6 +162,11 @@ def move_before_reporters(callback: TrainerCallback) -> None:
     if handler is not None and callback in handler.callbacks and handler.callbacks[0] is not callback:
         handler.callbacks.remove(callback)
         handler.callbacks.insert(0, callback)
+
+
+def calling_trainer() -> Optional[Trainer]:
+    """The Trainer whose method is on the call stack (its `__init__` during `on_init_end`), or ``None``."""
+    return _calling(Trainer)
 
 
 def _calling(kind: type) -> Any:
