@@ -50,6 +50,7 @@ _EXPECTS = {
     "freeze_pattern_syntax": "'regex' or 'axolotl'",
     "freeze_trainable_tokens": "a list of token ids, or 'new'",
     "freeze_trainable_experts": "a list of expert indices or 'layer:expert' strings",
+    "freeze_learning_rates": "a mapping from a part or a parameter-name pattern to a learning rate",
 }
 # List fields whose items are integers or words: read as strings (the command line gives strings), then numbers
 # turned back into integers.

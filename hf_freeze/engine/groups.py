@@ -70,15 +70,17 @@ class OptimizerGroups:
         rate_of = (lambda name: self.learning_rate(full_name[name])) if self.sets_learning_rates else None
         return parameter_groups(named, learning_rate, weight_decay, decay, rate_of)
 
-    def group_layout(self) -> Optional[Dict[str, List[str]]]:
-        """The learning-rate group of every parameter the optimizer is built over (``None`` without rate groups):
-        saved with the state, so that a resumed run whose groups would differ is refused."""
+    def group_layout(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        """Every learning-rate group of the parameters the optimizer is built over, with its rate (``rate``: an
+        absolute rate or ``None`` for the base rate, ``factor``) and its ``parameters`` (``None`` without rate
+        groups): saved with the state, so that a resumed run whose groups or rates would differ is refused."""
         if not self.sets_learning_rates or self.registered is None:
             return None
         full_name = dict(zip(self.applier.rows.registered_names(), self.applier.rows.attachments))
-        groups: Dict[str, List[str]] = {}
+        groups: Dict[str, Dict[str, Any]] = {}
         for name in self.registered:
-            groups.setdefault(self.learning_rate(full_name.get(name, name)).group, []).append(name)
+            rate = self.learning_rate(full_name.get(name, name))
+            groups.setdefault(rate.group, {"rate": rate.rate, "factor": rate.factor, "parameters": []})["parameters"].append(name)
         return groups
 
     def _check_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:

@@ -50,6 +50,9 @@ def check_shape(state: Any, source: str) -> None:
     registered = state.get("registered")
     if registered is not None and not (isinstance(registered, list) and all(isinstance(n, str) for n in registered)):
         raise damaged("'registered' is not a list of parameter names")
+    groups = state.get("groups")
+    if groups is not None and not (isinstance(groups, dict) and all(isinstance(g, dict) for g in groups.values())):
+        raise damaged("'groups' is not a mapping of learning-rate group: its rate and parameters")
 
 
 def _is_step(value: Any) -> bool:
@@ -106,20 +109,20 @@ def check_rows(saved: Mapping[str, Sequence[int]], current: Mapping[str, Sequenc
     )
 
 
-def check_groups(saved: Optional[Mapping[str, Sequence[str]]], current: Optional[Mapping[str, Sequence[str]]], source: str) -> None:
-    """Refuse to resume when the checkpoint's optimizer held other learning-rate groups than this run builds: torch
-    loads a saved optimizer state group by group, so each group's rate and moments would land on other parameters
-    (or the load fails with a message that names no option)."""
-    saved = {group: list(names) for group, names in (saved or {}).items()}
-    current = {group: list(names) for group, names in (current or {}).items()}
+def check_groups(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[str, Any]], source: str) -> None:
+    """Refuse to resume when the checkpoint's optimizer held other learning-rate groups, or other rates, than this run
+    builds: torch loads a saved optimizer state group by group (its rates included), so the rates and moments would
+    land on other parameters, or the checkpoint's rates would silently replace the ones asked for now."""
+    saved, current = dict(saved or {}), dict(current or {})
     if saved == current:
         return
     differ = sorted(group for group in set(saved) | set(current) if saved.get(group) != current.get(group))
     raise FreezeConfigError(
-        f"Cannot resume: {source} was trained with other learning-rate groups than this run builds (they differ in "
-        f"{few(differ)}; the checkpoint's groups: {few(sorted(saved)) or 'none'}; this run's: {few(sorted(current)) or 'none'}), "
-        "so the saved rates and optimizer state would land on other parameters. Resume with the checkpoint's "
-        "`freeze_learning_rates` and `freeze_layer_lr_decay`.",
+        f"Cannot resume: {source} was trained with other learning-rate groups or rates than this run's (they differ "
+        f"in {few(differ)}; the checkpoint's groups: {few(sorted(saved)) or 'none'}; this run's: "
+        f"{few(sorted(current)) or 'none'}), and the optimizer state it holds would put its own rates and moments on "
+        "these groups. Resume with the checkpoint's `freeze_learning_rates` and `freeze_layer_lr_decay`, or start a "
+        "new run from its weights.",
         fields=["freeze_learning_rates", "freeze_layer_lr_decay"],
     )
 

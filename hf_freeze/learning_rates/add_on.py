@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from torch import nn
-
 from ..add_on import AddOn, LearningRate, RunContext
 from ..errors import FreezeConfigError
 from .rates import RATE_OPTIONS, block_rates, check_rate_options, learning_rates
@@ -28,7 +26,7 @@ class LearningRates(AddOn):
         check_rate_options(arguments)
 
     @classmethod
-    def attach(cls, model: nn.Module, layout: Any, arguments: Any, run: RunContext) -> Optional["LearningRates"]:
+    def attach(cls, model: Any, layout: Any, arguments: Any, run: RunContext) -> Optional["LearningRates"]:
         given = [name for name in RATE_OPTIONS if getattr(arguments, name, None) is not None]
         if not given:
             return None

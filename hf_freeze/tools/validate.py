@@ -73,6 +73,10 @@ def check_config(
     freeze_values = {key: value for key, value in typed.items() if key in freeze_names}
     freeze_problems, arguments = _freeze_problems(freeze_values)
     problems += freeze_problems
+    if arguments is not None:  # the add-ons' option checks that need no model (`LayerFreezer` runs them too)
+        room_problems = [problem for check in _room_option_checks() for problem in _problems_of(check, arguments)]
+        problems += room_problems
+        arguments = None if room_problems else arguments
     max_steps = typed.get("max_steps")
     if arguments is not None and isinstance(max_steps, int) and max_steps > 0:
         problems += _problems_of(check_against_training, arguments, max_steps)
@@ -120,13 +124,21 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
     return problems, None
 
 
+def _room_option_checks() -> List[Callable[[Any], None]]:
+    """The option checks of the add-ons' rooms that need no model, imported from the rooms themselves: the engine's
+    list of add-ons would import discovery and the Trainer, which `validate` without a model never needs."""
+    from ..learning_rates.rates import check_rate_options
+
+    return [check_rate_options]
+
+
 def _strategy_reading(option: str) -> str:
     """A strategy that reads ``option``, to check its value alone."""
     return next((name for name in STRATEGIES.names() if option in STRATEGIES.get(name).options), "none")
 
 
 def _check_against_model(arguments: FreezeArguments, model, max_steps: Optional[int]) -> None:
-    from ..integrations import LayerFreezer  # with a model only: the integrations import the Trainer's callbacks
+    from ..engine import LayerFreezer  # with a model only: the engine imports discovery and the add-ons
 
     # Exactly what training runs: building the freezer refuses on the model what it would refuse in the Trainer;
     # with the run's length known, the checks that need it run too.
