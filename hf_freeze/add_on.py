@@ -59,6 +59,11 @@ class AddOn:
     def check(self, layout: Any, frozen: Collection[str]) -> None:
         """Refuse, when the freezer is built, a policy this add-on cannot serve (``frozen``: its first frozen set)."""
 
+    def in_backward(self, frozen: Collection[str]) -> Collection[str]:
+        """Parameters of ``frozen`` that still take part in the backward pass (an adapter trains on them): kept out
+        of what only wholly frozen parameters get (the frozen-prefix cut, eval mode, half-precision storage)."""
+        return ()
+
     def after_apply(self, frozen: Collection[str]) -> None:
         """The frozen set is now ``frozen``."""
 
@@ -76,6 +81,10 @@ class AddOn:
     def metrics(self) -> Dict[str, float]:
         """`freeze/...` metrics of this add-on."""
         return {}
+
+    def save(self, folder: str) -> Optional[str]:
+        """Write what this add-on keeps beside the model (an adapter) under ``folder``; returns where, or ``None``."""
+        return None
 
     def close(self, remove: bool = False) -> None:
         """Training ended (``remove``: also take any hooks off the model)."""

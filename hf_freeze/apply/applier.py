@@ -86,6 +86,8 @@ class FreezeApplier:
         self._decay_names: Optional[set] = None  # the Trainer's weight-decay parameters, read when first needed
         # The learning-rate group of a parameter (`freeze_learning_rates`, `freeze_layer_lr_decay`), set by the freezer.
         self.group_of: Optional[Callable[[str], Optional[str]]] = None
+        # Frozen parameters that stay in the backward pass (adapters train on them), set by the freezer.
+        self.in_backward: frozenset = frozenset()
 
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
@@ -121,8 +123,10 @@ class FreezeApplier:
             self._register_rows(optimizer)
         if optimizer is not None:
             self.sync_optimizer(optimizer, frozen, unfrozen)
-        # A parameter that trains by rows still takes part in the backward pass: not frozen for these two.
-        wholly_frozen = [name for name in self.frozen_names() if name not in decision.trainable_rows]
+        # A parameter that trains by rows, or carries an adapter, still takes part in the backward pass: not frozen here.
+        wholly_frozen = [
+            name for name in self.frozen_names() if name not in decision.trainable_rows and name not in self.in_backward
+        ]
         if self.eval_modules is not None:
             self.eval_modules.update(wholly_frozen)
         if self.frozen_dtype is not None:

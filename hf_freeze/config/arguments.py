@@ -51,6 +51,7 @@ _EXPECTS = {
     "freeze_trainable_tokens": "a list of token ids, or 'new'",
     "freeze_trainable_experts": "a list of expert indices or 'layer:expert' strings",
     "freeze_learning_rates": "a mapping from a part or a parameter-name pattern to a learning rate",
+    "freeze_lora": "a mapping with the keys 'r', 'alpha', 'dropout', 'on'",
 }
 # List fields whose items are integers or words: read as strings (the command line gives strings), then numbers
 # turned back into integers.
@@ -560,6 +561,20 @@ class FreezeArguments:
         ),
     )
 
+    # -- freeze + LoRA in one policy (hf_freeze/lora/) ----------------------------------------------------------
+    freeze_lora: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "Static strategies: peft LoRA adapters on the linear modules of the layers the strategy froze, while the "
+            "other blocks train fully, e.g. `{r: 16, alpha: 32, on: frozen}` (on the command line as JSON). Keys: "
+            "'r' (rank, default 8), 'alpha' (scale alpha / r, default 2 r), 'dropout' (default 0), 'on' ('frozen', "
+            "or a list of module-name patterns among the frozen blocks' linear modules). Saved as one peft adapter "
+            "with the trained blocks as `modules_to_save` (`<output_dir>/lora_adapter`, and in each checkpoint), "
+            "which `PeftModel.from_pretrained(base_model, folder)` reloads. Refused on a model that already "
+            "carries a PEFT adapter."
+        ),
+    )
+
     def __post_init__(self) -> None:
         self._normalise_and_check()
         parent_post_init = getattr(super(), "__post_init__", None)
@@ -582,6 +597,9 @@ class FreezeArguments:
         self.freeze_component_paths = check_component_paths(_mapping("freeze_component_paths", self.freeze_component_paths))
         self.freeze_stages = parse_stages(_mapping("freeze_stages", self.freeze_stages))
         self.freeze_learning_rates = _mapping("freeze_learning_rates", self.freeze_learning_rates)
+        self.freeze_lora = _mapping("freeze_lora", self.freeze_lora)
+        if isinstance(self.freeze_lora, dict):  # PyYAML (YAML 1.1) reads an unquoted `on` key as true
+            self.freeze_lora = {("on" if key is True else key): value for key, value in self.freeze_lora.items()}
         check_options(self, freeze_fields())
         refuse_overlapping_paths(self.freeze_layer_paths or [])
         if dataclasses.is_dataclass(self) and len(dataclasses.fields(self)) > len(freeze_fields()):

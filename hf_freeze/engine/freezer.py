@@ -172,6 +172,9 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups):
         self._warn_once(progress)
         self._check_optimizer(optimizer)
         first = self.registered is None
+        self.applier.in_backward = frozenset(
+            name for add_on in self.add_ons.values() for name in add_on.in_backward(self.decision.frozen)
+        )
         change = self.applier.apply(self.decision, optimizer)
         if first and not self.dynamic:  # the parameters an optimizer built now would hold
             self.registered = self._trainable_names()
@@ -338,6 +341,11 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups):
             self.probe.reset()
 
     # -- report ---------------------------------------------------------------------------------------------------
+
+    def save_add_ons(self, folder: str) -> List[str]:
+        """Write what the add-ons keep beside the model under ``folder`` (`freeze_lora`: the peft adapter with the
+        trained modules, in ``folder/lora_adapter``, for `PeftModel.from_pretrained`); returns what was written."""
+        return [path for path in (add_on.save(folder) for add_on in self.add_ons.values()) if path]
 
     def save_rows(self, path: str) -> int:
         """Write just the trained rows (of `freeze_trainable_tokens`, `freeze_trainable_experts`, axolotl's row

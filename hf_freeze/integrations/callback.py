@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..add_on import RunContext
 from ..config import FreezeArguments, arguments_from, resolve_arguments
@@ -19,7 +18,7 @@ from ..engine import LayerFreezer
 from .optimizer_groups import install_parameter_groups
 from .support import check_backend, raise_if_changed_after_wrap
 from .trainer_events import add_to_logs, check_checkpoint, guard_resume, move_before_reporters, progress_of
-from .trainer_events import saved_callback_state, training_input_names
+from .trainer_events import checkpoint_folder, saved_callback_state, training_input_names
 
 __all__ = ["FreezeCallback"]
 
@@ -103,10 +102,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
             self.freezer.after_optimizer_step(optimizer)
 
     def on_save(self, args, state, control, **kwargs):
-        self._write_timeline(args, state)
+        self._write_outputs(args, state, checkpoint_folder(args, state))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._write_timeline(args, state)
+        self._write_outputs(args, state, args.output_dir)
         if self.freezer is not None:
             self.freezer.close()  # the frozen-prefix cache's states (unless `freeze_cache_keep`)
 
@@ -145,6 +144,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def _drives_steps(self) -> bool:
         return self.freezer is not None and not self.freezer.skipped
 
-    def _write_timeline(self, args, state) -> None:
+    def _write_outputs(self, args, state, folder: str) -> None:  # the timeline, and a `freeze_lora` adapter
         if self.freezer is not None and state.is_world_process_zero:
             self.freezer.write_timeline(getattr(args, "output_dir", None), end_step=state.global_step)
+            self.freezer.save_add_ons(folder)

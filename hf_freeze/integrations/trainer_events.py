@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import FreezeConfigError
 from ..logs import get_logger
@@ -21,7 +21,7 @@ from ..processes import is_main_process
 logger = get_logger(__name__)
 
 __all__ = [
-    "add_to_logs", "calling_trainer", "check_checkpoint", "guard_resume", "move_before_reporters", "progress_of",
+    "add_to_logs", "calling_trainer", "check_checkpoint", "checkpoint_folder", "guard_resume", "move_before_reporters", "progress_of",
     "read_checkpoint_state", "saved_callback_state",
 ]
 
@@ -35,6 +35,11 @@ def progress_of(args: Any, state: Any) -> TrainingProgress:
         num_epochs=float(getattr(state, "num_train_epochs", 0) or getattr(args, "num_train_epochs", 0) or 0),
         seed=int(getattr(args, "seed", 0) or 0),
     )
+
+
+def checkpoint_folder(args: Any, state: Any) -> str:
+    """The folder of the checkpoint `on_save` follows, as `Trainer._save_checkpoint` names it."""
+    return os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def add_to_logs(state: Any, logs: Dict[str, Any], metrics: Dict[str, float]) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from ..add_on import AddOn, LearningRate, RunContext
 from ..errors import FreezeConfigError
+from ..model.layout import inside
 from .rates import RATE_OPTIONS, block_rates, check_rate_options, learning_rates
 
 __all__ = ["LearningRates"]
@@ -40,7 +41,13 @@ class LearningRates(AddOn):
         return cls(layout, learning_rates(layout, arguments))
 
     def learning_rate(self, name: str) -> Optional[LearningRate]:
-        return self.rates.get(name)
+        """The rate of ``name``; a parameter the model gained after discovery (an adapter of `freeze_lora`) trains at
+        the rate of the block it sits in."""
+        rate = self.rates.get(name)
+        if rate is None:
+            block = max((block for block in self.layout.blocks if inside(name, block.name)), key=lambda b: len(b.name), default=None)
+            rate = self.rates.get(block.parameters[0]) if block is not None and block.parameters else None
+        return rate
 
     def block_columns(self) -> Dict[str, Dict[str, str]]:
         return {"lr": block_rates(self.layout, self.rates)}

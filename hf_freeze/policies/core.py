@@ -46,7 +46,7 @@ COMMON_OPTIONS = (
     "freeze_router", "freeze_shared_experts", "freeze_component_paths", "freeze_unused_modalities",
     "freeze_cache_prefix", "freeze_cache_memory_mb", "freeze_cache_dir", "freeze_cache_dtype", "freeze_cache_keep",
     *ROW_OPTIONS,
-    "freeze_learning_rates", "freeze_layer_lr_decay",
+    "freeze_learning_rates", "freeze_layer_lr_decay", "freeze_lora",
 )
 HEALTH_CHECK_MODES = ("warn", "raise", "off")
 # The options that settle the blocks outside the layers, and the block kinds each one covers.

@@ -128,8 +128,9 @@ def _room_option_checks() -> List[Callable[[Any], None]]:
     """The option checks of the add-ons' rooms that need no model, imported from the rooms themselves: the engine's
     list of add-ons would import discovery and the Trainer, which `validate` without a model never needs."""
     from ..learning_rates.rates import check_rate_options
+    from ..lora.options import lora_options
 
-    return [check_rate_options]
+    return [check_rate_options, lora_options]
 
 
 def _strategy_reading(option: str) -> str:
