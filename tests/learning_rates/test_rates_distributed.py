@@ -1,9 +1,10 @@
 """Learning rates per part and per layer under DDP (2 CPU processes, gloo, a real Trainer): every rank builds the
 same groups at the same rates and ends with identical weights, a static policy, a schedule that unfreezes layers
-mid-run and a resumed run alike."""
+mid-run, a resumed run and LoRA adapters on the frozen layers alike."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 import ddp_launch  # noqa: E402
+import torch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork-free torchrun with gloo on POSIX")
 
@@ -23,7 +25,14 @@ RUNS = {
                                       "freeze_schedule_every": 1, "freeze_layers": 4, "freeze_layer_lr_decay": DECAY},
                            "training": {"ddp_find_unused_parameters": True}},
     "resumed": {"resume": True, "policy": {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_layer_lr_decay": DECAY}},
+    # Freeze + LoRA (`freeze_lora`): the adapters go on before the DDP wrap, which registers and all-reduces them.
+    "lora": {"model": "llama", "policy": {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_lora": {"r": 4},
+                                          "freeze_layer_lr_decay": DECAY}},
 }
+
+
+def _digest(tensor):  # as tests/distributed/train_worker.py digests a parameter
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _results(label):
@@ -47,6 +56,11 @@ def test_every_rank_builds_the_same_groups_and_ends_identical(label):
             assert base[f"layer.{index}"] == learning_rate * DECAY ** (3 - index)
     if label == "bottom":
         assert base["classifier"] == 5.0e-3 and set(base) == {"base", "classifier", "layer.2", "layer.3"}
+    if label == "lora":  # the adapters trained, at their layer's rate, identically on both ranks
+        adapters = [name for name in first["digests"] if ".lora_B." in name]
+        untrained = {_digest(torch.zeros(out_features, 4)) for out_features in (16, 32, 64)}  # lora_B starts at 0
+        assert adapters and not {first["digests"][name] for name in adapters} & untrained
+        assert {"layer.0", "layer.1"} <= set(base)
     if label == "resumed":  # trained 2 steps, saved, resumed in a new Trainer to step 4
         assert first["max_step"] == 4
     if label == "gradual_unfreezing":  # every layer has its group from the start, frozen or not
