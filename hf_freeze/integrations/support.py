@@ -22,7 +22,8 @@ drift apart silently is refused with a clear message instead. What the wrappers 
 - Learning rates per part or layer (`freeze_learning_rates`, `freeze_layer_lr_decay`) need the optimizer built from
   hf_freeze's param groups. That is tested on one process and under DDP; DeepSpeed builds its own optimizer from its
   config (or wraps the Trainer's into partitions per group), and FSDP builds it over sharded parameters after the
-  wrap: neither is tested yet, so both are refused rather than trusted.
+  wrap: neither is tested yet, so both are refused rather than trusted. So is `freeze_lora` (adapters injected
+  before the wrap and saved from the whole model), for the same reason.
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ _NOT_UNDER_SHARDING = {
         "they need the optimizer built from hf_freeze's param groups, which is tested on one process and under DDP; "
         "DeepSpeed builds its optimizer from its own config, and FSDP builds it over the sharded parameters, and "
         "neither has been tested with the groups.",
+    ),
+    "lora": (
+        ("freeze_lora",),
+        "the adapters are injected before the wrap and saved from the whole model, which is tested on one process and "
+        "under DDP; sharded parameters (FSDP, DeepSpeed ZeRO-3) are not there whole to save, and neither backend has "
+        "been tested with them.",
     ),
 }
 
