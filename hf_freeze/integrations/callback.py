@@ -61,7 +61,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         move_before_reporters(self)
         self._tokenizer = processing_class
         self._set_up(args, state, model, late=False)
-        install_parameter_groups(lambda: self.freezer, args, model)
+        install_parameter_groups(self, args, model)
         guard_resume(lambda checkpoint: check_checkpoint(self.freezer, type(self).__name__, checkpoint))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):

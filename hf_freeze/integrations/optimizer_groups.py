@@ -38,22 +38,30 @@ class GroupedOptimizer:
     `optimizer_cls_and_kwargs` when given, else those the Trainer's arguments choose, read when the optimizer is
     built (a hyperparameter-search trial may have changed them); ``lr`` is the base rate."""
 
-    def __init__(self, freezer: Callable[[], Any], args: Any, decay_names: Callable[[Any], Any], given: Any = None):
-        self.freezer, self.args, self.decay_names, self.given = freezer, args, decay_names, given
+    def __init__(self, callback: Any, args: Any, decay_names: Callable[[Any], Any], given: Any = None):
+        # The callback, not its freezer: `train()` may rebuild the freezer, and the callback pickles (Ray Tune).
+        self.callback, self.args, self.decay_names, self.given = callback, args, decay_names, given
 
     def __call__(self, model: Any, **kwargs: Any):
+        freezer = self.callback.freezer
+        if freezer is None:  # a callback sent to another process (Ray Tune) sets up after the optimizer is built
+            raise FreezeConfigError(
+                "`freeze_learning_rates` and `freeze_layer_lr_decay` need the freezer when the Trainer builds its "
+                "optimizer, and this callback was set up in another process (a Ray Tune trial). Run the search with "
+                "Optuna (in-process), or without the rate options.", fields=_FIELDS,
+            )
         optimizer_class, kwargs = self.given or Trainer.get_optimizer_cls_and_kwargs(self.args, model)
         kwargs = dict(kwargs)
         learning_rate = kwargs.pop("lr", self.args.learning_rate)
-        groups = self.freezer().parameter_groups(learning_rate, self.args.weight_decay, model, self.decay_names(model))
+        groups = freezer.parameter_groups(learning_rate, self.args.weight_decay, model, self.decay_names(model))
         return optimizer_class(groups, lr=learning_rate, **kwargs)
 
 
-def install_parameter_groups(freezer: Callable[[], Any], args: Any, model: Any) -> None:
-    """Have the Trainer calling `on_init_end` build its optimizer from ``freezer()``'s param groups, when the freezer
-    sets learning rates; refuse what cannot take them (an optimizer passed in, one the Trainer makes over the model
-    itself), naming the options."""
-    current = freezer()
+def install_parameter_groups(callback: Any, args: Any, model: Any) -> None:
+    """Have the Trainer calling `on_init_end` build its optimizer from the param groups of ``callback.freezer``, when
+    the freezer sets learning rates; refuse what cannot take them (an optimizer passed in, one the Trainer makes over
+    the model itself), naming the options."""
+    current = callback.freezer
     if current is None or current.skipped or not current.sets_learning_rates:
         return
     given = [name for name in _FIELDS if getattr(current.arguments, name) is not None]
@@ -75,6 +83,6 @@ def install_parameter_groups(freezer: Callable[[], Any], args: Any, model: Any) 
     if not isinstance(optimizer_class, type) or {"params", "model", "optimizer_dict"} & set(kwargs):
         raise refuse(f"the optimizer {getattr(args, 'optim', None)!r} groups the model's parameters itself (GaLore, "
                      "APOLLO, LOMO, layer-wise or factory optimizers). Use a plain optimizer such as 'adamw_torch'.")
-    factory = functools.partial(GroupedOptimizer, freezer, args, trainer.get_decay_parameter_names, trainer.optimizer_cls_and_kwargs)
+    factory = functools.partial(GroupedOptimizer, callback, args, trainer.get_decay_parameter_names, trainer.optimizer_cls_and_kwargs)
     # The keywords stay beside the factory for what the Trainer reads of them after building (bitsandbytes' 8 bits).
     trainer.optimizer_cls_and_kwargs = (factory, dict(kwargs))

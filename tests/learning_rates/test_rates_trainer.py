@@ -212,3 +212,19 @@ def test_a_plain_loop_gets_the_same_rates_and_resumes_bit_identically():
     steps(second, 3, STEPS)
     for (name, expected), (_, got) in zip(straight[0].named_parameters(), model.named_parameters()):
         assert torch.equal(expected, got), name
+
+
+def test_with_model_init_the_groups_hold_the_model_train_builds(tmp_path):
+    args = TrainingArguments(**training_kwargs(tmp_path, max_steps=2, learning_rate=BASE))
+    trainer = Trainer(model_init=lambda: build("bert", num_hidden_layers=LAYERS), args=args,
+                      train_dataset=trainer_for(build("bert"), args).train_dataset, callbacks=[FreezeCallback(**POLICY)])
+    trainer.train()
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    trained = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert trained <= in_optimizer  # the model `train()` built, not the one `Trainer.__init__` built
+    rates = {group["hf_freeze_group"]: group["initial_lr"] for group in trainer.optimizer.param_groups}
+    # `train()` builds the optimizer before the callback freezes the new model (`on_train_begin`): the groups of the
+    # layers frozen then exist too, and their parameters never get a gradient.
+    expected = {group: _expected_base(group) for group in ("base", "classifier", "layer.1", "layer.2", "layer.3")}
+    assert rates == {**expected, "layer.0": BASE * DECAY ** 3, "embeddings": BASE * DECAY ** 4}
+    assert not trainer.model.bert.encoder.layer[0].attention.self.query.weight.requires_grad
