@@ -227,6 +227,23 @@ CASES.update({
     "ok/adaptive-snr": _case(dict(ADAPTIVE, freeze_score="snr"), ACCEPTED),
 })
 
+# Learning rates per part and layer, freeze + LoRA (hf_freeze/learning_rates/, hf_freeze/lora/).
+CASES.update({
+    "type/freeze_learning_rates": _case({"freeze_learning_rates": 3}, REFUSED, "freeze_learning_rates"),
+    "type/freeze_layer_lr_decay": _case({"freeze_layer_lr_decay": "fast"}, REFUSED, "freeze_layer_lr_decay"),
+    "type/freeze_lora": _case(dict(B, freeze_layers=1, freeze_lora=3), REFUSED, "freeze_lora"),
+    "value/lr-decay-0": _case(dict(freeze_layer_lr_decay=0), REFUSED, "freeze_layer_lr_decay"),
+    "value/lr-decay-above-1": _case(dict(freeze_layer_lr_decay=1.2), REFUSED, "freeze_layer_lr_decay"),
+    "value/lr-negative": _case(dict(freeze_learning_rates={"bert.encoder": -1e-5}), REFUSED, "freeze_learning_rates"),
+    "value/lr-missing-part": _case(dict(freeze_learning_rates={"vision_tower": 1e-5}), REFUSED, "freeze_learning_rates"),
+    "value/lr-pattern-matches-nothing": _case(dict(freeze_learning_rates={"model.layers": 1e-5}), REFUSED, "freeze_learning_rates"),
+    "value/lora-dynamic": _case(dict(freeze_strategy="lisa", freeze_lora={"r": 4}), REFUSED, "freeze_lora"),
+    "value/lora-nothing-frozen": _case(dict(freeze_lora={"r": 4}), REFUSED, "freeze_lora"),
+    "value/lora-rank-0": _case(dict(B, freeze_layers=1, freeze_lora={"r": 0}), REFUSED, "freeze_lora"),
+    "ok/lr-decay-and-rates": _case(dict(B, freeze_layers=1, freeze_layer_lr_decay=0.8, freeze_learning_rates={"classifier": 1e-4}), ACCEPTED),
+    "ok/lora-bottom": _case(dict(B, freeze_layers=2, freeze_lora={"r": 4, "alpha": 8}), ACCEPTED),
+})
+
 
 def _model(tied=False, model_type=None, recorded=False):
     model = build(model_type or ("gpt2" if tied else "bert"))

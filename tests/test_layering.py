@@ -11,13 +11,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_freeze"
 
 # Stages in dependency order: a module may import from its own stage and the ones before it. The modules at the
 # top of the package (errors, registry, logs, processes, add_on) are shared by every stage and import none of them.
-# The rooms of add-on capabilities (the loss lever, the frozen-prefix cache, the reference model) sit among them:
-# the engine runs the first two, the reference model uses the backend detection of the integrations.
+# The rooms of add-on capabilities (the loss lever, the frozen-prefix cache, learning rates per part and layer, LoRA on
+# the frozen layers, the reference model) sit among them: the engine runs the first four, the reference model uses the
+# backend detection of the integrations.
 STAGES = [
-    "shared", "model", "policies", "config", "scores", "apply", "loss", "prefix_cache", "report", "engine",
+    "shared", "model", "policies", "config", "scores", "apply", "loss", "prefix_cache", "learning_rates", "lora", "report",
+    "engine",
     "integrations", "reference", "tools",
 ]
-ROOMS = {"loss", "prefix_cache", "reference"}
+ROOMS = {"loss", "prefix_cache", "learning_rates", "lora", "reference"}
 # Where the core reaches a room: the engine's list of add-ons (their registration) and the command-line tools.
 ROOM_DOORS = {"hf_freeze.engine.addons", "hf_freeze.tools"}
 ENTRY_POINTS = {"hf_freeze", "hf_freeze.__main__"}  # the package's front door re-exports from every stage

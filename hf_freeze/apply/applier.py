@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,15 +14,13 @@ from ..policies import FreezeDecision
 from .frozen_dtype import FrozenWeightsDtype
 from .frozen_prefix import FrozenPrefixHooks
 from .eval_mode import FrozenModulesEval
+from .param_groups import GROUP_KEY, decay_parameter_names
 from .trainable_rows import TrainableRows
 
 __all__ = ["AppliedChange", "FreezeApplier", "innermost_optimizer", "optimizer_state_bytes"]
 
 # The attribute of the model that lists the parameters an hf_freeze applier froze.
 _FROZEN_BY_POLICY = "_hf_freeze_frozen_by_policy"
-# transformers' Trainer keeps these out of weight decay (`Trainer.get_decay_parameter_names`): every parameter of an
-# `nn.LayerNorm`, and names matching these patterns once lower-cased.
-_NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,10 @@ class FreezeApplier:
         self.layout = layout
         self.prefix_hooks = FrozenPrefixHooks(self.model) if layout is not None else None
         self._decay_names: Optional[set] = None  # the Trainer's weight-decay parameters, read when first needed
+        # The learning-rate group of a parameter (`freeze_learning_rates`, `freeze_layer_lr_decay`), set by the freezer.
+        self.group_of: Optional[Callable[[str], Optional[str]]] = None
+        # Frozen parameters that stay in the backward pass (adapters train on them), set by the freezer.
+        self.in_backward: frozenset = frozenset()
 
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
@@ -121,8 +123,10 @@ class FreezeApplier:
             self._register_rows(optimizer)
         if optimizer is not None:
             self.sync_optimizer(optimizer, frozen, unfrozen)
-        # A parameter that trains by rows still takes part in the backward pass: not frozen for these two.
-        wholly_frozen = [name for name in self.frozen_names() if name not in decision.trainable_rows]
+        # A parameter that trains by rows, or carries an adapter, still takes part in the backward pass: not frozen here.
+        wholly_frozen = [
+            name for name in self.frozen_names() if name not in decision.trainable_rows and name not in self.in_backward
+        ]
         if self.eval_modules is not None:
             self.eval_modules.update(wholly_frozen)
         if self.frozen_dtype is not None:
@@ -176,18 +180,20 @@ class FreezeApplier:
         return stepped
 
     def _group_for(self, optimizer: torch.optim.Optimizer, name: str) -> dict:
-        """The existing group a parameter joins: the one holding parameters of its kind (weight decay or not, by the
-        Trainer's rule), else the group with the most (or least) weight decay.
+        """The existing group a parameter joins: among the groups of its learning rate (when there are such groups),
+        the one holding parameters of its kind (weight decay or not, by the Trainer's rule), else the group with the
+        most (or least) weight decay.
 
         Adding a new group instead would break LambdaLR-style schedulers, which keep one entry per group.
         """
         groups = optimizer.param_groups
+        wanted = self.group_of(name) if self.group_of is not None else None
+        # With learning-rate groups, a parameter joins its own rate's group (built with the optimizer).
+        groups = [group for group in groups if wanted is not None and group.get(GROUP_KEY) == wanted] or groups
         if len(groups) == 1:
             return groups[0]
         if self._decay_names is None:
-            from transformers.trainer_pt_utils import get_parameter_names
-
-            self._decay_names = set(get_parameter_names(self.model, [nn.LayerNorm], _NO_DECAY_NAME_PATTERNS))
+            self._decay_names = set(decay_parameter_names(self.model))
         decays = name in self._decay_names
         same_kind = {id(p) for other, p in self.parameters.items() if other != name and (other in self._decay_names) == decays}
         for group in groups:

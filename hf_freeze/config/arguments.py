@@ -509,6 +509,43 @@ class FreezeArguments:
         ),
     )
 
+    # -- learning rates per part and per layer (hf_freeze/learning_rates/) --------------------------------------
+    freeze_learning_rates: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "Learning rates of parts of the model, each trained in a param group of its own: a mapping from a part "
+            "('vision_tower', 'audio_tower', 'multi_modal_projector' or 'projector', 'language_model'; or the part "
+            "names of the block table: 'vision', 'audio', 'language') or a parameter-name pattern (a regular "
+            "expression matched from the start of the name, as 'pattern' reads them) to its rate, e.g. "
+            "`{vision_tower: 2.0e-6, multi_modal_projector: 1.0e-4, language_model: 1.0e-5}` (on the command line as "
+            "JSON). A pattern wins over a part; parameters named by no key train at `learning_rate`. Every scheduler "
+            "of the Trainer scales each group from its own rate. A part the model does not have is refused."
+        ),
+    )
+    freeze_layer_lr_decay: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "Layer-wise learning-rate decay in (0, 1] over the counted layers (`freeze_layer_stack`): layer i of L "
+            "trains at the rate times decay^(L-1-i), the embeddings at decay^L, the final norm and the head at the "
+            "rate itself. Multiplies a `freeze_learning_rates` rate. A layer a schedule unfreezes starts at its "
+            "decayed rate times the scheduler's current multiplier."
+        ),
+    )
+
+    # -- freeze + LoRA in one policy (hf_freeze/lora/) ----------------------------------------------------------
+    freeze_lora: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata=_help(
+            "Static strategies: peft LoRA adapters on the linear modules of the layers the strategy froze, while the "
+            "other blocks train fully, e.g. `{r: 16, alpha: 32, on: frozen}` (on the command line as JSON). Keys: "
+            "'r' (rank, default 8), 'alpha' (scale alpha / r, default 2 r), 'dropout' (default 0), 'on' ('frozen', "
+            "or a list of module-name patterns among the frozen blocks' linear modules). Saved as one peft adapter "
+            "with the trained blocks as `modules_to_save` (`<output_dir>/lora_adapter`, and in each checkpoint), "
+            "which `PeftModel.from_pretrained(base_model, folder)` reloads. Refused on a model that already "
+            "carries a PEFT adapter."
+        ),
+    )
+
     def __post_init__(self) -> None:
         self._normalise_and_check()
         parent_post_init = getattr(super(), "__post_init__", None)

@@ -34,6 +34,8 @@ _EXPECTS = {
     "freeze_cache_memory_mb": "a number of MiB (>= 0)",
     "freeze_trainable_tokens": f"a list of token ids, or {NEW_TOKENS!r}",
     "freeze_trainable_experts": "a list of expert indices or 'layer:expert' strings",
+    "freeze_learning_rates": "a mapping from a part or a parameter-name pattern to a learning rate",
+    "freeze_lora": "a mapping with the keys 'r', 'alpha', 'dropout', 'on'",
 }
 # List fields whose items are integers or words: read as strings (the command line gives strings), then numbers
 # turned back into integers.
@@ -44,6 +46,8 @@ _COUNT_OR_FRACTION = ("freeze_layers", "freeze_probe_steps")
 _PARSED: Dict[str, Callable[[Any], Any]] = {
     "freeze_component_paths": check_component_paths,
     "freeze_stages": parse_stages,
+    "freeze_learning_rates": lambda value: value,  # checked against the model by `hf_freeze.learning_rates`
+    "freeze_lora": lambda value: _lora_keys(value),  # checked by `hf_freeze.lora`
 }
 
 
@@ -58,6 +62,8 @@ def check_freeze_arguments(arguments: Any, freeze_type: type) -> None:
             value = _integers_or_words(name, value)
         elif name in _PARSED:
             value = _PARSED[name](_mapping(name, value))
+            if name in _EXPECTS:  # a mapping whose entries its room checks: here only that it is one
+                value = check_field(name, hints[name], value, _EXPECTS[name])
         else:
             value = check_field(
                 name, hints[name], value, _EXPECTS.get(name), count_or_fraction=name in _COUNT_OR_FRACTION
@@ -67,6 +73,12 @@ def check_freeze_arguments(arguments: Any, freeze_type: type) -> None:
     refuse_overlapping_paths(arguments.freeze_layer_paths or [])
     if dataclasses.is_dataclass(arguments) and len(dataclasses.fields(arguments)) > len(names):
         check_values(arguments, skip=names)  # the TrainingArguments fields, as `hf-freeze validate` checks them
+
+
+def _lora_keys(value: Any) -> Any:
+    if isinstance(value, dict):  # PyYAML (YAML 1.1) reads an unquoted `on` key as true
+        return {("on" if key is True else key): item for key, item in value.items()}
+    return value
 
 
 def _integers_or_words(name: str, value: Any) -> Any:

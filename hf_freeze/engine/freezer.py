@@ -14,6 +14,7 @@ from torch import nn
 from ..add_on import RunContext
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes, save_rows_file
 from ..apply.frozen_dtype import frozen_dtype_of
+from ..apply.param_groups import rate_metrics
 from ..config import FreezeArguments, arguments_from
 from ..logs import get_logger
 from ..model import discover_layout, loaded_vocabulary_size, peft_adapter_reason, record_vocabulary_size, unwrap_model
@@ -27,6 +28,7 @@ from ..report import FreezeTimeline, applied_lines, format_block_table, freeze_m
 from ..report import update_lines
 from ..scores import LayerProbe
 from .addons import ADD_ONS
+from .groups import OptimizerGroups
 from .resume import ResumableFreezer
 
 __all__ = ["LayerFreezer"]
@@ -34,7 +36,7 @@ __all__ = ["LayerFreezer"]
 logger = get_logger(__name__)
 
 
-class LayerFreezer(ResumableFreezer):
+class LayerFreezer(ResumableFreezer, OptimizerGroups):
     """Discover a model's blocks, decide what to freeze, apply it, report it: usable from any training loop.
 
     The options are checked once, here: a value the model cannot honour (a count above its number of layers, a
@@ -70,6 +72,8 @@ class LayerFreezer(ResumableFreezer):
         **options: Any,
     ):
         self.arguments = arguments_from(arguments, options) or FreezeArguments()
+        for kind in ADD_ONS:
+            kind.check_arguments(self.arguments)
         self.model = unwrap_model(model)
         self.peft_reason = peft_adapter_reason(self.model)
         if self.peft_reason and is_main_process():
@@ -96,6 +100,8 @@ class LayerFreezer(ResumableFreezer):
             self.model, self.layout, bool(self.arguments.freeze_frozen_modules_eval),
             frozen_dtype_of(self.arguments.freeze_frozen_dtype) if self.layout is not None else None, self.strategy.dynamic,
         )
+        if self.sets_learning_rates:
+            self.applier.group_of = lambda name: self.learning_rate(name).group
         self.health = HealthCheck(
             self.applier.parameters, dict(self.model.named_buffers()), self.arguments.freeze_health_check or "warn",
             report=lambda message: logger.warning(message) if is_main_process() else None,
@@ -110,6 +116,8 @@ class LayerFreezer(ResumableFreezer):
         # The optimizer `update` was last given: a probe that withholds its steps needs it in `before_optimizer_step`.
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._warned = False
+        self._checked_optimizer: Optional[int] = None
+        self.step_rates: Dict[str, float] = {}  # `freeze/lr/<group>` of the last optimizer step
         # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
         self.registered: Optional[List[str]] = None
         if self.layout is not None:
@@ -165,7 +173,11 @@ class LayerFreezer(ResumableFreezer):
             return AppliedChange([], [])
         self.decision = decision or self._decide_measured(progress)
         self._warn_once(progress)
+        self._check_optimizer(optimizer)
         first = self.registered is None
+        self.applier.in_backward = frozenset(
+            name for add_on in self.add_ons.values() for name in add_on.in_backward(self.decision.frozen)
+        )
         change = self.applier.apply(self.decision, optimizer)
         if first and not self.dynamic:  # the parameters an optimizer built now would hold
             self.registered = self._trainable_names()
@@ -327,10 +339,13 @@ class LayerFreezer(ResumableFreezer):
             if withholding:
                 self.applier.withhold_step(optimizer)
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Call just after ``optimizer.step()``: scales the updates of parameters with a learning-rate factor, and
-        runs the training health check after the first step and after each change of the frozen set."""
+        runs the training health check after the first step and after each change of the frozen set; given the
+        optimizer, records the rate each learning-rate group trained at (``freeze/lr/<group>``)."""
         self.applier.end_scaled_step()
+        if optimizer is not None and self.sets_learning_rates:
+            self.step_rates = rate_metrics(optimizer.param_groups)
         self.health.after_optimizer_step()
 
     def restart(self) -> None:
@@ -343,6 +358,11 @@ class LayerFreezer(ResumableFreezer):
 
     # -- report ---------------------------------------------------------------------------------------------------
 
+    def save_add_ons(self, folder: str) -> List[str]:
+        """Write what the add-ons keep beside the model under ``folder`` (`freeze_lora`: the peft adapter with the
+        trained modules, in ``folder/lora_adapter``, for `PeftModel.from_pretrained`); returns what was written."""
+        return [path for path in (add_on.save(folder) for add_on in self.add_ons.values()) if path]
+
     def save_rows(self, path: str) -> int:
         """Write just the trained rows (of `freeze_trainable_tokens`, `freeze_trainable_experts`, axolotl's row
         ranges) with their row indices to a safetensors file; returns its size in bytes. `merge_rows_file` writes
@@ -350,7 +370,9 @@ class LayerFreezer(ResumableFreezer):
         return save_rows_file(self.applier.rows, path, {"base_vocabulary": self.layout.base_vocabulary})
 
     def metrics(self) -> Dict[str, float]:
-        """`freeze/...` metrics measured on the model itself (its `requires_grad` flags)."""
+        """`freeze/...` metrics measured on the model itself (its `requires_grad` flags), and with learning-rate
+        groups ``freeze/lr/<group>``: the rate each group trained at in the last optimizer step (as the Trainer's
+        ``learning_rate`` log)."""
         if self.layout is None:
             return model_metrics(self.model)
         metrics = freeze_metrics(self.layout, self.frozen_names(), self.applier.rows.selection())
@@ -360,20 +382,27 @@ class LayerFreezer(ResumableFreezer):
             metrics.update(add_on.metrics())
         if self.probe is not None:
             metrics.update(self.probe.metrics())
+        metrics.update(self.step_rates)
         return metrics
 
     def summary(self) -> str:
         return summary_line(self.metrics(), None if self.layout is None else self.layout.num_layers)
 
     def table(self) -> str:
-        return "" if self.layout is None else format_block_table(self.layout, self.frozen_names(), self.applier.rows.selection())
+        if self.layout is None:
+            return ""
+        return format_block_table(self.layout, self.frozen_names(), self.applier.rows.selection(), self.block_columns())
+
+    def block_columns(self) -> Dict[str, Dict[str, str]]:
+        """The add-ons' columns of the per-block table (a block's learning rate, its adapter)."""
+        return {header: cells for add_on in self.add_ons.values() for header, cells in add_on.block_columns().items()}
 
     def report_lines(self, summary: bool = True) -> List[str]:
         """What the user should see once the policy is applied, one log message each: the notes (tied weights,
         weight sharing), the summary line, the per-block table."""
         return applied_lines(
             self.layout, self.decision, self.arguments.freeze_strategy, self.frozen_names(), self.applier.rows.selection(),
-            self.metrics() if summary else {}, summary,
+            self.metrics() if summary else {}, summary, self.block_columns(),
         )
 
     def describe_update(self, change: AppliedChange, always: bool = False) -> List[str]:

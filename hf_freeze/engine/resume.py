@@ -11,7 +11,7 @@ from ..processes import is_main_process
 
 logger = get_logger(__name__)
 
-__all__ = ["ResumableFreezer", "check_registered", "check_rows", "check_shape"]
+__all__ = ["ResumableFreezer", "check_groups", "check_registered", "check_rows", "check_shape"]
 
 
 def check_shape(state: Any, source: str) -> None:
@@ -50,6 +50,9 @@ def check_shape(state: Any, source: str) -> None:
     registered = state.get("registered")
     if registered is not None and not (isinstance(registered, list) and all(isinstance(n, str) for n in registered)):
         raise damaged("'registered' is not a list of parameter names")
+    groups = state.get("groups")
+    if groups is not None and not (isinstance(groups, dict) and all(isinstance(g, dict) for g in groups.values())):
+        raise damaged("'groups' is not a mapping of learning-rate group: its rate and parameters")
 
 
 def _is_step(value: Any) -> bool:
@@ -106,6 +109,24 @@ def check_rows(saved: Mapping[str, Sequence[int]], current: Mapping[str, Sequenc
     )
 
 
+def check_groups(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[str, Any]], source: str) -> None:
+    """Refuse to resume when the checkpoint's optimizer held other learning-rate groups, or other rates, than this run
+    builds: torch loads a saved optimizer state group by group (its rates included), so the rates and moments would
+    land on other parameters, or the checkpoint's rates would silently replace the ones asked for now."""
+    saved, current = dict(saved or {}), dict(current or {})
+    if saved == current:
+        return
+    differ = sorted(group for group in set(saved) | set(current) if saved.get(group) != current.get(group))
+    raise FreezeConfigError(
+        f"Cannot resume: {source} was trained with other learning-rate groups or rates than this run's (they differ "
+        f"in {few(differ)}; the checkpoint's groups: {few(sorted(saved)) or 'none'}; this run's: "
+        f"{few(sorted(current)) or 'none'}), and the optimizer state it holds would put its own rates and moments on "
+        "these groups. Resume with the checkpoint's `freeze_learning_rates` and `freeze_layer_lr_decay`, or start a "
+        "new run from its weights.",
+        fields=["freeze_learning_rates", "freeze_layer_lr_decay"],
+    )
+
+
 def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
     return "; ".join(f"{name} {few([str(r) for r in rows[name]], 5) if name in rows else 'none'}" for name in names)
 
@@ -113,7 +134,7 @@ def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
 class ResumableFreezer:
     """The part of `LayerFreezer` that survives a restart: its JSON-safe state, the checks that refuse a state this
     run cannot resume, and taking a saved state over. (The freezer's attributes it reads: ``arguments``, ``layout``,
-    ``applier``, ``registered``, ``timeline``, ``probe``, and its `restart`.)"""
+    ``applier``, ``registered``, ``timeline``, ``probe``, and its `restart` and `group_layout`.)"""
 
     def state_dict(self) -> Dict[str, Any]:
         """JSON-safe state: the options, the timeline so far, an adaptive policy's scores and probe in progress.
@@ -122,9 +143,11 @@ class ResumableFreezer:
         the next `update`.
         """
         rows = self.applier.rows.selection()
+        groups = self.group_layout()
         return {
             "options": self.arguments.freeze_options(),
             "registered": self.registered,
+            **({"groups": groups} if groups else {}),
             **({"rows": {"base_vocabulary": self.layout.base_vocabulary, "selection": {k: list(v) for k, v in rows.items()}}}
                if rows else {}),
             "timeline": self.timeline.state_dict() if self.timeline is not None else None,
@@ -138,6 +161,7 @@ class ResumableFreezer:
         if self.registered is not None:
             check_rows((state.get("rows") or {}).get("selection") or {}, self.applier.rows.selection(), source)
             check_registered(state.get("registered"), self.registered, state.get("options"), self.arguments.freeze_options())
+            check_groups(state.get("groups"), self.group_layout(), source)
 
     def load_state_dict(self, state: Dict[str, Any], step: Optional[int] = None) -> None:
         """Take over the state of an interrupted run; the next `update` applies the frozen set in full.

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..add_on import RunContext
 from ..config import FreezeArguments, arguments_from, resolve_arguments
@@ -16,9 +15,10 @@ from ..model import unwrap_model
 from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from ..engine import LayerFreezer
+from .optimizer_groups import install_parameter_groups
 from .support import check_backend, raise_if_changed_after_wrap
 from .trainer_events import add_to_logs, check_checkpoint, guard_resume, move_before_reporters, progress_of
-from .trainer_events import saved_callback_state, training_input_names
+from .trainer_events import checkpoint_folder, saved_callback_state, training_input_names
 
 __all__ = ["FreezeCallback"]
 
@@ -30,8 +30,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
     of the `TrainingArguments` (`FreezeTrainingArguments`). A static policy is applied in `on_init_end`, inside
     `Trainer.__init__`, before the optimizer and DDP see the model, after a check against the backend (DDP, FSDP,
     DeepSpeed). A schedule or an adaptive policy leaves trainable there all it may train, then applies each step's
-    frozen set from `on_train_begin` on; checkpoints carry `LayerFreezer.state_dict()`, and the timeline goes to
-    ``args.output_dir`` (``freeze_timeline.json``, ``freeze_timeline.png``). Every event calls the `LayerFreezer`.
+    frozen set from `on_train_begin` on; checkpoints carry `LayerFreezer.state_dict()`, the timeline goes to
+    ``args.output_dir``; with learning rates per part or layer the optimizer is built from `parameter_groups`.
 
     Example:
 
@@ -54,14 +54,14 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._setup, self._tokenizer = None, None
 
     def __getstate__(self) -> Dict[str, Any]:
-        # Pickled (a Ray Tune trial sends the Trainer to a worker process): the policy travels, not its binding to
-        # this process's model and hooks; `train()` there builds its model with `model_init` and sets up anew.
+        # Pickled for a Ray Tune worker: the policy travels, not its hooks; `train()` there sets up on its own model.
         return {**self.__dict__, "freezer": None, "_setup": None}
 
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         move_before_reporters(self)
         self._tokenizer = processing_class
         self._set_up(args, state, model, late=False)
+        install_parameter_groups(self, args, model)
         guard_resume(lambda checkpoint: check_checkpoint(self.freezer, type(self).__name__, checkpoint))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -97,15 +97,15 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self._drives_steps():
             self.freezer.before_optimizer_step(optimizer)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._drives_steps():
-            self.freezer.after_optimizer_step()
+            self.freezer.after_optimizer_step(optimizer)
 
     def on_save(self, args, state, control, **kwargs):
-        self._write_timeline(args, state)
+        self._write_outputs(args, state, checkpoint_folder(args, state))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._write_timeline(args, state)
+        self._write_outputs(args, state, args.output_dir)
         if self.freezer is not None:
             self.freezer.close()  # the frozen-prefix cache's states (unless `freeze_cache_keep`)
 
@@ -130,7 +130,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self.freezer.skipped:  # a PEFT adapter decides what trains; the freezer has said so
             return
         decision = self.freezer.decide(progress_of(args, state))
-        self._setup = check_backend(args, self.freezer.model, self.freezer.strategy.name, self.freezer.dynamic, decision)
+        self._setup = check_backend(args, self.freezer.model, self.freezer.strategy.name, self.freezer.dynamic, decision, self.freezer.add_ons)
         if self.freezer.dynamic:
             # Each step's frozen set applies from on_train_begin on, once the optimizer and DDP registered everything.
             self.freezer.prepare()
@@ -144,6 +144,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def _drives_steps(self) -> bool:
         return self.freezer is not None and not self.freezer.skipped
 
-    def _write_timeline(self, args, state) -> None:
+    def _write_outputs(self, args, state, folder: str) -> None:  # the timeline, and a `freeze_lora` adapter
         if self.freezer is not None and state.is_world_process_zero:
             self.freezer.write_timeline(getattr(args, "output_dir", None), end_step=state.global_step)
+            self.freezer.save_add_ons(folder)

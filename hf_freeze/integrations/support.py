@@ -19,6 +19,11 @@ drift apart silently is refused with a clear message instead. What the wrappers 
   need its applier to look them up again after the wrap (not done yet: refused).
 - DeepSpeed ZeRO builds its optimizer partitions from the trainable parameters at `deepspeed.initialize`: frozen
   parameters get no optimizer state and no gradient partition; the trainable set is fixed from then on.
+- Learning rates per part or layer (`freeze_learning_rates`, `freeze_layer_lr_decay`) need the optimizer built from
+  hf_freeze's param groups. That is tested on one process and under DDP; DeepSpeed builds its own optimizer from its
+  config (or wraps the Trainer's into partitions per group), and FSDP builds it over sharded parameters after the
+  wrap: neither is tested yet, so both are refused rather than trusted. So is `freeze_lora` (adapters injected
+  before the wrap and saved from the whole model), for the same reason.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class PolicyFacts:
         frozen: Number of parameter tensors it freezes.
         mixed_units: FSDP1 units that the first decision would leave partly frozen, as
             ``(unit, a frozen parameter, a trainable parameter)``.
+        add_ons: The names of the `LayerFreezer` add-ons the policy runs (``"learning_rates"``, ...).
 
     Example:
 
@@ -72,12 +78,20 @@ class PolicyFacts:
     trainable: int
     frozen: int
     mixed_units: Tuple[Tuple[str, str, str], ...] = ()
+    add_ons: Tuple[str, ...] = ()
 
 
 def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
     """``None`` when the policy can run on this backend, otherwise why not and the setting that fixes it."""
     # A policy that freezes every parameter never gets here: `LayerFreezer` refuses it on any backend.
     name = f"`freeze_strategy` {policy.strategy!r}"
+    refused = _refused_add_on(setup, policy)
+    if refused is not None:
+        fields, why = _NOT_UNDER_SHARDING[refused]
+        return (
+            f"{' and '.join(f'`{field}`' for field in fields)} cannot run under {setup.describe()} yet: {why} Train on "
+            "one device or with DDP (`accelerate launch` without an FSDP/DeepSpeed config), or remove them."
+        )
     if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
         if policy.mixed_units:
             unit, frozen, trainable = policy.mixed_units[0]
@@ -130,6 +144,28 @@ _FIXED_AT_WRAP = {
 }
 
 
+# Add-ons not supported under sharding backends yet: the options that turn them on, and why.
+_NOT_UNDER_SHARDING = {
+    "learning_rates": (
+        ("freeze_learning_rates", "freeze_layer_lr_decay"),
+        "they need the optimizer built from hf_freeze's param groups, which is tested on one process and under DDP; "
+        "DeepSpeed builds its optimizer from its own config, and FSDP builds it over the sharded parameters, and "
+        "neither has been tested with the groups.",
+    ),
+    "lora": (
+        ("freeze_lora",),
+        "the adapters are injected before the wrap and saved from the whole model, which is tested on one process and "
+        "under DDP; sharded parameters (FSDP, DeepSpeed ZeRO-3) are not there whole to save, and neither backend has "
+        "been tested with them.",
+    ),
+}
+
+
+def _refused_add_on(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
+    sharded = setup.backend in (FSDP, DEEPSPEED)
+    return next((name for name in policy.add_ons if sharded and name in _NOT_UNDER_SHARDING), None)
+
+
 def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:
     """Whether the first decision is applied before the model is wrapped (`on_init_end`) or after (`on_train_begin`).
 
@@ -140,8 +176,11 @@ def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:
     return not (policy.dynamic and setup.backend == DDP and setup.multi_process)
 
 
-def check_backend(args: Any, model: nn.Module, strategy: str, dynamic: bool, decision: Any) -> DistributedSetup:
-    """Check the first decision against the backend the Trainer will use; return that backend's facts.
+def check_backend(
+    args: Any, model: nn.Module, strategy: str, dynamic: bool, decision: Any, add_ons: Iterable[str] = ()
+) -> DistributedSetup:
+    """Check the first decision (and the add-ons the policy runs) against the backend the Trainer will use; return
+    that backend's facts.
 
     Raises:
         FreezeConfigError: the policy cannot run on this backend (the message names the setting that fixes it).
@@ -152,9 +191,11 @@ def check_backend(args: Any, model: nn.Module, strategy: str, dynamic: bool, dec
     units = ()
     if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
         units = mixed_units(flat_parameter_units(model, setup.fsdp_wrap_classes), frozen)
-    error = check_support(setup, PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units))
+    facts = PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units, tuple(add_ons))
+    error = check_support(setup, facts)
     if error:
-        raise FreezeConfigError(error)
+        refused = _refused_add_on(setup, facts)
+        raise FreezeConfigError(error, fields=_NOT_UNDER_SHARDING[refused][0] if refused else ())
     rows = getattr(decision, "trainable_rows", None)
     if rows and (setup.backend == FSDP or (setup.backend == DEEPSPEED and setup.zero_stage != 1 and setup.zero_stage != 2)):
         # The rows are put into the full parameter at every forward pass; a sharded parameter is not there whole.

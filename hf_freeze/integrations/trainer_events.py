@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import FreezeConfigError
 from ..logs import get_logger
@@ -20,7 +20,10 @@ from ..processes import is_main_process
 
 logger = get_logger(__name__)
 
-__all__ = ["add_to_logs", "check_checkpoint", "guard_resume", "move_before_reporters", "progress_of", "read_checkpoint_state", "saved_callback_state"]
+__all__ = [
+    "add_to_logs", "calling_trainer", "check_checkpoint", "checkpoint_folder", "guard_resume", "move_before_reporters", "progress_of",
+    "read_checkpoint_state", "saved_callback_state",
+]
 
 
 def progress_of(args: Any, state: Any) -> TrainingProgress:
@@ -32,6 +35,11 @@ def progress_of(args: Any, state: Any) -> TrainingProgress:
         num_epochs=float(getattr(state, "num_train_epochs", 0) or getattr(args, "num_train_epochs", 0) or 0),
         seed=int(getattr(args, "seed", 0) or 0),
     )
+
+
+def checkpoint_folder(args: Any, state: Any) -> str:
+    """The folder of the checkpoint `on_save` follows, as `Trainer._save_checkpoint` names it."""
+    return os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def add_to_logs(state: Any, logs: Dict[str, Any], metrics: Dict[str, float]) -> None:
@@ -159,6 +167,11 @@ def move_before_reporters(callback: TrainerCallback) -> None:
     if handler is not None and callback in handler.callbacks and handler.callbacks[0] is not callback:
         handler.callbacks.remove(callback)
         handler.callbacks.insert(0, callback)
+
+
+def calling_trainer() -> Optional[Trainer]:
+    """The Trainer whose method is on the call stack (its `__init__` during `on_init_end`), or ``None``."""
+    return _calling(Trainer)
 
 
 def _calling(kind: type) -> Any:

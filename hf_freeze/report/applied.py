@@ -13,14 +13,14 @@ __all__ = ["applied_lines", "update_lines"]
 
 def applied_lines(
     layout: Optional[ModelLayout], decision: Any, strategy: str, frozen: Collection[str], rows: Dict[str, tuple],
-    metrics: Dict[str, float], summary: bool = True,
+    metrics: Dict[str, float], summary: bool = True, columns: Optional[Dict[str, Dict[str, str]]] = None,
 ) -> List[str]:
     """One log message each: the notes (tied weights, weight sharing), the summary line (``summary``), the per-block
-    table and the line by part of a multi-part model."""
+    table (with the add-ons' ``columns``) and the line by part of a multi-part model."""
     notes = list(layout.notes if layout is not None else ()) + list(decision.notes if decision else ())
     num_layers = None if layout is None else layout.num_layers
     summary_lines = [f"strategy {strategy!r}: {summary_line(metrics, num_layers)}"] if summary else []
-    table = "" if layout is None else format_block_table(layout, frozen, rows)
+    table = "" if layout is None else format_block_table(layout, frozen, rows, columns)
     parts = format_part_lines(layout, frozen) if layout is not None else []
     return notes + summary_lines + ["\n" + table] + (["by part: " + "; ".join(parts)] if parts else [])
 

@@ -142,9 +142,11 @@ def summary_line(metrics: Dict[str, float], num_layers: Optional[int] = None) ->
 
 
 def format_block_table(
-    layout: ModelLayout, frozen: Collection[str], trainable_rows: Optional[Mapping[str, Sequence[int]]] = None
+    layout: ModelLayout, frozen: Collection[str], trainable_rows: Optional[Mapping[str, Sequence[int]]] = None,
+    columns: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> str:
-    """A fixed-width table a person can read in a log."""
+    """A fixed-width table a person can read in a log; ``columns`` adds columns (``{header: {block name: cell}}``,
+    e.g. each block's learning rate)."""
     rows = block_rows(layout, frozen, trainable_rows)
     headers = ["#", "block", "kind", "layer", "params", "state"]
     cells = [
@@ -155,6 +157,10 @@ def format_block_table(
         headers.append("part")
         for line, row in zip(cells, rows):
             line.append(str(row.get("part", "")))
+    for header, cells_of in (columns or {}).items():
+        headers.append(header)
+        for line, row in zip(cells, rows):
+            line.append(cells_of.get(str(row["name"]), ""))
     widths = [max(len(header), *(len(line[i]) for line in cells)) if cells else len(header) for i, header in enumerate(headers)]
     right = {0, 3, 4}
 

@@ -165,10 +165,14 @@ def estimate_training_memory(
     gradient_checkpointing: bool = False,
     trainable_rows: Optional[Mapping[str, Sequence[int]]] = None,
     loss_chunk_tokens: Optional[int] = None,
+    adapter_parameters: int = 0,
+    in_backward: Collection[str] = (),
 ) -> MemoryEstimate:
     """Estimate the memory of one training step with the parameters in ``frozen`` frozen (``trainable_rows``: rows
     of frozen parameters that train, with gradients and optimizer states of their own; ``loss_chunk_tokens``: the
-    causal-LM loss is computed that many tokens at a time, `freeze_chunked_loss`).
+    causal-LM loss is computed that many tokens at a time, `freeze_chunked_loss`; ``adapter_parameters``: adapter
+    weights added to the model, all trained (`freeze_lora`), on the frozen parameters ``in_backward``, which the
+    backward pass then runs through).
 
     Example:
 
@@ -192,16 +196,16 @@ def estimate_training_memory(
     sizes = layout.parameter_sizes
     total = sum(sizes.values())
     trainable = total - sum(size for name, size in sizes.items() if name in frozen)
-    trainable += sum(trainable_row_elements(layout, trainable_rows).values())
+    trainable += sum(trainable_row_elements(layout, trainable_rows).values()) + adapter_parameters
     activations = None
     if shape is not None:
         # A parameter that trains by rows takes part in the backward pass.
         activations = _activation_bytes(
-            layout, frozen - set(trainable_rows or ()), shape, batch_size * sequence_length, bytes_of.activation,
+            layout, frozen - set(trainable_rows or ()) - set(in_backward), shape, batch_size * sequence_length, bytes_of.activation,
             gradient_checkpointing, loss_chunk_tokens,
         )
     return MemoryEstimate(
-        weights=total * bytes_of.weight,
+        weights=(total + adapter_parameters) * bytes_of.weight,
         gradients=trainable * bytes_of.gradient,
         optimizer_states=trainable * states * (state_bytes or bytes_of.optimizer_state),
         activations=activations,

@@ -136,6 +136,11 @@ class FreezePlan:
     # An adaptive policy: the largest of its probes, and the largest phase after a selection (else None).
     probe_memory: Optional[MemoryEstimate] = None
     selection_memory: Optional[MemoryEstimate] = None
+    # `freeze_lora`: the adapters' parameters (all trained).
+    adapter_parameters: int = 0
+    # Columns the block table gains: each block's learning rate (`freeze_learning_rates`, `freeze_layer_lr_decay`),
+    # its adapter (`freeze_lora`).
+    columns: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
     @property
     def dynamic(self) -> bool:
@@ -194,9 +199,11 @@ def make_plan(
     settings["chunked_loss"] = chunked
 
     rows = trainable_rows(layout, arguments)
+    adapters = _lora_adapters(model, layout, arguments, timeline[0].frozen)
 
     def estimate(frozen, with_rows: bool = True) -> MemoryEstimate:
-        return estimate_training_memory(layout, frozen, shape, trainable_rows=rows if with_rows else None, **memory)
+        extra = dict(adapter_parameters=adapters[0], in_backward=adapters[1]) if with_rows else {}
+        return estimate_training_memory(layout, frozen, shape, trainable_rows=rows if with_rows else None, **memory, **extra)
 
     per_entry = [estimate(entry.frozen) for entry in timeline]
     probing = [strategy.needs_scores and _in_probe(arguments, entry.step, max_steps) for entry in timeline]
@@ -221,12 +228,37 @@ def make_plan(
         phase_memory=per_entry,
         probe_memory=max(probes, key=lambda item: item.total) if probes else None,
         selection_memory=max(selections, key=lambda item: item.total) if probes and selections else None,
+        adapter_parameters=adapters[0],
+        columns={**_rate_column(layout, arguments), **({"adapter": adapters[2]} if adapters[0] else {})},
     )
 
 
 def _in_probe(arguments: FreezeArguments, step: int, max_steps: Optional[int]) -> bool:
     progress = TrainingProgress(step, max_steps or 1)
     return probe_length(arguments, progress.max_steps) > 0 and adaptive_round(arguments, progress).probing(step)
+
+
+def _rate_column(layout: ModelLayout, arguments: FreezeArguments) -> Dict[str, Dict[str, str]]:
+    """The block table's learning-rate column (none without rate options)."""
+    from ..learning_rates import learning_rates
+    from ..learning_rates.rates import block_rates
+
+    rates = learning_rates(layout, arguments)
+    return {"lr": block_rates(layout, rates)} if rates else {}
+
+
+def _lora_adapters(model, layout: ModelLayout, arguments: FreezeArguments, frozen) -> Tuple[int, List[str], Dict[str, str]]:
+    """`freeze_lora` on the first frozen set: the adapters' parameter count, the frozen parameters they keep in the
+    backward pass, and the table's adapter column (``0, [], {}`` without it)."""
+    from ..lora import adapted_parameters, adapter_column, lora_options, lora_targets, trained_modules  # torch
+
+    options = lora_options(arguments)
+    if options is None:
+        return 0, [], {}
+    targets = lora_targets(model, layout, frozen, options)
+    column = adapter_column(layout, targets, trained_modules(model, layout, frozen), options.describe())
+    count = sum(options.r * (inputs + outputs) for inputs, outputs in targets.values())
+    return count, adapted_parameters(model, targets), column
 
 
 def plan_notes(plan: "FreezePlan") -> List[str]:

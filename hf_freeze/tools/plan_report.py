@@ -23,7 +23,8 @@ def plan_as_dict(plan: FreezePlan, source: str = "") -> Dict[str, Any]:
         "dynamic": plan.dynamic,
         "settings": plan.settings,
         "blocks": block_rows(plan.layout, plan.frozen, plan.trainable_rows),
-        "totals": freeze_metrics(plan.layout, plan.frozen, plan.trainable_rows),
+        "totals": {**freeze_metrics(plan.layout, plan.frozen, plan.trainable_rows),
+                   **({"freeze/lora_params": plan.adapter_parameters} if plan.adapter_parameters else {})},
         "trainable_rows": {name: list(rows) for name, rows in plan.trainable_rows.items()},
         "parts": [
             dict(row, memory_full_finetuning=full.as_dict(), memory_policy=policy.as_dict())
@@ -57,9 +58,10 @@ def format_plan(plan: FreezePlan, source: str = "") -> str:
         f"Model: {plan.model_class} from {source} (built on the meta device: no weights loaded)",
         f"Policy: {policy}",
         "",
-        format_block_table(plan.layout, plan.frozen, plan.trainable_rows),
+        format_block_table(plan.layout, plan.frozen, plan.trainable_rows, plan.columns),
         "",
-        summary_line(freeze_metrics(plan.layout, plan.frozen, plan.trainable_rows), plan.layout.num_layers),
+        summary_line(freeze_metrics(plan.layout, plan.frozen, plan.trainable_rows), plan.layout.num_layers)
+        + (f" || LoRA adapter params: {plan.adapter_parameters:,} (trained, with the trainable params)" if plan.adapter_parameters else ""),
     ]
     lines += [f"Note: {note}" for note in plan_notes(plan)]
     lines += ["", *_timeline_lines(plan), ""]

@@ -73,6 +73,10 @@ def check_config(
     freeze_values = {key: value for key, value in typed.items() if key in freeze_names}
     freeze_problems, arguments = _freeze_problems(freeze_values)
     problems += freeze_problems
+    if arguments is not None:  # the add-ons' option checks that need no model (`LayerFreezer` runs them too)
+        room_problems = [problem for check in _room_option_checks() for problem in _problems_of(check, arguments)]
+        problems += room_problems
+        arguments = None if room_problems else arguments
     max_steps = typed.get("max_steps")
     if arguments is not None and isinstance(max_steps, int) and max_steps > 0:
         problems += _problems_of(check_against_training, arguments, max_steps)
@@ -118,6 +122,15 @@ def _freeze_problems(values: Dict[str, Any]) -> Tuple[List[ConfigProblem], Optio
                 remaining.pop(key)
             removed |= removable
     return problems, None
+
+
+def _room_option_checks() -> List[Callable[[Any], None]]:
+    """The option checks of the add-ons' rooms that need no model, imported from the rooms themselves: the engine's
+    list of add-ons would import discovery and the Trainer, which `validate` without a model never needs."""
+    from ..learning_rates.rates import check_rate_options
+    from ..lora.options import lora_options
+
+    return [check_rate_options, lora_options]
 
 
 def _strategy_reading(option: str) -> str:

@@ -196,6 +196,9 @@ def run_one(run: dict, output_dir: Path) -> dict:
         "bytes_per_step": meter.per_step,
         "steps": meter.recorder.steps,
         "selections": freezer.timeline.selections if freezer.timeline else [],
+        # Learning-rate groups (`freeze_learning_rates`, `freeze_layer_lr_decay`): name, rate now, base rate, size.
+        "group_rates": [[group.get("hf_freeze_group"), group["lr"], group.get("initial_lr"), len(group["params"])]
+                        for group in trainer.optimizer.param_groups],
     }
 
 
