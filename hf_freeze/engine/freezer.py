@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..add_on import RunContext
-from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes, save_rows_file
+from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes
 from ..apply.frozen_dtype import frozen_dtype_of
 from ..apply.param_groups import rate_metrics
 from ..config import FreezeArguments, arguments_from
