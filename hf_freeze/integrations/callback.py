@@ -15,6 +15,7 @@ from ..model import unwrap_model
 from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from ..engine import LayerFreezer
+from ..policies.adaptive import check_against_loss_scaling
 from .support import check_backend, raise_if_changed_after_wrap
 from .trainer_events import check_checkpoint, guard_resume, move_before_reporters, progress_of, saved_callback_state, training_input_names
 
@@ -82,6 +83,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if not self.freezer.dynamic:
             raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress), model_init=rebuilt)
+        check_against_loss_scaling(self.freezer.arguments, bool(getattr(args, "fp16", False)),
+                                   (getattr(args, "max_grad_norm", None) or 0) > 0)
         self.freezer.start(progress, optimizer, saved)
         raise_if_ranks_disagree(self.freezer.frozen_names())
         strict_ddp = self._setup is not None and self._setup.strict_ddp
