@@ -35,6 +35,10 @@ def test_embeddings_freeze_with_the_first_layer_unless_told_otherwise():
     assert "embeddings.weight" in decide(LAYOUT, _adaptive(freeze_probe_steps=5), progress).frozen
     assert "embeddings.weight" not in decide(LAYOUT, _adaptive(freeze_probe_steps=5, freeze_embeddings=False), progress).frozen
     assert "embeddings.weight" not in decide(LAYOUT, _adaptive(freeze_probe_steps=5), TrainingProgress(5, 100, layer_scores=SCORES_6)).frozen
+    # `freeze_embeddings: true` freezes them whatever the selection, as `bottom` does; `freeze_head` as for any strategy.
+    pinned = decide(LAYOUT, _adaptive(freeze_probe_steps=5, freeze_embeddings=True, freeze_head=True),
+                    TrainingProgress(5, 100, layer_scores=SCORES_6))
+    assert {"embeddings.weight", "head.weight", "head.bias"} <= pinned.frozen and pinned.frozen_layers(LAYOUT) == [1, 3]
 
 
 def test_rounds_probe_with_every_layer_then_apply_the_selection():
