@@ -11,6 +11,13 @@ trainable parameters, which the study's own runs recorded (`results/quality/runs
 
     python benchmarks/adaptive_memory.py                      # about 5 minutes on one CPU thread
     python benchmarks/adaptive_memory.py --seeds 0 1 2        # the study's three seeds
+    python benchmarks/adaptive_memory.py --timing             # step times side by side (adaptive_timing.md)
+
+`--timing`: full fine-tuning, `bottom` 50% and the adaptive lowest-weight-change row with its embeddings frozen as
+`bottom` freezes them train side by side in one process, taking turns step by step (`side_by_side.py`: every
+configuration meets the same load; one-thread CPU time of each step), for `--timing-steps` steps. Reported: the
+adaptive run's steps after its selection against `bottom`'s same steps (the same layers frozen, when it chose the
+bottom half), its probe's steps against them, and what a 5% probe adds to a 1,000-step run.
 """
 
 from __future__ import annotations
@@ -88,10 +95,65 @@ def run(name: str, seed: int, data, args, num_labels: int, steps: int) -> dict:
     return result
 
 
+TIMED = (quality.FULL, "bottom 50%", "adaptive weight change, lowest, embeddings frozen (probe measures)")
+
+
+def time_side_by_side(data, args, num_labels: int, probe: int, steps: int) -> dict:
+    """Step times of `TIMED`, taking turns step by step in one process (`side_by_side.py`)."""
+    import shutil
+
+    from side_by_side import Baton, TurnTimer, take_turns
+
+    baton, timers, trainers = Baton(list(TIMED)), {}, {}
+    for name in TIMED:
+        timers[name] = TurnTimer(baton, name, cuda=False)
+        trainers[name] = quality.build_trainer(
+            name, STUDY_RATES[CONFIGURATIONS[name]], 0, data[0], args, args.model, num_labels,
+            [timers[name], StopAt(steps)], tempfile.mkdtemp(prefix="adaptive-timing-"),
+        )[0]
+    errors = take_turns(baton, trainers)
+    freeze = next(c for c in trainers[TIMED[2]].callback_handler.callbacks if type(c).__name__ == "FreezeCallback")
+    for trainer in trainers.values():
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    if errors:
+        raise SystemExit(f"--timing: {errors}")
+    return {"step_times": {name: timers[name].step_times for name in TIMED}, "probe": probe,
+            "selected": freeze.freezer.timeline.selections[0]["frozen_layers"]}
+
+
+def timing_table(timing: dict, command: str) -> str:
+    import statistics
+
+    times, probe = timing["step_times"], timing["probe"]
+    full, bottom, adaptive = (times[name] for name in TIMED)
+    after = slice(probe + 1, None)  # step `probe` applies the selection (and allocates the optimizer's state)
+    during = slice(1, probe)  # step 0 is every configuration's warm-up
+    median = statistics.median
+    probe_ratio = median(adaptive[during]) / median(bottom[during])
+    ratio, share = "{:.3f}", "{:+.1%}"
+    rows = [
+        ("adaptive's steps after its selection / bottom 50%'s same steps", ratio, median(adaptive[after]) / median(bottom[after])),
+        ("adaptive's probe steps / bottom 50%'s same steps", ratio, probe_ratio),
+        ("full fine-tuning's steps / bottom 50%'s", ratio, median(full[1:]) / median(bottom[1:])),
+        ("a 5% probe's extra time in a 1,000-step run (0.05 x (probe / bottom - 1))", share, 0.05 * (probe_ratio - 1)),
+        ("... with the probe's steps trained again at the end (0.05 x probe / bottom)", share, 0.05 * probe_ratio),
+    ]
+    lines = [
+        f"Side by side, taking turns step by step in one process (one-thread CPU time of each step), {len(adaptive)} "
+        f"steps of each, the probe being steps 0-{probe - 1}: full fine-tuning, bottom 50% and adaptive weight "
+        f"change, lowest, embeddings frozen (chose layers {timing['selected']}). Medians; step 0 left out. Command: "
+        f"`{command}`.", "", "| measure | value |", "|---|---|",
+    ]
+    lines += [f"| {label} | {form.format(value)} |" for label, form, value in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=str(HERE / "results" / "adaptive_memory.md"))
+    parser.add_argument("--timing", action="store_true", help="step times side by side instead (adaptive_timing.md)")
+    parser.add_argument("--timing-steps", type=int, default=40)
     options = parser.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -112,6 +174,14 @@ def main(argv=None) -> None:
     num_labels = 2
     probe = int(0.05 * quality._run_steps(len(data[0]), args) + 0.5)  # the default probe: 5% of the run
     steps = probe + 2
+    command = f"python benchmarks/adaptive_memory.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
+    if options.timing:
+        timing = time_side_by_side(data, args, num_labels, probe, options.timing_steps)
+        text = timing_table(timing, command)
+        print(text)
+        (HERE / "results" / "adaptive_timing.md").write_text(text)
+        (HERE / "results" / "adaptive_timing.json").write_text(json.dumps(timing) + "\n")
+        return
     started = time.time()
     results = []
     for seed in options.seeds:

@@ -328,7 +328,8 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
     def before_optimizer_step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Call just before ``optimizer.step()`` (needed when the policy sets learning-rate factors, and by adaptive
         policies: their probes read the gradients there and, with `freeze_probe_mode: measure`, withhold the step by
-        dropping every gradient). ``optimizer``: the one being stepped (default: the one `update` was given)."""
+        dropping every gradient; under a `GradScaler`, call its ``unscale_(optimizer)`` first, as clipping does).
+        ``optimizer``: the one being stepped (default: the one `update` was given)."""
         optimizer = optimizer if optimizer is not None else self._optimizer
         if self.decision is not None and self.decision.update_factors:
             self.applier.begin_scaled_step(self.decision.update_factors)

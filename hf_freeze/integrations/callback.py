@@ -12,6 +12,7 @@ from ..config.training import CALLBACK_ATTACHED
 from ..errors import FreezeConfigError
 from ..logs import follow_training_log_level
 from ..model import unwrap_model
+from ..policies.adaptive import check_against_loss_scaling
 from ..processes import raise_if_ranks_disagree
 from ..report import TIMELINE_JSON
 from ..engine import LayerFreezer
@@ -72,8 +73,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
             # the policy applies to it, from the training arguments as they are now (a trial may have set them).
             self.freezer.close()
             self.freezer = None
-        late = self.freezer is None  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
-        if late:
+        if self.freezer is None:  # added after Trainer.__init__, or rebuilt from a checkpoint's callback state
             self._set_up(args, state, model, late=True)
         if self.freezer.skipped:
             return
@@ -83,10 +83,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if not self.freezer.dynamic:
             raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress), model_init=rebuilt)
+        check_against_loss_scaling(self.freezer.arguments, bool(args.fp16), (args.max_grad_norm or 0) > 0)
         self.freezer.start(progress, optimizer, saved, source="the checkpoint's trainer_state.json")
         raise_if_ranks_disagree(self.freezer.frozen_names())
-        strict_ddp = self._setup is not None and self._setup.strict_ddp
-        self.freezer.log(self.freezer.check_inputs(training_input_names(train_dataloader), strict_ddp))
+        self.freezer.log(self.freezer.check_inputs(training_input_names(train_dataloader), bool(self._setup and self._setup.strict_ddp)))
         self.freezer.check_data(train_dataloader)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):

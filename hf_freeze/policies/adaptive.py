@@ -207,6 +207,22 @@ def check_against_training(options, max_steps: int) -> None:
         )
 
 
+def check_against_loss_scaling(options, scaled: bool, clipped: bool) -> None:
+    """Refuse, before the first step, a measuring probe under fp16 loss scaling without gradient clipping: the probe
+    drops every gradient before the optimizer step, and a GradScaler that unscales them only inside its `step` (the
+    Trainer's with `max_grad_norm: 0`) then finds none and fails ("No inf checks were recorded"). Clipping unscales
+    them before the probe drops them."""
+    if not scaled or clipped or options.freeze_strategy != "adaptive" or probe_mode(options) != "measure":
+        return
+    if _needs_probe(options):
+        raise FreezeConfigError(
+            "`freeze_probe_mode` 'measure' (the default) withholds each probe step by dropping its gradients, and "
+            "fp16 mixed precision without gradient clipping unscales them only inside the optimizer step, which "
+            "then finds none and fails. Set `max_grad_norm` > 0, train in bf16, or set `freeze_probe_mode: train`.",
+            fields=["freeze_probe_mode", "max_grad_norm", "fp16"],
+        )
+
+
 def _adaptive(layout: ModelLayout, options, progress: TrainingProgress) -> Selection:
     total = require_layers(layout, "adaptive")
     count = resolve_count(options.freeze_layers, total)

@@ -3,7 +3,7 @@
 import pytest
 
 from hf_freeze import FreezeArguments, FreezeConfigError, ModelLayout, TrainingProgress, decide
-from hf_freeze.policies.adaptive import adaptive_round, select_layers, withholds_updates
+from hf_freeze.policies.adaptive import adaptive_round, check_against_loss_scaling, select_layers, withholds_updates
 
 LAYOUT = ModelLayout.from_layer_sizes([10] * 6, embeddings=5, norm=2, head=3)
 SCORES_6 = (0.4, 0.1, 0.6, 0.2, 0.5, 0.3)
@@ -35,6 +35,10 @@ def test_embeddings_freeze_with_the_first_layer_unless_told_otherwise():
     assert "embeddings.weight" in decide(LAYOUT, _adaptive(freeze_probe_steps=5), progress).frozen
     assert "embeddings.weight" not in decide(LAYOUT, _adaptive(freeze_probe_steps=5, freeze_embeddings=False), progress).frozen
     assert "embeddings.weight" not in decide(LAYOUT, _adaptive(freeze_probe_steps=5), TrainingProgress(5, 100, layer_scores=SCORES_6)).frozen
+    # `freeze_embeddings: true` freezes them whatever the selection, as `bottom` does; `freeze_head` as for any strategy.
+    pinned = decide(LAYOUT, _adaptive(freeze_probe_steps=5, freeze_embeddings=True, freeze_head=True),
+                    TrainingProgress(5, 100, layer_scores=SCORES_6))
+    assert {"embeddings.weight", "head.weight", "head.bias"} <= pinned.frozen and pinned.frozen_layers(LAYOUT) == [1, 3]
 
 
 def test_rounds_probe_with_every_layer_then_apply_the_selection():
@@ -62,6 +66,16 @@ def test_a_measuring_probe_withholds_its_steps_and_leaves_only_the_layers_with_g
     assert not withholds_updates(measured, after)
     assert decide(LAYOUT, measured, after).frozen == decide(LAYOUT, trained, after).frozen  # the same selection
     assert not withholds_updates(_adaptive(freeze_score="snr"), TrainingProgress(step=0, max_steps=100))  # no probe
+
+
+def test_a_measuring_probe_under_fp16_loss_scaling_without_clipping_is_refused_before_training():
+    # torch's GradScaler fails when the gradients it would unscale inside `step` were dropped (no clipping before).
+    with pytest.raises(FreezeConfigError, match="Set `max_grad_norm` > 0, train in bf16, or set `freeze_probe_mode: train`"):
+        check_against_loss_scaling(_adaptive(), scaled=True, clipped=False)
+    check_against_loss_scaling(_adaptive(), scaled=True, clipped=True)  # clipping unscales them first
+    check_against_loss_scaling(_adaptive(), scaled=False, clipped=False)
+    check_against_loss_scaling(_adaptive(freeze_probe_mode="train"), scaled=True, clipped=False)
+    check_against_loss_scaling(_adaptive(freeze_score="snr"), scaled=True, clipped=False)
 
 
 def test_without_measured_scores_nothing_is_frozen_and_the_decision_says_why():
