@@ -14,7 +14,6 @@ import hashlib
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch import nn
 
 from ..errors import FreezeConfigError
 from .meter import Layers, ScoreMeter
