@@ -13,6 +13,7 @@ from torch import nn
 
 from ..add_on import RunContext
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes
+from ..apply.compiled import refuse_stale_compiled_graph
 from ..apply.frozen_dtype import frozen_dtype_of
 from ..apply.param_groups import rate_metrics
 from ..config import FreezeArguments, arguments_from
@@ -74,6 +75,7 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         self.arguments = arguments_from(arguments, options) or FreezeArguments()
         for kind in ADD_ONS:
             kind.check_arguments(self.arguments)
+        compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
         self.model = unwrap_model(model)
         self.peft_reason = peft_adapter_reason(self.model)
         if self.peft_reason and is_main_process():
@@ -82,6 +84,7 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
                 "already decides what trains. To train extra modules, list them in the PEFT config's `modules_to_save`."
             )
         self.strategy = STRATEGIES.get(self.arguments.freeze_strategy)
+        refuse_stale_compiled_graph(compiled, self.strategy.dynamic, self.strategy.name)
         self.layout = None if self.peft_reason else counted_layout(
             discover_layout(self.model, self.arguments.freeze_layer_paths, self.arguments.freeze_component_paths),
             self.arguments,

@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
+from ..apply.compiled import refuse_stale_compiled_graph
 from ..errors import FreezeConfigError
 from .backends import DDP, DEEPSPEED, FSDP, SINGLE, DistributedSetup, detect_setup
 
@@ -185,6 +186,7 @@ def check_backend(
     Raises:
         FreezeConfigError: the policy cannot run on this backend (the message names the setting that fixes it).
     """
+    refuse_stale_compiled_graph(bool(getattr(args, "torch_compile", False)), dynamic, strategy)
     setup = detect_setup(args, model)
     names = [name for name, _ in model.named_parameters()]
     frozen = [name for name in names if decision.is_frozen(name)]

@@ -250,3 +250,22 @@ def test_frozen_modules_in_eval_mode_keep_their_batchnorm_statistics(eval_mode):
         optimizer.zero_grad(set_to_none=True)
     assert torch.equal(net.blocks[0][1].running_mean, stats) is eval_mode
     assert net.blocks[1][1].training  # the trainable block follows the model's mode
+
+
+def test_a_compiled_model_with_a_changing_policy_is_refused_where_torch_would_not_recompile(monkeypatch):
+    """torch before 2.13 keeps the compiled graph when requires_grad changes (the test above fails there): such a
+    run is refused before training, in a plain loop (a compiled module) and under the Trainer (`torch_compile`)."""
+    from hf_freeze.apply import compiled as compiled_module
+    from hf_freeze.integrations.support import check_backend
+    from hf_freeze.policies import FreezeDecision
+
+    monkeypatch.setattr(compiled_module, "recompiles_when_requires_grad_changes", lambda: False)
+    model = tiny_bert()
+    with pytest.raises(FreezeConfigError, match=r"keeps the compiled graph when requires_grad changes") as error:
+        LayerFreezer(torch.compile(model, backend="aot_eager"), freeze_strategy="lisa", freeze_active_layers=1)
+    assert error.value.fields == ("freeze_strategy",)
+    LayerFreezer(torch.compile(model, backend="aot_eager"), freeze_strategy="bottom", freeze_layers=1)  # static: fine
+    LayerFreezer(model, freeze_strategy="lisa", freeze_active_layers=1)  # not compiled: fine
+    args = type("Args", (), {"torch_compile": True})()
+    with pytest.raises(FreezeConfigError, match=r"train without torch.compile"):
+        check_backend(args, model, "lisa", True, FreezeDecision(frozenset()))
