@@ -99,7 +99,7 @@ def check_rows(saved: Mapping[str, Sequence[int]], current: Mapping[str, Sequenc
     current = {name: list(indices) for name, indices in current.items()}
     if saved == current:
         return
-    differ = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    differ = _differing_keys(saved, current)
     raise FreezeConfigError(
         f"Cannot resume: {source} trained other rows of {', '.join(differ)} than this run would "
         f"(the checkpoint's: {_rows_text(saved, differ)}; this run's: {_rows_text(current, differ)}), so "
@@ -116,7 +116,7 @@ def check_groups(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[s
     saved, current = dict(saved or {}), dict(current or {})
     if saved == current:
         return
-    differ = sorted(group for group in set(saved) | set(current) if saved.get(group) != current.get(group))
+    differ = _differing_keys(saved, current)
     raise FreezeConfigError(
         f"Cannot resume: {source} was trained with other learning-rate groups or rates than this run's (they differ "
         f"in {few(differ)}; the checkpoint's groups: {few(sorted(saved)) or 'none'}; this run's: "
@@ -125,6 +125,11 @@ def check_groups(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[s
         "new run from its weights.",
         fields=["freeze_learning_rates", "freeze_layer_lr_decay"],
     )
+
+
+def _differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    """The keys whose entries differ between two saved mappings (an entry missing on one side differs)."""
+    return sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
 
 
 def _rows_text(rows: Dict[str, List[int]], names: List[str]) -> str:
