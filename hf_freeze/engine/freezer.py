@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..add_on import RunContext
+from ..add_on import AddOn, RunContext
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes
 from ..apply.compiled import refuse_stale_compiled_graph
 from ..apply.frozen_dtype import frozen_dtype_of
@@ -152,8 +152,11 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         is built; `hf-freeze validate --model` runs the same): values the model cannot honour, a policy that leaves
         nothing to train, and with ``max_steps`` an adaptive probe as long as training."""
         check_against_layout(self.layout, self.arguments, max_steps, self.kept_frozen)
-        for add_on in self.add_ons.values():
-            add_on.check(self.layout, self.decide().frozen)
+        checking = [add_on for add_on in self.add_ons.values() if type(add_on).check is not AddOn.check]
+        if checking:  # the first frozen set, decided once for the add-ons that check it
+            frozen = self.decide().frozen
+            for add_on in checking:
+                add_on.check(self.layout, frozen)
         if max_steps:
             self.check_training_length(max_steps)
 
