@@ -21,6 +21,7 @@ Evaluation calls, calls without labels, and calls under `torch.no_grad()` run th
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional
 
 import torch
@@ -167,8 +168,10 @@ def fused_loss_owner(model: nn.Module) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def liger_available() -> bool:
-    """Whether Liger-Kernel's fused linear cross entropy can be imported (it needs Triton and a GPU)."""
+    """Whether Liger-Kernel's fused linear cross entropy can be imported (it needs Triton and a GPU); asked on every
+    training call on a GPU, so a failed import is tried once, not at every step."""
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
     except Exception:  # not installed, or Triton without a GPU: both mean "not here"
