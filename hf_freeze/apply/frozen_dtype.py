@@ -127,14 +127,6 @@ class FrozenWeightsDtype:
             if key in state_dict:
                 state_dict[key] = state_dict[key].to(dtype)
 
-    def stored_bytes_saved(self) -> int:
-        """Bytes the cast weights take less than in their own dtype."""
-        saved = 0
-        for name, dtype in self.original.items():
-            parameter = self.parameters[name]
-            saved += parameter.numel() * (torch.empty((), dtype=dtype).element_size() - parameter.element_size())
-        return saved
-
     def remove(self) -> None:
         """Give every cast weight its own dtype back and take the hooks off."""
         for name in list(self.original):
