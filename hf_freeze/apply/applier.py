@@ -73,6 +73,9 @@ class FreezeApplier:
         self.model = unwrap_model(model)
         # Frozen linear weights stored in half precision (`freeze_frozen_dtype`); ``exact_unfreeze`` for schedules.
         self.frozen_dtype = FrozenWeightsDtype(self.model, frozen_dtype, exact_unfreeze) if frozen_dtype else None
+        # A schedule's optimizer holds every parameter that trains: one trainable and unknown to it joins it (an
+        # optimizer built while a resumed run's frozen set applied, as FSDP2's checkpoint loading needs, lacks some).
+        self.adopt_trainable = exact_unfreeze
         # The model's own parameters: the trainable rows hf_freeze adds (`rows`) stand for rows of some of them.
         self.parameters: Dict[str, nn.Parameter] = {
             name: parameter for name, parameter in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")
@@ -89,6 +92,16 @@ class FreezeApplier:
         # Frozen parameters that stay in the backward pass (adapters train on them), set by the freezer.
         self.in_backward: frozenset = frozenset()
 
+    def follow_live_parameters(self) -> bool:
+        """Look the parameters up again when the engine replaced them: FSDP2's `fully_shard` registers a new (DTensor)
+        parameter under every name. Updated in place: the health check shares the mapping. True when they changed."""
+        live = [(name, p) for name, p in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")]
+        if len(live) == len(self.parameters) and all(self.parameters.get(name) is p for name, p in live):
+            return False
+        self.parameters.clear()
+        self.parameters.update(live)
+        return True
+
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]
 
@@ -102,6 +115,7 @@ class FreezeApplier:
         return [name for name, parameter in self.parameters.items() if parameter.requires_grad == decision.is_frozen(name)]
 
     def apply(self, decision: FreezeDecision, optimizer: Optional[torch.optim.Optimizer] = None) -> AppliedChange:
+        self.follow_live_parameters()
         frozen, unfrozen = [], []
         for name, parameter in self.parameters.items():
             trainable = not decision.is_frozen(name)
@@ -150,7 +164,10 @@ class FreezeApplier:
         for name in frozen:
             inner.state.pop(self.parameters[name], None)
         known = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
-        for name in unfrozen:
+        joining = list(unfrozen)
+        if self.adopt_trainable:
+            joining += [name for name, parameter in self.parameters.items() if parameter.requires_grad and name not in unfrozen]
+        for name in joining:
             parameter = self.parameters[name]
             if id(parameter) not in known:
                 self._group_for(inner, name)["params"].append(parameter)

@@ -6,6 +6,11 @@ After the first optimizer step and after every change of the frozen set, `Health
   broken graph under checkpointing, or missed by a stale compiled graph);
 * every frozen parameter is bit-identical to its value when it froze (checked on a fixed sample of entries, so the
   check costs a few small copies, not a copy of the model);
+
+It reads the parameters as the engine holds them (`hf_freeze.model.sharded`): FSDP2's DTensor shards, ZeRO-3's
+partitions. A gradient counts when autograd accumulated one into the parameter in the step (a hook, so that ZeRO,
+which moves gradients into its own buffers and leaves ``.grad`` empty, is seen) or when ``.grad`` holds one before the
+optimizer step (FSDP2 sets the reduced shard there; its autograd leaf is an unsharded copy).
 * with `freeze_frozen_modules_eval`, the buffers of frozen modules (BatchNorm running statistics) did not change.
 
 Frozen modules in eval mode (`freeze_frozen_modules_eval`) are `hf_freeze.apply.eval_mode`'s.
@@ -13,12 +18,13 @@ Frozen modules in eval mode (`freeze_frozen_modules_eval`) are `hf_freeze.apply.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 from ..errors import FreezeHealthError, few
+from ..model.sharded import local_value
 
 __all__ = ["HealthCheck"]
 
@@ -49,6 +55,8 @@ class HealthCheck:
         self._buffer_copies: Dict[str, torch.Tensor] = {}
         self._armed = False
         self._without_gradient: List[str] = []
+        self._received: set = set()
+        self._hooks: List[Any] = []
         self.checks = 0
 
     def arm(self, eval_modules: Iterable[str] = ()) -> None:
@@ -59,6 +67,12 @@ class HealthCheck:
         self._frozen_samples = {
             name: _sample(parameter) for name, parameter in self.parameters.items() if not parameter.requires_grad
         }
+        self._remove_hooks()
+        self._received = set()
+        for name, parameter in self.parameters.items():
+            if parameter.requires_grad and hasattr(parameter, "register_post_accumulate_grad_hook"):
+                self._hooks.append(parameter.register_post_accumulate_grad_hook(
+                    lambda _, name=name: self._received.add(name)))
         prefixes = tuple(path + "." for path in eval_modules)
         self._buffer_copies = {
             name: buffer.detach().clone()
@@ -69,7 +83,8 @@ class HealthCheck:
     def before_optimizer_step(self) -> None:
         if self._armed:
             self._without_gradient = [
-                name for name, parameter in self.parameters.items() if parameter.requires_grad and parameter.grad is None
+                name for name, parameter in self.parameters.items()
+                if parameter.requires_grad and parameter.grad is None and name not in self._received
             ]
 
     def after_optimizer_step(self) -> None:
@@ -77,6 +92,7 @@ class HealthCheck:
             return
         self._armed = False
         self.checks += 1
+        self._remove_hooks()
         problems = []
         if self._without_gradient:
             problems.append(
@@ -104,8 +120,14 @@ class HealthCheck:
             self.report(f"Training health check: {problem}")
 
 
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
 def _sample(parameter: torch.Tensor) -> torch.Tensor:
-    flat = parameter.detach().reshape(-1)
+    flat = local_value(parameter).detach().reshape(-1)
     if flat.numel() <= SAMPLE_SIZE:
         return flat.clone()
     step = flat.numel() // SAMPLE_SIZE

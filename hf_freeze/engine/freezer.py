@@ -127,7 +127,7 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
             self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
             if self.strategy.needs_scores:
-                self.probe = LayerProbe(self.model, self.layout, self.arguments)
+                self.probe = LayerProbe(self.model, self.layout, self.arguments, self.applier.parameters)
 
     @property
     def skipped(self) -> bool:
@@ -249,6 +249,7 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
             return AppliedChange([], [])
         if optimizer is not None:
             self._optimizer = optimizer
+        self.applier.follow_live_parameters()  # before a probe begins: FSDP2 replaced the parameters at the wrap
         decision = self._decide_measured(progress)
         released = 0
         if self.probe is not None and self.probe.withholding and optimizer is not None:

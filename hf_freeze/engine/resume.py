@@ -168,6 +168,14 @@ class ResumableFreezer:
             check_registered(state.get("registered"), self.registered, state.get("options"), self.arguments.freeze_options())
             check_groups(state.get("groups"), self.group_layout(), source)
 
+    def take_over_frozen_set(self, state: Dict[str, Any], progress: Any) -> None:
+        """Apply the frozen set the saved run had at ``progress`` now, before the engine wraps the model and loads
+        the optimizer state: FSDP2 loads it through torch's distributed checkpoint, which requires a saved state for
+        every parameter that requires grad, and the saved run had released the state of what was frozen then.
+        `start` takes the state over again (and applies the same frozen set) when training begins."""
+        self.load_state_dict(state, step=progress.step)
+        self.applier.apply(self.decide(progress))
+
     def load_state_dict(self, state: Dict[str, Any], step: Optional[int] = None) -> None:
         """Take over the state of an interrupted run; the next `update` applies the frozen set in full.
 

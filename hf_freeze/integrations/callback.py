@@ -63,7 +63,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._tokenizer = processing_class
         self._set_up(args, state, model, late=False)
         install_parameter_groups(self, args, model)
-        guard_resume(lambda checkpoint: check_checkpoint(self.freezer, type(self).__name__, checkpoint))
+        guard_resume(lambda folder, args: check_checkpoint(self.freezer, type(self).__name__, folder, self._setup, args))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         move_before_reporters(self)

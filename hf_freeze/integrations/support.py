@@ -14,9 +14,10 @@ drift apart silently is refused with a clear message instead. What the wrappers 
 - FSDP1 with ``use_orig_params=False`` flattens each wrapped unit into one `FlatParameter`, which must be all
   frozen or all trainable (torch raises "Must flatten tensors with uniform `requires_grad`" at the wrap).
 - FSDP1 with ``use_orig_params=True`` accepts mixed units; frozen parameters are still reduce-scattered (as zeros).
-- FSDP2 (`fully_shard`) shards each parameter on its own; it accepts frozen parameters, and `requires_grad`
-  changes after the wrap, but it replaces the parameter objects, so a policy that changes during training would
-  need its applier to look them up again after the wrap (not done yet: refused).
+- FSDP2 (`fully_shard`) shards each parameter on its own; it accepts frozen parameters and `requires_grad` changes
+  after the wrap (each all-gather copies the flag onto the unsharded parameter, and only parameters with a gradient
+  are reduce-scattered). It replaces the parameter objects: the applier, the health check and an adaptive probe look
+  them up again by name (`FreezeApplier.follow_live_parameters`), so every policy runs on it.
 - DeepSpeed ZeRO builds its optimizer partitions from the trainable parameters at `deepspeed.initialize`: frozen
   parameters get no optimizer state and no gradient partition; the trainable set is fixed from then on.
 - Learning rates per part or layer (`freeze_learning_rates`, `freeze_layer_lr_decay`) need the optimizer built from
@@ -105,12 +106,12 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
                 "an accelerate config), or use FSDP2 (`fsdp_version: 2`)."
             )
     if policy.dynamic:
-        if setup.backend in (FSDP, DEEPSPEED):
+        if setup.backend == DEEPSPEED or (setup.backend == FSDP and setup.fsdp_version == 1):
             return (
                 f"{name} changes the trainable parameters during training, which {setup.describe()} does not "
-                f"support: {_FIXED_AT_WRAP[(setup.backend, setup.fsdp_version)]} Train with DDP (`accelerate "
-                "launch` without an FSDP/DeepSpeed config, and `ddp_find_unused_parameters: true`), or use a "
-                "static strategy."
+                f"support: {_FIXED_AT_WRAP[(setup.backend, setup.fsdp_version)]} Train with FSDP2 (`fsdp_version: "
+                "2`) or DDP (`accelerate launch` without an FSDP/DeepSpeed config, and `ddp_find_unused_parameters: "
+                "true`), or use a static strategy."
             )
         if setup.backend == DDP and setup.multi_process:
             if setup.static_graph:
@@ -140,8 +141,6 @@ _FIXED_AT_WRAP = {
     "trainable at `deepspeed.initialize`, so a parameter unfrozen later is never updated.",
     (FSDP, 1): "FSDP1 fixes at the wrap whether each flat parameter needs a gradient, so a unit that was wholly "
     "frozen then never trains when it is unfrozen later.",
-    (FSDP, 2): "FSDP2 replaces every parameter object when it shards the model, and hf_freeze does not yet look "
-    "them up again after the wrap, so changes after the wrap would miss the sharded parameters.",
 }
 
 

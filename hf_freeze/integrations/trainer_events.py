@@ -107,21 +107,38 @@ def saved_callback_state(state: Any, name: str, options: Dict[str, Any]) -> Opti
     }
 
 
-def check_checkpoint(freezer: Any, name: str, checkpoint: str) -> None:
+def check_checkpoint(freezer: Any, name: str, checkpoint: str, setup: Any = None, args: Any = None) -> None:
     """Refuse a checkpoint whose freezing state is damaged, or whose optimizer state belongs to other parameters than
-    ``freezer``'s run, before the Trainer loads anything from it; a checkpoint made without freezing starts fresh."""
+    ``freezer``'s run, before the Trainer loads anything from it; a checkpoint made without freezing starts fresh.
+    Under FSDP2 (``setup``) a changing policy's frozen set at the checkpoint is applied now, before the wrap and the
+    optimizer state's load (`LayerFreezer.take_over_frozen_set`; ``args``: the resuming Trainer's arguments)."""
     trainer_state = read_checkpoint_state(checkpoint)
     if trainer_state is None or freezer is None or freezer.skipped:
         return
     saved = saved_callback_state(trainer_state, name, freezer.arguments.freeze_options())
     if saved is not None:
         freezer.check_resumable(saved, source=os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if freezer.dynamic and getattr(setup, "backend", None) == "fsdp":
+            # The frozen set of the checkpoint's last step (the optimizer state holds what trained in it); epochs
+            # advance by the same amount every step.
+            step, epoch = int(trainer_state.get("global_step") or 0), float(trainer_state.get("epoch") or 0.0)
+            last = _State(global_step=max(step - 1, 0), epoch=epoch * max(step - 1, 0) / step if step else 0.0,
+                          max_steps=trainer_state.get("max_steps"), num_train_epochs=trainer_state.get("num_train_epochs"))
+            freezer.take_over_frozen_set(saved, progress_of(args, last))
     elif is_main_process():
         logger.info(f"{checkpoint} holds no freezing state (made without {name}): it starts fresh.")
 
 
-def guard_resume(check: Callable[[str], None]) -> bool:
-    """Run ``check(checkpoint folder)`` when the calling Trainer's `train(resume_from_checkpoint=...)` starts.
+class _State:
+    """The fields of a `TrainerState` that `progress_of` reads, from a checkpoint's `trainer_state.json`."""
+
+    def __init__(self, **fields: Any):
+        self.__dict__.update(fields)
+
+
+def guard_resume(check: Callable[[str, Any], None]) -> bool:
+    """Run ``check(checkpoint folder, training arguments)`` when the calling Trainer's `train(resume_from_checkpoint=...)`
+    starts.
 
     The Trainer reads the checkpoint's `trainer_state.json` and loads the optimizer state inside `train()` before any
     callback event, so a damaged file or an optimizer state that belongs to other parameters could not be refused in
@@ -147,7 +164,7 @@ def guard_resume(check: Callable[[str], None]) -> bool:
         if checkpoint is True:
             checkpoint = get_last_checkpoint(trainer.args.output_dir)
         if isinstance(checkpoint, (str, os.PathLike)):
-            check(str(checkpoint))
+            check(str(checkpoint), trainer.args)
         return original(resume_from_checkpoint, *args, **kwargs)
 
     trainer.train = train

@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from ..model.sharded import full_value
 from .meter import Layers, ScoreMeter
 
 __all__ = ["GradNormChangeMeter", "GradNormMeter"]
@@ -30,7 +31,8 @@ class GradNormMeter(ScoreMeter):
     def observe_gradients(self) -> None:
         row = []
         for _, parameters in self.layers:
-            grads = [parameter.grad for _, parameter in parameters if parameter.grad is not None]
+            # Whole gradients (gathered under FSDP2): the norms every engine measures are the same numbers.
+            grads = [full_value(parameter.grad) for _, parameter in parameters if parameter.grad is not None]
             if grads:
                 norms = torch.stack([norm.to(self.device, torch.float64) for norm in torch._foreach_norm(grads)])
                 row.append(norms.square().sum().sqrt())

@@ -55,14 +55,15 @@ class LayerProbe:
     ```
     """
 
-    def __init__(self, model: nn.Module, layout: ModelLayout, arguments: Any):
+    def __init__(
+        self, model: nn.Module, layout: ModelLayout, arguments: Any, parameters: Optional[Dict[str, nn.Parameter]] = None,
+    ):
         self.arguments = arguments
         self.score = SCORES.get(score_name(arguments))
-        parameters = dict(model.named_parameters())
-        self.layers = [
-            (block.name, [(name, parameters[name]) for name in block.parameters if name in parameters])
-            for block in layout.layers
-        ]
+        self.layout = layout
+        # The model's parameters by name; a mapping kept up to date by its owner (the applier follows FSDP2's
+        # replacement of every parameter), read when each probe begins.
+        self.parameters = parameters if parameters is not None else dict(model.named_parameters())
         self.rounds: Dict[int, Dict[str, Any]] = {}
         self.meter: Optional[ScoreMeter] = None
         self.meter_round: Optional[int] = None
@@ -72,6 +73,15 @@ class LayerProbe:
         self.probe_seconds = 0.0
         self._probe_began: Optional[float] = None
         self.last_selection: Optional[Dict[str, Any]] = None
+
+    @property
+    def layers(self):
+        """The candidate layers with their parameters as they are now: ``[(block name, [(name, parameter), ...])]``."""
+        parameters = self.parameters
+        return [
+            (block.name, [(name, parameters[name]) for name in block.parameters if name in parameters])
+            for block in self.layout.layers
+        ]
 
     # -- driving ----------------------------------------------------------------------------------------------------
 
@@ -105,7 +115,7 @@ class LayerProbe:
         if not self.rounds:
             return {}
         latest = self.rounds[max(self.rounds)]
-        width = len(str(len(self.layers) - 1))
+        width = len(str(len(self.layout.layers) - 1))
         metrics = {f"freeze/score_layer_{index:0{width}d}": score for index, score in enumerate(latest["scores"])}
         metrics["freeze/probe_scoring_seconds"] = round(self.scoring_seconds, 6)
         return metrics

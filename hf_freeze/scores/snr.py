@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ..model.sharded import full_value
 from .meter import ScoreMeter
 
 __all__ = ["SnrMeter", "matrix_snr"]
@@ -74,10 +75,10 @@ class SnrMeter(ScoreMeter):
         by_kind: Dict[str, List[Tuple[int, float]]] = {}
         for index, (block_name, parameters) in enumerate(self.layers):
             for name, parameter in parameters:
-                if parameter.dim() < 2 or min(parameter.shape[0], parameter[0].numel()) < 2:
+                if parameter.dim() < 2 or min(parameter.shape[0], parameter.numel() // parameter.shape[0]) < 2:
                     continue  # biases, norms, vectors: no spectrum
                 kind = name[len(block_name) + 1:] if name.startswith(block_name + ".") else name
-                by_kind.setdefault(kind, []).append((index, matrix_snr(parameter)))
+                by_kind.setdefault(kind, []).append((index, matrix_snr(full_value(parameter))))
         totals, counts = [0.0] * len(self.layers), [0] * len(self.layers)
         for values in by_kind.values():
             finite = [value for _, value in values if math.isfinite(value)]

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import FreezeConfigError
+from ..model.sharded import full_value
 from .meter import Layers, ScoreMeter
 from .sampled_update import SampledUpdate
 
@@ -57,7 +58,7 @@ class WeightChangeMeter(ScoreMeter):
     def _sample(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
         if name not in self._indices:
             self._indices[name] = _sample_indices(name, parameter.numel(), self.seed, parameter.device)
-        flat = parameter.detach().reshape(-1)
+        flat = full_value(parameter).detach().reshape(-1)  # the whole tensor (gathered under FSDP2)
         indices = self._indices[name]
         return (flat if indices is None else flat[indices]).float()
 

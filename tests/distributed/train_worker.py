@@ -8,11 +8,18 @@ plus optional scenario keys:
 - ``"add_callback_late": true``: build the Trainer without the callback, then ``trainer.add_callback(...)``.
 - ``"resume": true``: train half, save a checkpoint, then resume in a new Trainer with
   ``restore_callback_states_from_checkpoint=True`` (the callback is rebuilt from its saved state).
+- ``"interrupt_at": N``: the run is interrupted after step N (its checkpoint saved), then resumed from that checkpoint
+  on a new model in a new Trainer, as a fresh launch would; the result must equal the uninterrupted run's.
+- ``"plant_frozen_change": true``: before the first optimizer step, add 1 to this process's part of a frozen
+  parameter (what a bug outside hf_freeze would do): the health check must see it.
 - ``"reapply_each_step": true``: re-decide and re-apply the policy at every step (what a schedule does).
 - ``"force_apply_before_wrap": true``: apply a dynamic policy before the DDP wrap anyway (a negative control).
 - ``"unfreeze_after_init": true``: make every parameter trainable between ``Trainer(...)`` and ``train()``.
 - ``"model": "llama"``, ``"resize_to": N``: another tiny model, its vocabulary resized to N (the original size
   recorded for `freeze_trainable_tokens: new`), trained on tokens drawn from all N.
+- ``"engine": "fsdp2" | "zero2" | "zero3"``: train under FSDP2 (accelerate's FSDP plugin, `fsdp_version: 2`, forced on
+  CPU by `engines.force_fsdp_on_cpu`) or DeepSpeed ZeRO-2/3 (its CPU accelerator) instead of DDP. Values are read
+  whole (gathered from the shards) for the digests and the per-step record.
 
 Per step it also records which parameters were frozen and which changed, and the adaptive selections (scores).
 
@@ -37,6 +44,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import tiny  # noqa: E402
 import dynamic_policies  # noqa: E402,F401 - registers the test-only dynamic strategy
+import engines  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import hf_freeze  # noqa: E402
@@ -84,12 +92,36 @@ class StepRecorder(TrainerCallback):
         self.steps = []
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.before = engines.whole_parameters(model)
         self.frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        changed = sorted(name for name, p in model.named_parameters() if not torch.equal(self.before[name], p.detach()))
+        after = engines.whole_parameters(model)
+        changed = sorted(name for name, value in after.items() if not torch.equal(self.before[name], value))
         self.steps.append({"frozen": self.frozen, "changed": changed})
+
+
+class StopAfter(TrainerCallback):
+    """Ends training after a given step, once its checkpoint is saved (an interrupted run)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save, control.should_training_stop = True, True
+
+
+class PlantFrozenChange(TrainerCallback):
+    """Changes a frozen parameter in the first step, on every process (listed after the FreezeCallback)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            from hf_freeze.model.sharded import local_value
+
+            name, parameter = next((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+            with torch.no_grad():
+                local_value(parameter).add_(1.0)
 
 
 class ReapplyEachStep(TrainerCallback):
@@ -113,8 +145,9 @@ def _other_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
     return tensor.detach()[keep]
 
 
-def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
+def build_trainer(run: dict, model, output_dir: Path, stop_after=None, **training_overrides):
     training = dict(ddp_backend="gloo", max_steps=3, per_device_train_batch_size=4)
+    training.update(engines.training_arguments(run.get("engine", "ddp")))
     training.update(run.get("training", {}))
     training.update(training_overrides)
     args = TrainingArguments(**tiny.training_kwargs(output_dir, **training))
@@ -124,6 +157,10 @@ def build_trainer(run: dict, model, output_dir: Path, **training_overrides):
     callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback]) + [meter.recorder]
     if run.get("reapply_each_step"):
         callbacks.append(ReapplyEachStep(freeze_callback))
+    if run.get("plant_frozen_change"):
+        callbacks.append(PlantFrozenChange())
+    if stop_after is not None:
+        callbacks.append(StopAfter(stop_after))
     data = None
     if run.get("resize_to"):
         data = tiny.TokenClassificationData(vocab=run["resize_to"], causal_lm=True)
@@ -159,17 +196,25 @@ def new_model(run: dict):
 
 def run_one(run: dict, output_dir: Path) -> dict:
     model = new_model(run)
-    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    before = engines.whole_parameters(model)
     if run.get("resume"):
         half, meter = build_trainer(run, model, output_dir, max_steps=2, save_strategy="steps", save_steps=2)
         half.train()
         model = new_model(run)
         trainer, meter = build_trainer(run, model, output_dir, max_steps=4, restore_callback_states_from_checkpoint=True)
         trainer.train(resume_from_checkpoint=True)
+    elif run.get("interrupt_at"):
+        step = run["interrupt_at"]
+        first, _ = build_trainer(run, model, output_dir, save_strategy="steps", save_steps=step, stop_after=step)
+        first.train()
+        model = new_model(run)
+        trainer, meter = build_trainer(run, model, output_dir, restore_callback_states_from_checkpoint=True)
+        trainer.train(resume_from_checkpoint=str(output_dir / f"checkpoint-{step}"))
     else:
         trainer, meter = build_trainer(run, model, output_dir)
         trainer.train()
-    after = dict(model.named_parameters())
+    after = engines.whole_parameters(model)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     wrapped = trainer.model_wrapped
     freezer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeCallback)).freezer
     return {
@@ -178,10 +223,10 @@ def run_one(run: dict, output_dir: Path) -> dict:
         "wrapped": type(wrapped).__name__,
         "find_unused_parameters": getattr(wrapped, "find_unused_parameters", None),
         "total_params": sum(p.numel() for p in after.values()),
-        "trainable_params": sum(p.numel() for p in after.values() if p.requires_grad),
+        "trainable_params": sum(p.numel() for name, p in after.items() if requires_grad[name]),
         "frozen_at_start": meter.frozen_at_start,
-        "frozen": sorted(name for name, p in after.items() if not p.requires_grad),
-        "changed": sorted(name for name, p in after.items() if name in before and not torch.equal(before[name], p.detach())),
+        "frozen": sorted(name for name, trains in requires_grad.items() if not trains),
+        "changed": sorted(name for name, p in after.items() if name in before and not torch.equal(before[name], p)),
         # Parameters that train by rows: whether every other row is bit-identical, and a digest of the trained rows.
         "frozen_rows_unchanged": {
             name: bool(torch.equal(_other_rows(before[name], rows), _other_rows(after[name], rows)))
@@ -193,6 +238,10 @@ def run_one(run: dict, output_dir: Path) -> dict:
             for name, rows in freezer.applier.rows.selection().items()
         },
         "digests": {name: digest(p) for name, p in after.items()},
+        # For comparisons across engines, whose reductions differ in order: float sums, compared with a tolerance.
+        "fingerprints": {name: engines.fingerprint(p) for name, p in after.items()},
+        "engine": engines.describe(trainer),
+        "health_warnings": engines.HEALTH_WARNINGS.take(),
         "bytes_per_step": meter.per_step,
         "steps": meter.recorder.steps,
         "selections": freezer.timeline.selections if freezer.timeline else [],
