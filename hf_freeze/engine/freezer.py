@@ -14,6 +14,7 @@ from torch import nn
 from ..add_on import AddOn, RunContext
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes
 from ..apply.compiled import refuse_stale_compiled_graph
+from ..apply.ddp_reduce import TrainableGradientReduce
 from ..apply.frozen_dtype import frozen_dtype_of
 from ..apply.param_groups import rate_metrics
 from ..config import FreezeArguments, arguments_from
@@ -123,6 +124,8 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         self.step_rates: Dict[str, float] = {}  # `freeze/lr/<group>` of the last optimizer step
         # The parameters the optimizer is built over (trainable after `prepare`): what a resume must agree with.
         self.registered: Optional[List[str]] = None
+        # Under DDP, the hook that all-reduces only what trains at each step (`reduce_only_trainable`).
+        self.communication: Optional[TrainableGradientReduce] = None
         if self.layout is not None:
             self.check()
             self.timeline = FreezeTimeline(self.layout, self.arguments.freeze_strategy, self.arguments.freeze_options())
@@ -249,6 +252,8 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
             return AppliedChange([], [])
         if optimizer is not None:
             self._optimizer = optimizer
+        if self.communication is not None:
+            self.communication.begin_step()
         self.applier.follow_live_parameters()  # before a probe begins: FSDP2 replaced the parameters at the wrap
         decision = self._decide_measured(progress)
         released = 0
@@ -264,6 +269,20 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         after = optimizer_state_bytes(optimizer) if optimizer is not None else None
         self.timeline.record(progress, self.frozen_names(), after, released + held - (after or 0))
         return change
+
+    def reduce_only_trainable(self, ddp_model: Any) -> None:
+        """Under DDP (``ddp_model``; ``None``: not DDP), a policy that changes all-reduces only the gradients of what
+        trains at each step (`hf_freeze.apply.ddp_reduce`); a static policy has DDP register only what trains."""
+        if ddp_model is None or not self.dynamic or self.communication is not None:
+            return
+        hook = TrainableGradientReduce()
+        try:
+            hook.register(ddp_model)
+        except RuntimeError as error:  # DDP takes one communication hook: the user's stays
+            self.log([f"DDP has a communication hook already ({error}): every parameter the policy may train is "
+                      "all-reduced at every step, frozen ones as zeros."], warning=True)
+            return
+        self.communication = hook
 
     def start(
         self, progress: TrainingProgress, optimizer: Optional[torch.optim.Optimizer] = None,

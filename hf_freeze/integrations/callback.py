@@ -19,7 +19,7 @@ from ..engine import LayerFreezer
 from .optimizer_groups import install_parameter_groups
 from .support import check_backend, raise_if_changed_after_wrap
 from .trainer_events import add_to_logs, check_checkpoint, guard_resume, move_before_reporters, progress_of
-from .trainer_events import checkpoint_folder, saved_callback_state, training_input_names
+from .trainer_events import checkpoint_folder, ddp_wrapper, saved_callback_state, training_input_names
 
 __all__ = ["FreezeCallback"]
 
@@ -27,12 +27,11 @@ __all__ = ["FreezeCallback"]
 class FreezeCallback(TrainerCallback, ExportableState):
     """Freeze model layers by policy inside a `transformers.Trainer`.
 
-    The policy comes from the constructor (a `FreezeArguments` or `freeze_*` keywords), else from `freeze_*` fields
-    of the `TrainingArguments` (`FreezeTrainingArguments`). A static policy is applied in `on_init_end`, inside
-    `Trainer.__init__`, before the optimizer and DDP see the model, after a check against the backend (DDP, FSDP,
-    DeepSpeed). A schedule or an adaptive policy leaves trainable there all it may train, then applies each step's
-    frozen set from `on_train_begin` on; checkpoints carry `LayerFreezer.state_dict()`, the timeline goes to
-    ``args.output_dir``; with learning rates per part or layer the optimizer is built from `parameter_groups`.
+    The policy comes from the constructor (`FreezeArguments` or `freeze_*` keywords), else from the `TrainingArguments`
+    (`FreezeTrainingArguments`). A static policy is applied in `on_init_end`, before the optimizer and the wrapper (DDP,
+    FSDP, DeepSpeed) see the model, after a check against the backend. A schedule or an adaptive policy leaves trainable
+    all it may train, then applies each step's frozen set from `on_train_begin` on (under DDP reducing only what
+    trains); checkpoints carry its state; with rates per part or layer the optimizer is built from `parameter_groups`.
 
     Example:
 
@@ -84,6 +83,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if not self.freezer.dynamic:
             raise_if_changed_after_wrap(self._setup, self.freezer.would_change(progress), model_init=rebuilt)
         check_against_loss_scaling(self.freezer.arguments, bool(args.fp16), (args.max_grad_norm or 0) > 0)
+        self.freezer.reduce_only_trainable(ddp_wrapper())  # a changing policy under DDP: only what trains is reduced
         self.freezer.start(progress, optimizer, saved, source="the checkpoint's trainer_state.json")
         raise_if_ranks_disagree(self.freezer.frozen_names())
         self.freezer.log(self.freezer.check_inputs(training_input_names(train_dataloader), bool(self._setup and self._setup.strict_ddp)))

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
 from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
@@ -21,7 +22,7 @@ from ..processes import is_main_process
 logger = get_logger(__name__)
 
 __all__ = [
-    "add_to_logs", "calling_trainer", "check_checkpoint", "checkpoint_folder", "guard_resume", "move_before_reporters", "progress_of",
+    "add_to_logs", "calling_trainer", "check_checkpoint", "checkpoint_folder", "ddp_wrapper", "guard_resume", "move_before_reporters", "progress_of",
     "read_checkpoint_state", "saved_callback_state",
 ]
 
@@ -184,6 +185,13 @@ def move_before_reporters(callback: TrainerCallback) -> None:
     if handler is not None and callback in handler.callbacks and handler.callbacks[0] is not callback:
         handler.callbacks.remove(callback)
         handler.callbacks.insert(0, callback)
+
+
+def ddp_wrapper() -> Optional[torch.nn.parallel.DistributedDataParallel]:
+    """The DDP wrapper of the calling Trainer's model (``None`` when it is not wrapped in DDP): callback events hand
+    over the unwrapped model only, and the communication hook goes on the wrapper."""
+    wrapped = getattr(calling_trainer(), "model_wrapped", None)
+    return wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
 
 
 def calling_trainer() -> Optional[Trainer]:

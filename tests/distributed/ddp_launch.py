@@ -25,11 +25,15 @@ ACCELERATE_CONFIG = REPOSITORY / "configs" / "accelerate" / "ddp.yaml"
 NUM_PROCESSES = 2
 
 
-def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300, launcher: str = "torchrun") -> List[Dict[str, dict]]:
+def launch(
+    runs: Sequence[dict], output_dir: Path, timeout: float = 300, launcher: str = "torchrun",
+    config: Path = ACCELERATE_CONFIG,
+) -> List[Dict[str, dict]]:
     """Run ``runs`` in one launch of 2 processes; return the results of every rank.
 
-    ``launcher`` is "torchrun" (``--standalone``) or "accelerate" (``accelerate launch`` with the shipped
-    `configs/accelerate/ddp.yaml`, the command of docs/multi-gpu.md; the TrainingArguments' ``use_cpu`` keeps it on CPU).
+    ``launcher`` is "torchrun" (``--standalone``) or "accelerate" (``accelerate launch`` with a shipped accelerate
+    ``config``, by default `configs/accelerate/ddp.yaml`, the command of docs/multi-gpu.md; the TrainingArguments'
+    ``use_cpu`` keeps DDP on CPU, DeepSpeed runs on its CPU accelerator).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +46,7 @@ def launch(runs: Sequence[dict], output_dir: Path, timeout: float = 300, launche
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={NUM_PROCESSES}", str(WORKER), str(spec)]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()), str(WORKER),
                    str(spec)]
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -65,7 +69,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300, launcher: str = "torchrun") -> List[Dict[str, dict]]:
+def shared_launch(
+    name: str, runs: Sequence[dict], timeout: float = 300, launcher: str = "torchrun", config: Path = ACCELERATE_CONFIG,
+) -> List[Dict[str, dict]]:
     """`launch`, once per test session even when pytest-xdist spreads the tests that read it over workers."""
     session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
     directory = Path(tempfile.gettempdir()) / f"hf_freeze-distributed-{session}" / name
@@ -78,7 +84,7 @@ def shared_launch(name: str, runs: Sequence[dict], timeout: float = 300, launche
         if failed.exists():  # do not relaunch a failing run for every test that reads it
             raise AssertionError(failed.read_text())
         try:
-            results = launch(runs, directory, timeout, launcher)
+            results = launch(runs, directory, timeout, launcher, config)
         except AssertionError as error:
             failed.write_text(str(error))
             raise

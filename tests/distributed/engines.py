@@ -42,6 +42,8 @@ def training_arguments(engine: str) -> dict:
         return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
     if engine in ("zero2", "zero3"):
         return {"deepspeed": ZERO[int(engine[-1])], "use_cpu": False}
+    if engine == "accelerate-config":  # `accelerate launch --config_file` decides (a DeepSpeed config: off the `cpu` flag)
+        return {"use_cpu": False}
     raise ValueError(f"unknown engine {engine!r}")
 
 

@@ -71,7 +71,10 @@ class ReducedBytesMeter(TrainerCallback):
         wrapped = self.trainer.model_wrapped
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             self.ddp = wrapped
-            wrapped.register_comm_hook(dist.group.WORLD, self._count)
+            try:
+                wrapped.register_comm_hook(dist.group.WORLD, self._count)
+            except RuntimeError:  # a changing policy's own hook (hf_freeze.apply.ddp_reduce) counts its bytes
+                self.ddp = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.per_step.append(0)
@@ -94,11 +97,12 @@ class StepRecorder(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.before = engines.whole_parameters(model)
         self.frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+        self.trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         after = engines.whole_parameters(model)
         changed = sorted(name for name, value in after.items() if not torch.equal(self.before[name], value))
-        self.steps.append({"frozen": self.frozen, "changed": changed})
+        self.steps.append({"frozen": self.frozen, "changed": changed, "trainable_numel": self.trainable_numel})
 
 
 class StopAfter(TrainerCallback):
@@ -242,7 +246,7 @@ def run_one(run: dict, output_dir: Path) -> dict:
         "fingerprints": {name: engines.fingerprint(p) for name, p in after.items()},
         "engine": engines.describe(trainer),
         "health_warnings": engines.HEALTH_WARNINGS.take(),
-        "bytes_per_step": meter.per_step,
+        "bytes_per_step": freezer.communication.bytes_per_step if freezer.communication else meter.per_step,
         "steps": meter.recorder.steps,
         "selections": freezer.timeline.selections if freezer.timeline else [],
         # Learning-rate groups (`freeze_learning_rates`, `freeze_layer_lr_decay`): name, rate now, base rate, size.
