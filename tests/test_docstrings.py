@@ -14,6 +14,10 @@ RUNNER = textwrap.dedent(
     """
     import doctest, importlib, pkgutil, sys
     import hf_freeze
+    try:  # DeepSpeed prints its accelerator choice at its first import (accelerate's unwrapping imports it): not in an example
+        import deepspeed
+    except Exception:
+        pass
 
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

@@ -15,6 +15,7 @@ from ..add_on import AddOn, RunContext
 from ..apply import AppliedChange, FreezeApplier, HealthCheck, innermost_optimizer, optimizer_state_bytes
 from ..apply.compiled import refuse_stale_compiled_graph
 from ..apply.ddp_reduce import TrainableGradientReduce
+from ..apply.frozen_groups import skips_frozen_groups
 from ..apply.frozen_dtype import frozen_dtype_of
 from ..apply.param_groups import rate_metrics
 from ..config import FreezeArguments, arguments_from
@@ -250,6 +251,8 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         """
         if self.skipped:
             return AppliedChange([], [])
+        if skips_frozen_groups(optimizer):
+            optimizer = None  # DeepSpeed ZeRO: its block groups are skipped while frozen (`apply.frozen_groups`)
         if optimizer is not None:
             self._optimizer = optimizer
         if self.communication is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..add_on import AddOn, LearningRate
+from ..apply.frozen_groups import BLOCK_KEY
 from ..apply.param_groups import GROUP_KEY, decay_parameter_names, parameter_groups
 from ..errors import FreezeConfigError
 from ..model import unwrap_model
@@ -34,7 +35,7 @@ class OptimizerGroups:
 
     def parameter_groups(
         self, learning_rate: float, weight_decay: float = 0.0, model: Optional[nn.Module] = None,
-        decay_names: Optional[Collection[str]] = None,
+        decay_names: Optional[Collection[str]] = None, by_block: bool = False,
     ) -> List[Dict[str, Any]]:
         """The param groups to build the optimizer from, for any optimizer class: the trainable parameters split as
         the Trainer splits them (weight decay or not), and with `freeze_learning_rates` / `freeze_layer_lr_decay`
@@ -47,6 +48,8 @@ class OptimizerGroups:
             weight_decay: The weight decay of the parameters that take it.
             model: The model the optimizer trains (default: the freezer's; the Trainer passes the one it trains).
             decay_names: The parameters that take weight decay (default: the Trainer's rule).
+            by_block: One group per block (and weight-decay half), named under ``"hf_freeze_block"``: what an
+                optimizer that skips frozen groups needs (`hf_freeze.apply.frozen_groups`, DeepSpeed ZeRO).
 
         Example:
 
@@ -68,7 +71,15 @@ class OptimizerGroups:
         full_name = {name: row_names.get(id(parameter), name) for name, parameter in named}
         decay = decay_parameter_names(model) if decay_names is None else decay_names
         rate_of = (lambda name: self.learning_rate(full_name[name])) if self.sets_learning_rates else None
-        return parameter_groups(named, learning_rate, weight_decay, decay, rate_of)
+        if not by_block:
+            return parameter_groups(named, learning_rate, weight_decay, decay, rate_of)
+        block_of = {name: block.name for block in self.layout.blocks for name in block.parameters}
+        groups: List[Dict[str, Any]] = []
+        for block in dict.fromkeys(block_of.get(full_name[name], full_name[name]) for name, _ in named):
+            members = [(name, p) for name, p in named if block_of.get(full_name[name], full_name[name]) == block]
+            for group in parameter_groups(members, learning_rate, weight_decay, decay, rate_of):
+                groups.append({**group, BLOCK_KEY: block})
+        return [group for group in groups if group["params"]]
 
     def group_layout(self) -> Optional[Dict[str, Dict[str, Any]]]:
         """Every learning-rate group of the parameters the optimizer is built over, with its rate (``rate``: an

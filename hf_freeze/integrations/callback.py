@@ -130,7 +130,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self.freezer.skipped:  # a PEFT adapter decides what trains; the freezer has said so
             return
         decision = self.freezer.decide(progress_of(args, state))
-        self._setup = check_backend(args, self.freezer.model, self.freezer.strategy.name, self.freezer.dynamic, decision, self.freezer.add_ons)
+        self._setup = check_backend(args, self.freezer, decision)
         if self.freezer.dynamic:
             # Each step's frozen set applies from on_train_begin on, once the optimizer and DDP registered everything.
             self.freezer.prepare()

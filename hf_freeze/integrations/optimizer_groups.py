@@ -1,5 +1,7 @@
 """The Trainer's optimizer built over `LayerFreezer.parameter_groups`, when the policy sets learning rates
-(`freeze_learning_rates`, `freeze_layer_lr_decay`), without replacing the user's Trainer or its optimizer class.
+(`freeze_learning_rates`, `freeze_layer_lr_decay`) or changes under DeepSpeed ZeRO (one group per block, the optimizer
+class skipping frozen groups: `hf_freeze.apply.frozen_groups`), without replacing the user's Trainer or its optimizer
+class.
 
 Why through `Trainer.optimizer_cls_and_kwargs` and an optimizer factory (measured on transformers 5.23, not assumed):
 
@@ -24,7 +26,9 @@ from typing import Any, Callable
 
 from transformers import Trainer
 
+from ..apply.frozen_groups import skipping_frozen_groups
 from ..errors import FreezeConfigError
+from .backends import DEEPSPEED
 from .trainer_events import calling_trainer
 
 __all__ = ["GroupedOptimizer", "install_parameter_groups"]
@@ -38,9 +42,12 @@ class GroupedOptimizer:
     `optimizer_cls_and_kwargs` when given, else those the Trainer's arguments choose, read when the optimizer is
     built (a hyperparameter-search trial may have changed them); ``lr`` is the base rate."""
 
-    def __init__(self, callback: Any, args: Any, decay_names: Callable[[Any], Any], given: Any = None):
+    def __init__(
+        self, callback: Any, args: Any, decay_names: Callable[[Any], Any], given: Any = None, by_block: bool = False,
+    ):
         # The callback, not its freezer: `train()` may rebuild the freezer, and the callback pickles (Ray Tune).
         self.callback, self.args, self.decay_names, self.given = callback, args, decay_names, given
+        self.by_block = by_block  # DeepSpeed ZeRO and a changing policy: block groups, frozen groups skipped
 
     def __call__(self, model: Any, **kwargs: Any):
         freezer = self.callback.freezer
@@ -53,7 +60,9 @@ class GroupedOptimizer:
         optimizer_class, kwargs = self.given or Trainer.get_optimizer_cls_and_kwargs(self.args, model)
         kwargs = dict(kwargs)
         learning_rate = kwargs.pop("lr", self.args.learning_rate)
-        groups = freezer.parameter_groups(learning_rate, self.args.weight_decay, model, self.decay_names(model))
+        groups = freezer.parameter_groups(learning_rate, self.args.weight_decay, model, self.decay_names(model), self.by_block)
+        if self.by_block:
+            optimizer_class = skipping_frozen_groups(optimizer_class)
         return optimizer_class(groups, lr=learning_rate, **kwargs)
 
 
@@ -62,9 +71,13 @@ def install_parameter_groups(callback: Any, args: Any, model: Any) -> None:
     the freezer sets learning rates; refuse what cannot take them (an optimizer passed in, one the Trainer makes over
     the model itself), naming the options."""
     current = callback.freezer
-    if current is None or current.skipped or not current.sets_learning_rates:
+    if current is None or current.skipped:
         return
-    given = [name for name in _FIELDS if getattr(current.arguments, name) is not None]
+    # Under DeepSpeed ZeRO a changing policy needs an optimizer that skips frozen block groups (`frozen_groups`).
+    by_block = current.dynamic and getattr(getattr(callback, "_setup", None), "backend", None) == DEEPSPEED
+    if not current.sets_learning_rates and not by_block:
+        return
+    given = [name for name in _FIELDS if getattr(current.arguments, name) is not None] or ["freeze_strategy"]
 
     def refuse(why: str) -> FreezeConfigError:
         return FreezeConfigError(f"{' and '.join(f'`{name}`' for name in given)} cannot set learning rates here: {why}", fields=given)
@@ -83,6 +96,7 @@ def install_parameter_groups(callback: Any, args: Any, model: Any) -> None:
     if not isinstance(optimizer_class, type) or {"params", "model", "optimizer_dict"} & set(kwargs):
         raise refuse(f"the optimizer {getattr(args, 'optim', None)!r} groups the model's parameters itself (GaLore, "
                      "APOLLO, LOMO, layer-wise or factory optimizers). Use a plain optimizer such as 'adamw_torch'.")
-    factory = functools.partial(GroupedOptimizer, callback, args, trainer.get_decay_parameter_names, trainer.optimizer_cls_and_kwargs)
+    factory = functools.partial(GroupedOptimizer, callback, args, trainer.get_decay_parameter_names,
+                                trainer.optimizer_cls_and_kwargs, by_block)
     # The keywords stay beside the factory for what the Trainer reads of them after building (bitsandbytes' 8 bits).
     trainer.optimizer_cls_and_kwargs = (factory, dict(kwargs))

@@ -19,7 +19,11 @@ drift apart silently is refused with a clear message instead. What the wrappers 
   are reduce-scattered). It replaces the parameter objects: the applier, the health check and an adaptive probe look
   them up again by name (`FreezeApplier.follow_live_parameters`), so every policy runs on it.
 - DeepSpeed ZeRO builds its optimizer partitions from the trainable parameters at `deepspeed.initialize`: frozen
-  parameters get no optimizer state and no gradient partition; the trainable set is fixed from then on.
+  parameters get no optimizer state and no gradient partition. A parameter frozen later gets a zero gradient that
+  ZeRO still steps (weight decay and momentum move it), so a policy that changes keeps every parameter it may train
+  trainable at the wrap, one param group per block, and an optimizer that skips the groups frozen at each step
+  (`hf_freeze.apply.frozen_groups`). DeepSpeed runs the optimizer step inside `backward`: what must act around the
+  step (an adaptive probe, `freeze_unfreeze_lr_factor`) cannot, and is refused.
 - Learning rates per part or layer (`freeze_learning_rates`, `freeze_layer_lr_decay`) need the optimizer built from
   hf_freeze's param groups. That is tested on one process and under DDP; DeepSpeed builds its own optimizer from its
   config (or wraps the Trainer's into partitions per group), and FSDP builds it over sharded parameters after the
@@ -61,6 +65,9 @@ class PolicyFacts:
         mixed_units: FSDP1 units that the first decision would leave partly frozen, as
             ``(unit, a frozen parameter, a trainable parameter)``.
         add_ons: The names of the `LayerFreezer` add-ons the policy runs (``"learning_rates"``, ...).
+        probes: An adaptive policy measures scores from the gradients around the optimizer step.
+        scales_updates: The policy scales some parameters' updates around the optimizer step
+            (`freeze_unfreeze_lr_factor`).
 
     Example:
 
@@ -81,6 +88,8 @@ class PolicyFacts:
     frozen: int
     mixed_units: Tuple[Tuple[str, str, str], ...] = ()
     add_ons: Tuple[str, ...] = ()
+    probes: bool = False
+    scales_updates: bool = False
 
 
 def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
@@ -106,7 +115,17 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
                 "an accelerate config), or use FSDP2 (`fsdp_version: 2`)."
             )
     if policy.dynamic:
-        if setup.backend == DEEPSPEED or (setup.backend == FSDP and setup.fsdp_version == 1):
+        if setup.backend == DEEPSPEED and (policy.probes or policy.scales_updates):
+            what = ("an adaptive policy's probe reads each step's gradients before the optimizer step (and with "
+                    "`freeze_probe_mode: measure` withholds that step)" if policy.probes else
+                    "`freeze_unfreeze_lr_factor` scales the update of newly unfrozen layers around the optimizer step")
+            return (
+                f"{name} cannot run under {setup.describe()}: {what}, and DeepSpeed runs the optimizer step inside "
+                "`backward` and keeps the gradients in its own partitions, so no Trainer event comes between them. "
+                "Train it with FSDP2 (`fsdp_version: 2`) or DDP; under DeepSpeed, use a schedule without "
+                "`freeze_unfreeze_lr_factor` (LISA, BAdam, progressive, gradual unfreezing, staged)."
+            )
+        if setup.backend == FSDP and setup.fsdp_version == 1:
             return (
                 f"{name} changes the trainable parameters during training, which {setup.describe()} does not "
                 f"support: {_FIXED_AT_WRAP[(setup.backend, setup.fsdp_version)]} Train with FSDP2 (`fsdp_version: "
@@ -137,8 +156,6 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
 
 
 _FIXED_AT_WRAP = {
-    (DEEPSPEED, None): "ZeRO builds its optimizer partitions and gradient hooks from the parameters that are "
-    "trainable at `deepspeed.initialize`, so a parameter unfrozen later is never updated.",
     (FSDP, 1): "FSDP1 fixes at the wrap whether each flat parameter needs a gradient, so a unit that was wholly "
     "frozen then never trains when it is unfrozen later.",
 }
@@ -176,15 +193,15 @@ def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:
     return not (policy.dynamic and setup.backend == DDP and setup.multi_process)
 
 
-def check_backend(
-    args: Any, model: nn.Module, strategy: str, dynamic: bool, decision: Any, add_ons: Iterable[str] = ()
-) -> DistributedSetup:
-    """Check the first decision (and the add-ons the policy runs) against the backend the Trainer will use; return
-    that backend's facts.
+def check_backend(args: Any, freezer: Any, decision: Any) -> DistributedSetup:
+    """Check a `LayerFreezer`'s first decision (and the add-ons its policy runs) against the backend the Trainer will
+    use; return that backend's facts.
 
     Raises:
         FreezeConfigError: the policy cannot run on this backend (the message names the setting that fixes it).
     """
+    model, strategy, dynamic = freezer.model, freezer.strategy.name, freezer.dynamic
+    factor = getattr(freezer.arguments, "freeze_unfreeze_lr_factor", None)
     refuse_stale_compiled_graph(bool(getattr(args, "torch_compile", False)), dynamic, strategy)
     setup = detect_setup(args, model)
     names = [name for name, _ in model.named_parameters()]
@@ -192,7 +209,8 @@ def check_backend(
     units = ()
     if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
         units = mixed_units(flat_parameter_units(model, setup.fsdp_wrap_classes), frozen)
-    facts = PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units, tuple(add_ons))
+    facts = PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units, tuple(freezer.add_ons),
+                        probes=freezer.probe is not None, scales_updates=factor not in (None, 1.0))
     error = check_support(setup, facts)
     if error:
         refused = _refused_add_on(setup, facts)

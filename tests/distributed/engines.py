@@ -41,10 +41,32 @@ def training_arguments(engine: str) -> dict:
         force_fsdp_on_cpu()
         return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
     if engine in ("zero2", "zero3"):
-        return {"deepspeed": ZERO[int(engine[-1])], "use_cpu": False}
+        use_gloo_for_deepspeed()
+        return {"deepspeed": ZERO[int(engine[-1])], "use_cpu": False, "accelerator_config": {"use_configured_state": True}}
     if engine == "accelerate-config":  # `accelerate launch --config_file` decides (a DeepSpeed config: off the `cpu` flag)
         return {"use_cpu": False}
     raise ValueError(f"unknown engine {engine!r}")
+
+
+def use_gloo_for_deepspeed() -> None:
+    """The TrainingArguments do not pass `ddp_backend` on when `deepspeed` is set (transformers 5.23): accelerate then
+    finds no process group backend on CPU and runs as one process, so every rank trains on the same batches while
+    DeepSpeed averages over two. Set up accelerate's process state with gloo first, for DeepSpeed, and have the
+    Trainer use it (`accelerator_config.use_configured_state`)."""
+    import os
+
+    from accelerate import PartialState
+
+    from accelerate.state import AcceleratorState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    # Each Trainer of the launch (several runs, an interrupted one and its resumption) brings its DeepSpeed plugin: a
+    # configured state keeps the first one's, and refuses another.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def force_fsdp_on_cpu() -> None:

@@ -97,7 +97,8 @@ class StepRecorder(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.before = engines.whole_parameters(model)
         self.frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
-        self.trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # A ZeRO-3 partitioned parameter is empty outside the forward pass; `ds_numel` is its size.
+        self.trainable_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         after = engines.whole_parameters(model)
@@ -182,6 +183,11 @@ def build_trainer(run: dict, model, output_dir: Path, stop_after=None, **trainin
 
 
 def new_model(run: dict):
+    # An earlier run's ZeRO-3 TrainingArguments declared ZeRO-3 for the process: transformers would build this model
+    # inside `deepspeed.zero.Init` (partitioned, initialised differently). Each run starts from the same weights.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if run.get("pretrained"):  # a local model directory (the communication figures for a real model)
         from transformers import AutoModelForSequenceClassification
 
@@ -245,6 +251,7 @@ def run_one(run: dict, output_dir: Path) -> dict:
         # For comparisons across engines, whose reductions differ in order: float sums, compared with a tolerance.
         "fingerprints": {name: engines.fingerprint(p) for name, p in after.items()},
         "engine": engines.describe(trainer),
+        "grad_norms": [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry],
         "health_warnings": engines.HEALTH_WARNINGS.take(),
         "bytes_per_step": freezer.communication.bytes_per_step if freezer.communication else meter.per_step,
         "steps": meter.recorder.steps,

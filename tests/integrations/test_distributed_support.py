@@ -45,7 +45,7 @@ DYNAMIC = PolicyFacts("a_schedule", dynamic=True, trainable=20, frozen=10)
     [
         (SINGLE, STATIC), (SINGLE, DYNAMIC), (DDP, STATIC), (DDP, DYNAMIC), (DDP_CHECKPOINTING, STATIC),
         (DDP_STATIC_GRAPH, STATIC), (FSDP1, STATIC), (FSDP1_ORIG, STATIC_MIXED_UNIT), (FSDP2, STATIC_MIXED_UNIT),
-        (FSDP2, DYNAMIC), (ZERO3, STATIC_MIXED_UNIT),
+        (FSDP2, DYNAMIC), (ZERO3, STATIC_MIXED_UNIT), (ZERO3, DYNAMIC),
     ],
 )
 def test_supported_combinations(setup, policy):
@@ -60,7 +60,10 @@ def test_supported_combinations(setup, policy):
         (DDP_STATIC_GRAPH, DYNAMIC, ["`ddp_static_graph: false`"]),
         (FSDP1, STATIC_MIXED_UNIT, ["use_orig_params: true", "fsdp_version: 2", "'bert.encoder.layer.0'", "#1702"]),
         (FSDP1_ORIG, DYNAMIC, ["FSDP1", "FSDP2", "DDP", "ddp_find_unused_parameters: true"]),
-        (ZERO3, DYNAMIC, ["DeepSpeed ZeRO-3", "deepspeed.initialize"]),
+        (ZERO3, PolicyFacts("adaptive", dynamic=True, trainable=20, frozen=10, probes=True),
+         ["DeepSpeed ZeRO-3", "probe", "inside `backward`", "FSDP2", "LISA"]),
+        (ZERO3, PolicyFacts("gradual_unfreezing", dynamic=True, trainable=20, frozen=10, scales_updates=True),
+         ["DeepSpeed ZeRO-3", "`freeze_unfreeze_lr_factor`", "FSDP2"]),
     ],
 )
 def test_unsupported_combinations_name_the_fix(setup, policy, fragments):

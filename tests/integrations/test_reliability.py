@@ -268,4 +268,4 @@ def test_a_compiled_model_with_a_changing_policy_is_refused_where_torch_would_no
     LayerFreezer(model, freeze_strategy="lisa", freeze_active_layers=1)  # not compiled: fine
     args = type("Args", (), {"torch_compile": True})()
     with pytest.raises(FreezeConfigError, match=r"train without torch.compile"):
-        check_backend(args, model, "lisa", True, FreezeDecision(frozenset()))
+        check_backend(args, LayerFreezer(model, freeze_strategy="lisa", freeze_active_layers=1), FreezeDecision(frozenset()))
