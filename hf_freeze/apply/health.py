@@ -56,6 +56,7 @@ class HealthCheck:
         self._armed = False
         self._without_gradient: List[str] = []
         self._received: set = set()
+        self._eval_modules: tuple = ()
         self._hooks: List[Any] = []
         self.checks = 0
 
@@ -63,7 +64,7 @@ class HealthCheck:
         """Look at the next optimizer step; ``eval_modules`` are the module paths run in eval mode."""
         if self.mode == "off":
             return
-        self._armed = True
+        self._armed, self._eval_modules = True, tuple(eval_modules)
         self._frozen_samples = {
             name: _sample(parameter) for name, parameter in self.parameters.items() if not parameter.requires_grad
         }
@@ -79,6 +80,11 @@ class HealthCheck:
             for name, buffer in self.buffers.items()
             if prefixes and name.startswith(prefixes) and buffer.is_floating_point()
         }
+
+    def rearm(self) -> None:
+        """The engine replaced the parameters since `arm` (FSDP2's wrap): look at the live ones instead."""
+        if self._armed:
+            self.arm(self._eval_modules)
 
     def before_optimizer_step(self) -> None:
         if self._armed:

@@ -257,7 +257,7 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
             self._optimizer = optimizer
         if self.communication is not None:
             self.communication.begin_step()
-        self.applier.follow_live_parameters()  # before a probe begins: FSDP2 replaced the parameters at the wrap
+        self._follow_engine()  # before a probe begins
         decision = self._decide_measured(progress)
         released = 0
         if self.probe is not None and self.probe.withholding and optimizer is not None:
@@ -360,6 +360,7 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         dropping every gradient; under a `GradScaler`, call its ``unscale_(optimizer)`` first, as clipping does).
         ``optimizer``: the one being stepped (default: the one `update` was given)."""
         optimizer = optimizer if optimizer is not None else self._optimizer
+        self._follow_engine()
         if self.decision is not None and self.decision.update_factors:
             self.applier.begin_scaled_step(self.decision.update_factors)
         self.health.before_optimizer_step()  # while the gradients are there
@@ -377,6 +378,11 @@ class LayerFreezer(ResumableFreezer, OptimizerGroups, FreezerReport):
         if optimizer is not None and self.sets_learning_rates:
             self.step_rates = rate_metrics(optimizer.param_groups)
         self.health.after_optimizer_step()
+
+    def _follow_engine(self) -> None:
+        """Look the parameters up again if the engine replaced them (FSDP2's `fully_shard` after `apply`/`prepare`)."""
+        if self.applier.follow_live_parameters():
+            self.health.rearm()
 
     def restart(self) -> None:
         """Forget the run so far (timeline, scores, the applied decision): a second run starts over."""

@@ -21,13 +21,14 @@ from typing import Dict, List, Sequence
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parents[1]
 WORKER = HERE / "train_worker.py"
+LOOP_WORKER = HERE / "loop_worker.py"  # a plain loop with LayerFreezer under DDP and FSDP2
 ACCELERATE_CONFIG = REPOSITORY / "configs" / "accelerate" / "ddp.yaml"
 NUM_PROCESSES = 2
 
 
 def launch(
     runs: Sequence[dict], output_dir: Path, timeout: float = 300, launcher: str = "torchrun",
-    config: Path = ACCELERATE_CONFIG,
+    config: Path = ACCELERATE_CONFIG, worker: Path = WORKER,
 ) -> List[Dict[str, dict]]:
     """Run ``runs`` in one launch of 2 processes; return the results of every rank.
 
@@ -44,10 +45,10 @@ def launch(
     environment.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if launcher == "torchrun":  # --standalone runs its own rendezvous on a free port: parallel launches never collide
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={NUM_PROCESSES}", str(WORKER), str(spec)]
+                   f"--nproc_per_node={NUM_PROCESSES}", str(worker), str(spec)]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()), str(WORKER),
+                   "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()), str(worker),
                    str(spec)]
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -71,6 +72,7 @@ def _free_port() -> int:
 
 def shared_launch(
     name: str, runs: Sequence[dict], timeout: float = 300, launcher: str = "torchrun", config: Path = ACCELERATE_CONFIG,
+    worker: Path = WORKER,
 ) -> List[Dict[str, dict]]:
     """`launch`, once per test session even when pytest-xdist spreads the tests that read it over workers."""
     session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
@@ -84,7 +86,7 @@ def shared_launch(
         if failed.exists():  # do not relaunch a failing run for every test that reads it
             raise AssertionError(failed.read_text())
         try:
-            results = launch(runs, directory, timeout, launcher, config)
+            results = launch(runs, directory, timeout, launcher, config, worker)
         except AssertionError as error:
             failed.write_text(str(error))
             raise

@@ -112,6 +112,21 @@ def fingerprint(value: torch.Tensor) -> List[float]:
     return [float(flat.sum()), float(flat.square().sum()), float((flat * pattern).sum())]
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this process holds (Adam's moments; step counters left out): the torch optimizer inside
+    accelerate's and DeepSpeed's wrappers, its state tensors as this process holds them (a DTensor's local shard,
+    ZeRO's flat partitions)."""
+    from hf_freeze.model.sharded import local_value
+
+    while not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optimizer"):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return sum(local_value(value).numel() * value.element_size() for state in optimizer.state.values()
+               for key, value in state.items() if torch.is_tensor(value) and key != "step")
+
+
 def describe(trainer) -> str:
     return f"{type(trainer.model_wrapped).__name__} ({trainer.accelerator.distributed_type})"
 

@@ -251,6 +251,7 @@ def run_one(run: dict, output_dir: Path) -> dict:
         # For comparisons across engines, whose reductions differ in order: float sums, compared with a tolerance.
         "fingerprints": {name: engines.fingerprint(p) for name, p in after.items()},
         "engine": engines.describe(trainer),
+        "optimizer_state_bytes": engines.optimizer_state_bytes(trainer.optimizer),
         "grad_norms": [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry],
         "health_warnings": engines.HEALTH_WARNINGS.take(),
         "bytes_per_step": freezer.communication.bytes_per_step if freezer.communication else meter.per_step,

@@ -116,6 +116,10 @@ def test_every_engine_trains_what_ddp_trains(engine, policy):
     assert other["steps"] == ddp["steps"]
     assert [s["frozen_layers"] for s in other["selections"]] == [s["frozen_layers"] for s in ddp["selections"]]
     assert not _different(ddp["fingerprints"], other["fingerprints"])
+    # Optimizer state for what trains at the last step only, sharded: each of the 2 processes holds half of DDP's
+    # (ZeRO pads its partitions a little).
+    assert ddp["optimizer_state_bytes"] == 2 * 4 * ddp["steps"][-1]["trainable_numel"]
+    assert abs(other["optimizer_state_bytes"] - ddp["optimizer_state_bytes"] / 2) <= 0.02 * ddp["optimizer_state_bytes"]
 
 
 @pytest.mark.parametrize("engine, policy", [cell for cell in _cells(ENGINES) if cell[1] in RESUMED])
@@ -144,3 +148,28 @@ def test_what_an_engine_cannot_run_is_refused_before_training_with_the_fix(engin
         assert result["status"] == "error" and result["error_type"] == "FreezeConfigError", result
         assert REFUSED[(engine, policy)] in result["error"] and "FSDP2" in result["error"]
         assert "on_init_end" in result["traceback"]  # in Trainer.__init__, before any step
+
+
+# -- a plain loop with LayerFreezer (docs/without-trainer.md) under FSDP2 and DDP ------------------------------------
+
+
+def _loop_results():
+    return ddp_launch.shared_launch("engines-plain-loop", [], timeout=600, worker=ddp_launch.LOOP_WORKER)
+
+
+@pytest.mark.parametrize("policy", ["lisa", "adaptive", "bottom"])
+def test_a_plain_loop_under_fsdp2_trains_what_it_trains_under_ddp(policy):
+    ranks = _loop_results()
+    for rank, results in enumerate(ranks):
+        for engine in ("ddp", "fsdp2"):
+            assert results[f"{engine}/{policy}"]["status"] == "ok", f"rank {rank}: {results[f'{engine}/{policy}']}"
+    ddp, fsdp2 = ranks[0][f"ddp/{policy}"], ranks[0][f"fsdp2/{policy}"]
+    assert fsdp2["steps"] == ddp["steps"] == ranks[1][f"fsdp2/{policy}"]["steps"]
+    for index, step in enumerate(fsdp2["steps"]):
+        assert not set(step["frozen"]) & set(step["changed"]), f"step {index}: a frozen parameter changed"
+    assert [s["frozen_layers"] for s in fsdp2["selections"]] == [s["frozen_layers"] for s in ddp["selections"]]
+    assert not _different(ddp["fingerprints"], fsdp2["fingerprints"])
+    assert fsdp2["health_checks"] >= 1  # the check ran (with `raise`: it found nothing)
+    # Adam's two moments for what trains at the last step, sharded: each rank holds half of DDP's.
+    assert ddp["optimizer_state_bytes"] == 2 * 4 * ddp["trainable_params"]
+    assert abs(fsdp2["optimizer_state_bytes"] - ddp["optimizer_state_bytes"] / 2) <= 0.05 * ddp["optimizer_state_bytes"]
