@@ -25,10 +25,10 @@ drift apart silently is refused with a clear message instead. What the wrappers 
   (`hf_freeze.apply.frozen_groups`). DeepSpeed runs the optimizer step inside `backward`: what must act around the
   step (an adaptive probe, `freeze_unfreeze_lr_factor`) cannot, and is refused.
 - Learning rates per part or layer (`freeze_learning_rates`, `freeze_layer_lr_decay`) need the optimizer built from
-  hf_freeze's param groups. That is tested on one process and under DDP; DeepSpeed builds its own optimizer from its
-  config (or wraps the Trainer's into partitions per group), and FSDP builds it over sharded parameters after the
-  wrap: neither is tested yet, so both are refused rather than trusted. So is `freeze_lora` (adapters injected
-  before the wrap and saved from the whole model), for the same reason.
+  hf_freeze's param groups: the Trainer builds it from them on every engine (FSDP2 after the wrap, over the sharded
+  parameters; DeepSpeed takes it as its client optimizer, one flat partition per group), tested on each.
+  `freeze_lora` (adapters injected before the wrap and saved from the whole model) is tested on one process and
+  under DDP only, and refused under sharding.
 """
 
 from __future__ import annotations
@@ -163,12 +163,6 @@ _FIXED_AT_WRAP = {
 
 # Add-ons not supported under sharding backends yet: the options that turn them on, and why.
 _NOT_UNDER_SHARDING = {
-    "learning_rates": (
-        ("freeze_learning_rates", "freeze_layer_lr_decay"),
-        "they need the optimizer built from hf_freeze's param groups, which is tested on one process and under DDP; "
-        "DeepSpeed builds its optimizer from its own config, and FSDP builds it over the sharded parameters, and "
-        "neither has been tested with the groups.",
-    ),
     "lora": (
         ("freeze_lora",),
         "the adapters are injected before the wrap and saved from the whole model, which is tested on one process and "

@@ -40,6 +40,9 @@ POLICIES = {
     "lisa": {"freeze_strategy": "lisa", "freeze_active_layers": 1, "freeze_schedule_every": 1},
     "badam": {"freeze_strategy": "badam", "freeze_schedule_every": 1},
     "adaptive": {"freeze_strategy": "adaptive", "freeze_layers": 2, "freeze_probe_steps": 1},
+    # Learning rates per layer (issue 30) over a schedule: the groups reach every engine's optimizer.
+    "lisa_layer_lr_decay": {"freeze_strategy": "lisa", "freeze_active_layers": 1, "freeze_schedule_every": 1,
+                            "freeze_layer_lr_decay": 0.5},
 }
 DYNAMIC = [name for name in POLICIES if name not in ("none", "bottom")]
 # What DeepSpeed runs inside `backward` (the optimizer step) leaves no room for what acts around the step: refused.
@@ -116,6 +119,11 @@ def test_every_engine_trains_what_ddp_trains(engine, policy):
     assert other["steps"] == ddp["steps"]
     assert [s["frozen_layers"] for s in other["selections"]] == [s["frozen_layers"] for s in ddp["selections"]]
     assert not _different(ddp["fingerprints"], other["fingerprints"])
+    # The learning rate of every named group at the end (DeepSpeed's block groups repeat them, block by block).
+    rates = {name: (rate, base) for name, rate, base, _ in ddp["group_rates"] if name}
+    assert {name: (rate, base) for name, rate, base, _ in other["group_rates"] if name} == rates
+    if "layer_lr_decay" in policy:
+        assert rates["layer.0"][1] == pytest.approx(rates["layer.3"][1] * 0.5 ** 3)
     # Optimizer state for what trains at the last step only, sharded: each of the 2 processes holds half of DDP's
     # (ZeRO pads its partitions a little).
     assert ddp["optimizer_state_bytes"] == 2 * 4 * ddp["steps"][-1]["trainable_numel"]

@@ -150,14 +150,16 @@ def test_an_optimizer_the_rates_cannot_reach_is_refused(tmp_path):
         late.train()
 
 
-def test_rates_under_deepspeed_or_fsdp_are_refused_with_the_reason():
+def test_rates_run_on_every_engine_and_lora_is_refused_under_sharding_with_the_reason():
+    """The rates on FSDP2 and DeepSpeed ZeRO-2/3 are trained end to end in tests/integrations/test_sharded_engines.py
+    (`lisa_layer_lr_decay`: the same group rates and weights as DDP's)."""
     rates = PolicyFacts("bottom", dynamic=False, trainable=10, frozen=5, add_ons=("learning_rates",))
+    lora = PolicyFacts("bottom", dynamic=False, trainable=10, frozen=5, add_ons=("lora",))
     for setup in (DistributedSetup("deepspeed", world_size=2, zero_stage=2),
                   DistributedSetup("fsdp", world_size=2, fsdp_version=2)):
-        message = check_support(setup, rates)
-        assert "`freeze_learning_rates` and `freeze_layer_lr_decay` cannot run under" in message, message
-        assert check_support(setup, PolicyFacts("bottom", dynamic=False, trainable=10, frozen=5)) is None
-    assert check_support(DistributedSetup("ddp", world_size=2, find_unused_parameters=False), rates) is None
+        assert check_support(setup, rates) is None
+        assert "`freeze_lora` cannot run under" in check_support(setup, lora)
+    assert check_support(DistributedSetup("ddp", world_size=2, find_unused_parameters=False), lora) is None
 
 
 def test_a_plain_loop_gets_the_same_rates_and_resumes_bit_identically():
