@@ -39,6 +39,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from ..apply.compiled import refuse_stale_compiled_graph
+from ..policies.adaptive import probe_mode
+from ..scores.meter import reads_gradients
 from ..errors import FreezeConfigError
 from .backends import DDP, DEEPSPEED, FSDP, SINGLE, DistributedSetup, detect_setup
 
@@ -116,14 +118,17 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
             )
     if policy.dynamic:
         if setup.backend == DEEPSPEED and (policy.probes or policy.scales_updates):
-            what = ("an adaptive policy's probe reads each step's gradients before the optimizer step (and with "
-                    "`freeze_probe_mode: measure` withholds that step)" if policy.probes else
+            what = ("an adaptive policy's probe reads each step's gradients before the optimizer step, or withholds "
+                    "that step (`freeze_probe_mode: measure`), or reads whole weights that ZeRO-3 partitions"
+                    if policy.probes else
                     "`freeze_unfreeze_lr_factor` scales the update of newly unfrozen layers around the optimizer step")
             return (
                 f"{name} cannot run under {setup.describe()}: {what}, and DeepSpeed runs the optimizer step inside "
                 "`backward` and keeps the gradients in its own partitions, so no Trainer event comes between them. "
                 "Train it with FSDP2 (`fsdp_version: 2`) or DDP; under DeepSpeed, use a schedule without "
-                "`freeze_unfreeze_lr_factor` (LISA, BAdam, progressive, gradual unfreezing, staged)."
+                "`freeze_unfreeze_lr_factor` (LISA, BAdam, progressive, gradual unfreezing, staged), or under ZeRO-2 "
+                "an adaptive policy with `freeze_probe_mode: train` and a score read off the weights ('weight_change', "
+                "'snr')."
             )
         if setup.backend == FSDP and setup.fsdp_version == 1:
             return (
@@ -203,8 +208,12 @@ def check_backend(args: Any, freezer: Any, decision: Any) -> DistributedSetup:
     units = ()
     if setup.backend == FSDP and setup.fsdp_version == 1 and not setup.fsdp_use_orig_params:
         units = mixed_units(flat_parameter_units(model, setup.fsdp_wrap_classes), frozen)
+    probe = freezer.probe
+    # A probe acts around the optimizer step when it withholds it, or reads gradients; ZeRO-3 weights are partitions.
+    probes = probe is not None and (probe_mode(freezer.arguments) == "measure" or reads_gradients(probe.score)
+                                    or (setup.backend == DEEPSPEED and setup.zero_stage == 3))
     facts = PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units, tuple(freezer.add_ons),
-                        probes=freezer.probe is not None, scales_updates=factor not in (None, 1.0))
+                        probes=probes, scales_updates=factor not in (None, 1.0))
     error = check_support(setup, facts)
     if error:
         refused = _refused_add_on(setup, facts)

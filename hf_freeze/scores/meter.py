@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["Layers", "ScoreMeter", "build_meter"]
+__all__ = ["Layers", "ScoreMeter", "build_meter", "reads_gradients"]
 
 # Layers in forward order: (block name, [(parameter name, parameter), ...]).
 Layers = Sequence[Tuple[str, Sequence[Tuple[str, nn.Parameter]]]]
@@ -77,7 +77,19 @@ def build_meter(score: Any, layers: Layers, seed: int = 0) -> ScoreMeter:
     """A new meter of the registered `Score` ``score`` for ``layers``; a meter named by its dotted path (as the
     built-in scores name theirs) is imported here, when a probe first measures it."""
     meter = score.meter
+    return _meter_class(score)(layers, seed)
+
+
+def reads_gradients(score: Any) -> bool:
+    """Whether the registered `Score` ``score`` reads gradients before optimizer steps (`observe_gradients`), which an
+    engine that steps inside ``backward`` (DeepSpeed) never offers."""
+    meter = _meter_class(score)
+    return not isinstance(meter, type) or getattr(meter, "observe_gradients", None) is not ScoreMeter.observe_gradients
+
+
+def _meter_class(score: Any) -> Any:
+    meter = score.meter
     if isinstance(meter, str):
         module, _, name = meter.rpartition(".")
         meter = getattr(importlib.import_module(module), name)
-    return meter(layers, seed)
+    return meter

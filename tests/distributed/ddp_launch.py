@@ -107,24 +107,27 @@ def communication_table(policies: Dict[str, dict], pretrained: str = "") -> str:
         if result["status"] != "ok":
             rows.append(f"{label:<22} {result['error_type']}: {result['error'][:80]}")
             continue
-        measured = sorted(set(result["bytes_per_step"]))
-        full = full or (measured[0] if label == "none" else None)
-        ratio = f"{measured[0] / full:.1%}" if full else "-"
+        per_step = result["bytes_per_step"]
+        mean = sum(per_step) / len(per_step)
+        full = full or (mean if label == "none" else None)
+        ratio = f"{mean / full:.1%}" if full else "-"
+        # A policy that changes: the bytes of each step (only what trains then is all-reduced), and their mean.
+        shown = f"{per_step[0]:,}" if len(set(per_step)) == 1 else f"{min(per_step):,}-{max(per_step):,} (mean {mean:,.0f})"
         rows.append(f"{label:<22} {result['trainable_params']:>11,} {result['total_params']:>11,} "
-                    f"{'/'.join(f'{value:,}' for value in measured):>12} {4 * result['trainable_params']:>13,} "
-                    f"{ratio:>7}")
+                    f"{shown:>12} {4 * result['trainable_params']:>13,} {ratio:>7}")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
     import argparse
 
-    sys.path.insert(0, str(REPOSITORY / "tests"))
-    from test_distributed import DYNAMIC_POLICIES, STATIC_POLICIES
+    sys.path[:0] = [str(REPOSITORY / "tests" / "integrations"), str(REPOSITORY / "tests")]
+    from test_distributed import DYNAMIC_POLICIES, ROTATING_POLICIES, STATIC_POLICIES
 
     flags = argparse.ArgumentParser(description="Print the bytes DDP all-reduces per step, by freezing policy.")
     flags.add_argument("--pretrained", default="", help="a local model directory (default: the tiny test BERT)")
     options = flags.parse_args()
     model = options.pretrained or "tiny BERT, 4 layers"
     print(f"Bytes all-reduced per optimizer step by DDP ({model}; fp32; 2 gloo processes; 3 steps):")
-    print(communication_table({**STATIC_POLICIES, **DYNAMIC_POLICIES}, options.pretrained))
+    rotating = {"lisa": ROTATING_POLICIES["lisa"], "badam": {"freeze_strategy": "badam", "freeze_schedule_every": 1}}
+    print(communication_table({**STATIC_POLICIES, **DYNAMIC_POLICIES, **rotating}, options.pretrained))
