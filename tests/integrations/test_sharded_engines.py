@@ -139,7 +139,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(engine, policy):
     (whole, _), (resumed, _) = _ok(engine, policy), _ok(engine, f"{policy}/resumed")
     assert resumed["max_step"] == STEPS
     assert resumed["steps"] == whole["steps"][2:]  # the resumed steps froze and moved the same parameters
-    if engine == "ddp":
+    if engine != "fsdp2":
         assert resumed["digests"] == whole["digests"]  # bit-identical
     else:
         # FSDP2 through accelerate 1.16 does not resume bit-identically even with nothing frozen ("none" differs by a
