@@ -106,6 +106,20 @@ class StepRecorder(TrainerCallback):
         self.steps.append({"frozen": self.frozen, "changed": changed, "trainable_numel": self.trainable_numel})
 
 
+class GradientBytes(TrainerCallback):
+    """Bytes of gradients this process holds before each optimizer step (a DTensor's local shard; ZeRO keeps its
+    gradients in its own buffers: not counted)."""
+
+    def __init__(self):
+        self.per_step = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        from hf_freeze.model.sharded import local_value
+
+        self.per_step.append(sum(local_value(p.grad).numel() * p.grad.element_size()
+                                 for p in model.parameters() if p.grad is not None))
+
+
 class StopAfter(TrainerCallback):
     """Ends training after a given step, once its checkpoint is saved (an interrupted run)."""
 
@@ -159,7 +173,8 @@ def build_trainer(run: dict, model, output_dir: Path, stop_after=None, **trainin
     freeze_callback = FreezeCallback(**run["policy"])
     meter = ReducedBytesMeter()
     meter.recorder = StepRecorder()
-    callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback]) + [meter.recorder]
+    meter.gradients = GradientBytes()
+    callbacks = [meter] + ([] if run.get("add_callback_late") else [freeze_callback]) + [meter.recorder, meter.gradients]
     if run.get("reapply_each_step"):
         callbacks.append(ReapplyEachStep(freeze_callback))
     if run.get("plant_frozen_change"):
@@ -252,6 +267,7 @@ def run_one(run: dict, output_dir: Path) -> dict:
         "fingerprints": {name: engines.fingerprint(p) for name, p in after.items()},
         "engine": engines.describe(trainer),
         "optimizer_state_bytes": engines.optimizer_state_bytes(trainer.optimizer),
+        "gradient_bytes_per_step": meter.gradients.per_step,
         "grad_norms": [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry],
         "health_warnings": engines.HEALTH_WARNINGS.take(),
         "bytes_per_step": freezer.communication.bytes_per_step if freezer.communication else meter.per_step,

@@ -132,6 +132,11 @@ def test_every_engine_trains_what_ddp_trains(engine, policy):
     # (ZeRO pads its partitions a little).
     assert ddp["optimizer_state_bytes"] == 2 * 4 * ddp["steps"][-1]["trainable_numel"]
     assert abs(other["optimizer_state_bytes"] - ddp["optimizer_state_bytes"] / 2) <= 0.02 * ddp["optimizer_state_bytes"]
+    # Gradients before each step: only what trains then (FSDP2's shards: half of DDP's; ZeRO keeps its own buffers).
+    if engine == "fsdp2":
+        for step, ddp_bytes, fsdp_bytes in zip(ddp["steps"], ddp["gradient_bytes_per_step"], other["gradient_bytes_per_step"]):
+            assert ddp_bytes in (0, 4 * step["trainable_numel"])  # 0: a probe step, its gradients withheld
+            assert abs(fsdp_bytes - ddp_bytes / 2) <= 0.02 * max(ddp_bytes, 1)
 
 
 @pytest.mark.parametrize("engine, policy", [cell for cell in _cells(ENGINES) if cell[1] in RESUMED])
