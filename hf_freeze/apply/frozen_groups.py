@@ -36,7 +36,7 @@ True
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 

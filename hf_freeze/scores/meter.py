@@ -76,7 +76,6 @@ class ScoreMeter:
 def build_meter(score: Any, layers: Layers, seed: int = 0) -> ScoreMeter:
     """A new meter of the registered `Score` ``score`` for ``layers``; a meter named by its dotted path (as the
     built-in scores name theirs) is imported here, when a probe first measures it."""
-    meter = score.meter
     return _meter_class(score)(layers, seed)
 
 
