@@ -80,6 +80,7 @@ class FreezeApplier:
         self.parameters: Dict[str, nn.Parameter] = {
             name: parameter for name, parameter in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")
         }
+        self._first_parameter = next(self.model.parameters(), None)  # `follow_live_parameters` compares it
         self.rows = TrainableRows(self.model)
         # Frozen modules in eval mode (`freeze_frozen_modules_eval`), kept in step with every application.
         self.eval_modules = FrozenModulesEval(self.model) if frozen_modules_eval else None
@@ -95,6 +96,10 @@ class FreezeApplier:
     def follow_live_parameters(self) -> bool:
         """Look the parameters up again when the engine replaced them: FSDP2's `fully_shard` registers a new (DTensor)
         parameter under every name. Updated in place: the health check shares the mapping. True when they changed."""
+        first = next(self.model.parameters(), None)
+        if first is self._first_parameter:  # a wrap replaces every parameter: the first one tells, at no cost
+            return False
+        self._first_parameter = first
         live = [(name, p) for name, p in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")]
         if len(live) == len(self.parameters) and all(self.parameters.get(name) is p for name, p in live):
             return False
