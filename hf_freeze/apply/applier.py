@@ -95,17 +95,17 @@ class FreezeApplier:
 
     def follow_live_parameters(self) -> bool:
         """Look the parameters up again when the engine replaced them: FSDP2's `fully_shard` registers a new (DTensor)
-        parameter under every name. Updated in place: the health check shares the mapping. True when they changed."""
+        parameter under every name. Only the names the applier knows are followed (an adapter's own parameters, or a
+        name an adapter moved, are not the policy's). Updated in place: the health check shares the mapping. True when
+        one changed."""
         first = next(self.model.parameters(), None)
         if first is self._first_parameter:  # a wrap replaces every parameter: the first one tells, at no cost
             return False
         self._first_parameter = first
-        live = [(name, p) for name, p in self.model.named_parameters() if not name.startswith(ROWS_MODULE + ".")]
-        if len(live) == len(self.parameters) and all(self.parameters.get(name) is p for name, p in live):
-            return False
-        self.parameters.clear()
-        self.parameters.update(live)
-        return True
+        live = dict(self.model.named_parameters())
+        replaced = {name: live[name] for name, known in self.parameters.items() if name in live and live[name] is not known}
+        self.parameters.update(replaced)
+        return bool(replaced)
 
     def frozen_names(self) -> List[str]:
         return [name for name, parameter in self.parameters.items() if not parameter.requires_grad]

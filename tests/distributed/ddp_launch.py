@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parents[1]
@@ -28,14 +28,16 @@ NUM_PROCESSES = 2
 
 def launch(
     runs: Sequence[dict], output_dir: Path, timeout: float = 300, launcher: str = "torchrun",
-    config: Path = ACCELERATE_CONFIG, worker: Path = WORKER,
+    config: Path = ACCELERATE_CONFIG, worker: Optional[Path] = None,
 ) -> List[Dict[str, dict]]:
     """Run ``runs`` in one launch of 2 processes; return the results of every rank.
 
     ``launcher`` is "torchrun" (``--standalone``) or "accelerate" (``accelerate launch`` with a shipped accelerate
     ``config``, by default `configs/accelerate/ddp.yaml`, the command of docs/multi-gpu.md; the TrainingArguments'
-    ``use_cpu`` keeps DDP on CPU, DeepSpeed runs on its CPU accelerator).
+    ``use_cpu`` keeps DDP on CPU, DeepSpeed runs on its CPU accelerator). ``worker``: the script each process runs
+    (default `WORKER`, read at the call).
     """
+    worker = worker or WORKER
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     spec = output_dir / "spec.json"
@@ -72,7 +74,7 @@ def _free_port() -> int:
 
 def shared_launch(
     name: str, runs: Sequence[dict], timeout: float = 300, launcher: str = "torchrun", config: Path = ACCELERATE_CONFIG,
-    worker: Path = WORKER,
+    worker: Optional[Path] = None,
 ) -> List[Dict[str, dict]]:
     """`launch`, once per test session even when pytest-xdist spreads the tests that read it over workers."""
     session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
