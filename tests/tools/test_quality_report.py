@@ -57,3 +57,25 @@ def test_a_policy_inside_the_noise_is_not_separated_and_is_the_cheapest_within_o
     assert "**bottom 50%**" in text and "at 0.60 of its step time and 0.50 of its peak training memory" in text
     headline = quality_report.headline(runs, SETTINGS)
     assert "| bottom 50% | 84.93 ± 1.25 (3) | -0.07 (-1.34 to +1.21)" in headline
+
+
+def test_the_rows_beyond_on_off_are_reported_against_full_fine_tuning_seed_by_seed():
+    """Layer-wise decay and the freeze + LoRA mix (issue 30): each seed against full fine-tuning's same seed, and the
+    mix against each of its parts alone."""
+    from quality import LLRD, MIX, POLICIES
+
+    runs = _study((0.845, 0.835, 0.855))
+    for name, devs in ((LLRD, (0.86, 0.85, 0.87)), (MIX, (0.84, 0.83, 0.85)), ("LoRA r=8", (0.85, 0.84, 0.86))):
+        grid = POLICIES[name]["rates"]  # each policy chooses the middle of its own grid: no extension
+        for rate in grid:
+            runs.append(_run(name, rate, 0, devs[0], select=0.9 if rate == grid[1] else 0.8, cpu=80, peak=700))
+        runs += [_run(name, grid[1], seed, devs[seed], cpu=80, peak=700) for seed in (1, 2)]
+    table = quality_report.summarise(runs, ["full fine-tuning", "bottom 50%", "LoRA r=8", LLRD, MIX])
+    pairs = quality_report.beyond_pairs(runs)
+    assert f"| {LLRD} (0.0001) | minus full |" in pairs
+    assert "| 0 | 85.00 | 86.00 | +1.00 | 84.00 | -1.00 | 84.50 | 85.00 |" in pairs
+    assert "| 1 | 84.00 | 85.00 | +1.00 | 83.00 | -1.00 | 83.50 | 84.00 |" in pairs
+    text = " ".join(quality_report.answer(table, runs))
+    assert f"Layer-wise learning-rate decay 0.8 over every layer, nothing frozen (top rate 0.0001): 86.00%" in text
+    assert "minus bottom 50% alone (84.50%, 0.60x, 0.50x): -0.50 points" in text
+    assert "minus LoRA r=8 alone (85.00%, 0.80x, 0.70x): -1.00 points" in text
