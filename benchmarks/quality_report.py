@@ -50,6 +50,23 @@ def side_by_side_ratios(timing: Optional[dict]) -> Dict[str, dict]:
     return ratios
 
 
+def timing_sessions(timing: Optional[dict]) -> str:
+    """Which `--timing` session each policy's step-time ratio comes from (`--policies` sessions add up in one file,
+    each policy against the full fine-tuning run that took turns with it), as a sentence."""
+    if not timing:
+        return ""
+    sessions: Dict[tuple, List[str]] = {}
+    for name, measured in timing["policies"].items():
+        if name != FULL:
+            sessions.setdefault((tuple(measured["order"]), round(measured["wall_minutes"], 1)), []).append(name)
+    if len(sessions) < 2:
+        return ""
+    parts = [f"{_names(names)} (a session of {len(order)} policies, {minutes:.0f} min)"
+             for (order, minutes), names in sorted(sessions.items(), key=lambda item: -len(item[0][0]))]
+    return ("The step-time ratios come from " + str(len(sessions)) + " side-by-side sessions, each policy against the "
+            "full fine-tuning run that took turns with it in its own session: " + "; ".join(parts) + ".")
+
+
 def _quarter(times: List[float], index: int) -> float:
     part = times[index * len(times) // 4:(index + 1) * len(times) // 4]
     return sum(part) / len(part)
@@ -454,6 +471,9 @@ def docs_summary(runs: List[dict], settings: dict, timing: Optional[dict] = None
     if full_steps:
         status += (f" Full fine-tuning's {len(full_steps)} runs took {min(full_steps):.2f} to {max(full_steps):.2f} CPU "
                    f"seconds per step for the same work: {max(full_steps) / min(full_steps) - 1:.0%} apart, the load alone.")
+    sessions = timing_sessions(timing)
+    if sessions:
+        status += " " + sessions
     return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table, runs))])
 
 
@@ -496,6 +516,7 @@ def write_report(runs: List[dict], names: List[str], output: Path, settings: dic
         "",
         f"Settings: {json.dumps({k: v for k, v in settings.items() if k != 'tokenizer'})}",
         f"Runs finished: {len(runs)}." + (f" Policies not finished yet: {', '.join(pending)}." if pending else ""),
+        *([timing_sessions(read_timing(output))] if timing_sessions(read_timing(output)) else []),
         "",
         markdown(table, settings),
         "",

@@ -79,3 +79,19 @@ def test_the_rows_beyond_on_off_are_reported_against_full_fine_tuning_seed_by_se
     assert f"Layer-wise learning-rate decay 0.8 over every layer, nothing frozen (top rate 0.0001): 86.00%" in text
     assert "minus bottom 50% alone (84.50%, 0.60x, 0.50x): -0.50 points" in text
     assert "minus LoRA r=8 alone (85.00%, 0.80x, 0.70x): -1.00 points" in text
+
+
+def test_each_step_time_ratio_names_the_timing_session_it_comes_from():
+    """`--timing --policies` sessions add up in one file: the report says which session timed which policy."""
+    def entry(order, minutes):
+        return {"rate": 1e-4, "step_times": [1.0] * 8, "order": order, "wall_minutes": minutes, "full_step_times": [2.0] * 8}
+
+    first = ["full fine-tuning", "bottom 25%", "bottom 50%"]
+    second = ["full fine-tuning", "bottom 50%", "LISA"]
+    timing = {"policies": {"full fine-tuning": {"rate": 1e-4, "step_times": [2.0] * 8, "order": second, "wall_minutes": 9.0},
+                           "bottom 25%": entry(first, 20.0), "bottom 50%": entry(second, 9.0), "LISA": entry(second, 9.0)}}
+    text = quality_report.timing_sessions(timing)
+    assert "2 side-by-side sessions" in text
+    assert "bottom 25% (a session of 3 policies, 20 min); bottom 50%; LISA (a session of 3 policies, 9 min)" in text
+    del timing["policies"]["bottom 25%"]
+    assert quality_report.timing_sessions(timing) == ""  # one session: nothing to tell apart
