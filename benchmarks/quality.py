@@ -250,6 +250,7 @@ def train_once(name: str, rate: float, seed: int, data, args, model_path: str, n
         select_accuracy, dev_accuracy = accuracy(select), accuracy(dev)
     return {
         "policy": name, "rate": rate, "seed": seed, "select_accuracy": select_accuracy, "dev_accuracy": dev_accuracy,
+        "dev_examples": len(dev),  # an accuracy moves in steps of 1 / this (quality_report.paired_difference)
         "train_loss": result.metrics["train_loss"], "steps": trainer.state.global_step, "train_cpu_seconds": cpu,
         "train_wall_seconds": wall, "total_params": sum(p.numel() for p in model.parameters()),
         **meter.summary(), "lora_rank": rank,

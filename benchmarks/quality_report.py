@@ -15,16 +15,25 @@ CONFIDENCE = 0.95
 
 def paired_difference(runs: List[dict], against: List[dict]) -> Optional[dict]:
     """Dev accuracy minus ``against``'s, seed by seed (same seed: same data order and sample), with the two-sided 95%
-    Student t interval of the mean difference; None with fewer than 2 common seeds."""
-    other = {run["seed"]: run["dev_accuracy"] for run in against}
-    differences = [run["dev_accuracy"] - other[run["seed"]] for run in runs if run["seed"] in other]
+    Student t interval of the mean difference; None with fewer than 2 common seeds.
+
+    An accuracy on n dev examples moves in steps of 1/n, so a few seeds can differ by the very same step (one
+    sentence each) and give a standard deviation of 0: an interval of no width, which would separate a difference of
+    one sentence from zero. Where the runs record their dev set's size (`dev_examples`), the standard deviation is
+    taken as at least one such step (``floored``: it was); this only ever widens the interval."""
+    other = {run["seed"]: run for run in against}
+    pairs = [(run, other[run["seed"]]) for run in runs if run["seed"] in other]
+    differences = [run["dev_accuracy"] - paired["dev_accuracy"] for run, paired in pairs]
     if len(differences) < 2:
         return None
     from scipy import stats
 
     mean = statistics.fmean(differences)
-    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
-    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences)}
+    spread = statistics.stdev(differences)
+    sizes = [run.get("dev_examples") for pair in pairs for run in pair]
+    step = 1 / min(sizes) if all(sizes) else 0.0
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(differences) - 1) * max(spread, step) / len(differences) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences), "floored": spread < step}
 
 
 def read_timing(folder: Path) -> Optional[dict]:

@@ -95,3 +95,17 @@ def test_each_step_time_ratio_names_the_timing_session_it_comes_from():
     assert "bottom 25% (a session of 3 policies, 20 min); bottom 50%; LISA (a session of 3 policies, 9 min)" in text
     del timing["policies"]["bottom 25%"]
     assert quality_report.timing_sessions(timing) == ""  # one session: nothing to tell apart
+
+
+def test_the_same_one_sentence_difference_on_every_seed_does_not_separate_a_policy():
+    """Accuracies on 872 sentences move in steps of 1/872: three seeds one sentence apart each have no spread, and
+    the interval takes one step as its spread (with the dev set's size recorded); five points apart stay separated."""
+    full = [{"seed": s, "dev_accuracy": k / 872, "dev_examples": 872} for s, k in enumerate((740, 734, 744))]
+    one_less = [{"seed": s, "dev_accuracy": (k - 1) / 872, "dev_examples": 872} for s, k in enumerate((740, 734, 744))]
+    difference = quality_report.paired_difference(one_less, full)
+    assert difference["mean"] == pytest.approx(-1 / 872) and difference["floored"]
+    assert difference["low"] < 0 < difference["high"]
+    far = [{"seed": s, "dev_accuracy": (k - 44) / 872, "dev_examples": 872} for s, k in enumerate((740, 734, 744))]
+    assert quality_report.paired_difference(far, full)["high"] < 0
+    unrecorded = [{key: value for key, value in run.items() if key != "dev_examples"} for run in one_less]
+    assert not quality_report.paired_difference(unrecorded, full)["floored"]  # no size recorded: no floor
