@@ -28,6 +28,7 @@ Results are appended to OUTPUT/runs.jsonl as each run ends; an interrupted study
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import functools
 import json
@@ -46,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # this checkout of hf_freeze, and quality_*.py
 
 FULL = "full fine-tuning"
+LLRD = "layer-wise LR decay 0.8, nothing frozen"
+MIX = "bottom 50% + LoRA r=8 on the frozen half"
 # name -> the policy (freeze_* options, or a LoRA rank) and its learning-rate grid. Fewer trainable parameters
 # want larger rates: the grids move up with the share that trains.
 POLICIES: Dict[str, dict] = {
@@ -89,6 +92,14 @@ POLICIES: Dict[str, dict] = {
     },
     "LoRA r=8": {"lora": 8, "rates": (2e-4, 5e-4, 1e-3)},
     "LoRA, bottom 50%'s size": {"lora": "match bottom 50%", "rates": (1e-4, 2e-4, 5e-4)},
+    # Beyond on/off (issue 30). Layer-wise learning-rate decay over the 6 layers, nothing frozen: ELECTRA's 0.8 (its
+    # small and base models; BEiT uses 0.65-0.9), so the embeddings train at 0.8^6 = 0.26 of the head's rate. The
+    # rate is the head's, the top of the stack: the grid sits above full fine-tuning's.
+    LLRD: {"freeze": {"freeze_strategy": "none", "freeze_layer_lr_decay": 0.8}, "rates": (5e-5, 1e-4, 2e-4)},
+    # Bottom 50% with LoRA r=8 (the LoRA row's rank and scale) on the linear modules of the frozen layers: the top
+    # half trains fully, the bottom half through adapters, all at the one rate (the adapters at their layer's).
+    MIX: {"freeze": {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_lora": {"r": 8, "alpha": 16, "on": "frozen"}},
+          "rates": (5e-5, 1e-4, 2e-4)},
     # A lever, not a policy: bottom 50% with its frozen prefix in eval mode (no dropout there), at bottom 50%'s
     # chosen rate and seeds, so the difference is the dropout alone (the performance page's dropout question).
     "bottom 50%, frozen prefix in eval mode": {
@@ -191,7 +202,7 @@ def build_trainer(name: str, rate: float, seed: int, train, args, model_path: st
 
     policy = POLICIES[name]
     steps = _run_steps(len(train), args)
-    freeze = dict(policy.get("freeze", {"freeze_strategy": "none"}))
+    freeze = copy.deepcopy(policy.get("freeze", {"freeze_strategy": "none"}))  # freeze_lora is a dict of its own
     if "schedule_parts" in policy:
         freeze["freeze_schedule_every"] = max(1, steps // policy["schedule_parts"])
     set_seed(seed)
@@ -239,6 +250,7 @@ def train_once(name: str, rate: float, seed: int, data, args, model_path: str, n
         select_accuracy, dev_accuracy = accuracy(select), accuracy(dev)
     return {
         "policy": name, "rate": rate, "seed": seed, "select_accuracy": select_accuracy, "dev_accuracy": dev_accuracy,
+        "dev_examples": len(dev),  # an accuracy moves in steps of 1 / this (quality_report.paired_difference)
         "train_loss": result.metrics["train_loss"], "steps": trainer.state.global_step, "train_cpu_seconds": cpu,
         "train_wall_seconds": wall, "total_params": sum(p.numel() for p in model.parameters()),
         **meter.summary(), "lora_rank": rank,

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from quality import FULL, chosen_rate
+from quality import FULL, LLRD, MIX, chosen_rate
 
 WITHIN = 0.01  # "about as good as full fine-tuning": within 1 accuracy point
 CONFIDENCE = 0.95
@@ -15,16 +15,25 @@ CONFIDENCE = 0.95
 
 def paired_difference(runs: List[dict], against: List[dict]) -> Optional[dict]:
     """Dev accuracy minus ``against``'s, seed by seed (same seed: same data order and sample), with the two-sided 95%
-    Student t interval of the mean difference; None with fewer than 2 common seeds."""
-    other = {run["seed"]: run["dev_accuracy"] for run in against}
-    differences = [run["dev_accuracy"] - other[run["seed"]] for run in runs if run["seed"] in other]
+    Student t interval of the mean difference; None with fewer than 2 common seeds.
+
+    An accuracy on n dev examples moves in steps of 1/n, so a few seeds can differ by the very same step (one
+    sentence each) and give a standard deviation of 0: an interval of no width, which would separate a difference of
+    one sentence from zero. Where the runs record their dev set's size (`dev_examples`), the standard deviation is
+    taken as at least one such step (``floored``: it was); this only ever widens the interval."""
+    other = {run["seed"]: run for run in against}
+    pairs = [(run, other[run["seed"]]) for run in runs if run["seed"] in other]
+    differences = [run["dev_accuracy"] - paired["dev_accuracy"] for run, paired in pairs]
     if len(differences) < 2:
         return None
     from scipy import stats
 
     mean = statistics.fmean(differences)
-    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
-    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences)}
+    spread = statistics.stdev(differences)
+    sizes = [run.get("dev_examples") for pair in pairs for run in pair]
+    step = 1 / min(sizes) if all(sizes) else 0.0
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(differences) - 1) * max(spread, step) / len(differences) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences), "floored": spread < step}
 
 
 def read_timing(folder: Path) -> Optional[dict]:
@@ -48,6 +57,23 @@ def side_by_side_ratios(timing: Optional[dict]) -> Dict[str, dict]:
         ratios[name] = {"ratio": sum(times) / sum(same), "steps": len(times),
                         "range": (min(quarters), max(quarters)) if quarters else None, "rate": measured["rate"]}
     return ratios
+
+
+def timing_sessions(timing: Optional[dict]) -> str:
+    """Which `--timing` session each policy's step-time ratio comes from (`--policies` sessions add up in one file,
+    each policy against the full fine-tuning run that took turns with it), as a sentence."""
+    if not timing:
+        return ""
+    sessions: Dict[tuple, List[str]] = {}
+    for name, measured in timing["policies"].items():
+        if name != FULL:
+            sessions.setdefault((tuple(measured["order"]), round(measured["wall_minutes"], 1)), []).append(name)
+    if len(sessions) < 2:
+        return ""
+    parts = [f"{_names(names)} (a session of {len(order)} policies, {minutes:.0f} min)"
+             for (order, minutes), names in sorted(sessions.items(), key=lambda item: -len(item[0][0]))]
+    return ("The step-time ratios come from " + str(len(sessions)) + " side-by-side sessions, each policy against the "
+            "full fine-tuning run that took turns with it in its own session: " + "; ".join(parts) + ".")
 
 
 def _quarter(times: List[float], index: int) -> float:
@@ -133,6 +159,83 @@ def dropout_pairs(runs: List[dict], settings: Optional[dict] = None) -> str:
     else:
         lines.append("| no seed measured both ways yet | | | |")
     return "\n".join(lines)
+
+
+BEYOND = (LLRD, MIX)  # issue 30's rows: a learning rate per layer, and freeze + LoRA in one policy
+MIX_PARTS = ("bottom 50%", "LoRA r=8")  # what the mix combines, each measured alone
+
+
+def beyond_pairs(runs: List[dict]) -> str:
+    """Issue 30's two rows against full fine-tuning, seed by seed (same seed: same data order and sample), each at
+    its own chosen rate, with the mix's two parts alone beside them; dev accuracy in %."""
+    names = [FULL, *BEYOND, *MIX_PARTS]
+    final = {name: {run["seed"]: run for run in _final_runs(runs, name)} for name in names}
+    rate = {name: (f"{next(iter(final[name].values()))['rate']:g}" if final[name] else "not chosen yet") for name in names}
+    lines = [
+        "Dev accuracy, %, each policy at its own learning rate (in brackets), seed by seed; the differences are "
+        "against full fine-tuning's run with the same seed; `python benchmarks/quality.py --report`, runs in "
+        "`benchmarks/results/quality/runs.jsonl`.",
+        "",
+        f"| seed | {FULL} ({rate[FULL]}) | {LLRD} ({rate[LLRD]}) | minus full | {MIX} ({rate[MIX]}) | minus full | "
+        f"{MIX_PARTS[0]} ({rate[MIX_PARTS[0]]}) | {MIX_PARTS[1]} ({rate[MIX_PARTS[1]]}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(name: str, seed: int) -> str:
+        run = final[name].get(seed)
+        return f"{100 * run['dev_accuracy']:.2f}" if run else "–"
+
+    def difference(name: str, seed: int) -> str:
+        run, full = final[name].get(seed), final[FULL].get(seed)
+        return f"{100 * (run['dev_accuracy'] - full['dev_accuracy']):+.2f}" if run and full else "–"
+
+    seeds = sorted({seed for runs_of in final.values() for seed in runs_of})
+    for seed in seeds:
+        lines.append(f"| {seed} | {cell(FULL, seed)} | {cell(LLRD, seed)} | {difference(LLRD, seed)} | {cell(MIX, seed)} | "
+                     f"{difference(MIX, seed)} | {cell(MIX_PARTS[0], seed)} | {cell(MIX_PARTS[1], seed)} |")
+
+    def mean(name: str) -> str:
+        values = [run["dev_accuracy"] for run in final[name].values()]
+        return f"{100 * statistics.fmean(values):.2f}" if values else "–"
+
+    def interval(name: str) -> str:
+        versus = paired_difference(list(final[name].values()), list(final[FULL].values()))
+        if not versus:
+            return "–"
+        return f"{100 * versus['mean']:+.2f} ({100 * versus['low']:+.2f} to {100 * versus['high']:+.2f})"
+
+    lines.append(f"| mean (95% interval of the difference) | {mean(FULL)} | {mean(LLRD)} | {interval(LLRD)} | {mean(MIX)} | "
+                 f"{interval(MIX)} | {mean(MIX_PARTS[0])} | {mean(MIX_PARTS[1])} |")
+    return "\n".join(lines)
+
+
+def _beyond_lines(table: Dict[str, dict], runs: Optional[List[dict]]) -> List[str]:
+    """The answer's lines on issue 30's rows: layer-wise decay against full fine-tuning, and the mix against full
+    fine-tuning and against each of its parts, seed by seed."""
+    lines = []
+    full = table[FULL]
+    llrd, mix = table.get(LLRD), table.get(MIX)
+    if llrd and llrd["step_time_ratio"] is not None:
+        lines.append(
+            f"Layer-wise learning-rate decay 0.8 over every layer, nothing frozen (top rate {llrd['rate']:g}): "
+            f"{100 * llrd['accuracy']:.2f}% against full fine-tuning's {100 * full['accuracy']:.2f}% "
+            f"({_points(llrd['vs_full'])}, seed by seed) at {llrd['step_time_ratio']:.2f}x step time and "
+            f"{llrd['peak_memory_ratio']:.2f}x peak memory (every parameter trains).")
+    if mix and mix["step_time_ratio"] is not None:
+        parts = []
+        if runs is not None:
+            for part in MIX_PARTS:
+                if part in table:
+                    pair = paired_difference(_final_runs(runs, MIX), _final_runs(runs, part))
+                    parts.append(f"minus {part} alone ({100 * table[part]['accuracy']:.2f}%, "
+                                 f"{table[part]['step_time_ratio']:.2f}x, {table[part]['peak_memory_ratio']:.2f}x): "
+                                 f"{_points(pair)}")
+        lines.append(
+            f"Freeze + LoRA, bottom 50% with LoRA r=8 on the frozen half ({mix['trainable_params'] / 1e6:.2f}M "
+            f"trainable parameters, rate {mix['rate']:g}): {100 * mix['accuracy']:.2f}% ({_points(mix['vs_full'])} "
+            f"against full fine-tuning) at {mix['step_time_ratio']:.2f}x step time and {mix['peak_memory_ratio']:.2f}x "
+            "peak memory" + (f"; seed by seed, the mix {'; '.join(parts)}" if parts else "") + ".")
+    return lines
 
 
 def _final_runs(runs: List[dict], name: str) -> List[dict]:
@@ -232,7 +335,7 @@ def answer(table: Dict[str, dict], runs: Optional[List[dict]] = None) -> List[st
             f"{100 * matched['accuracy']:.2f}% at {matched['step_time_ratio']:.2f}x and {matched['peak_memory_ratio']:.2f}x"
             f"{versus}."
         )
-    return lines
+    return lines + _beyond_lines(table, runs)
 
 
 def pareto_front(table: Dict[str, dict], cost: str) -> List[str]:
@@ -318,8 +421,9 @@ def plot(table: Dict[str, dict], path: Path) -> Optional[Path]:
         placed: List[tuple] = []  # label boxes drawn so far, in pixels: (left, bottom, right, top)
         for name in order:
             row, clipped = priced[name], 100 * priced[name]["accuracy"] < floor
-            colour = "black" if name == FULL else ("tab:purple" if name.startswith("LoRA") else "tab:blue")
-            marker = "v" if clipped else ("s" if name.startswith("LoRA") else "o")
+            colour = ("black" if name == FULL else "tab:purple" if name.startswith("LoRA")
+                      else "tab:orange" if name in BEYOND else "tab:blue")
+            marker = "v" if clipped else ("s" if name.startswith("LoRA") else "D" if name in BEYOND else "o")
             axis.errorbar(row[cost], shown(name), yerr=None if clipped else 100 * row["accuracy_std"], fmt=marker,
                           color=colour, markersize=9 if name in front else 6, capsize=3, zorder=3,
                           markeredgecolor="tab:green" if name in front else colour, markeredgewidth=2 if name in front else 1)
@@ -376,6 +480,9 @@ def docs_summary(runs: List[dict], settings: dict, timing: Optional[dict] = None
     if full_steps:
         status += (f" Full fine-tuning's {len(full_steps)} runs took {min(full_steps):.2f} to {max(full_steps):.2f} CPU "
                    f"seconds per step for the same work: {max(full_steps) / min(full_steps) - 1:.0%} apart, the load alone.")
+    sessions = timing_sessions(timing)
+    if sessions:
+        status += " " + sessions
     return "\n".join([status, "", markdown(table, settings), "", *(f"- {line}" for line in answer(table, runs))])
 
 
@@ -418,10 +525,15 @@ def write_report(runs: List[dict], names: List[str], output: Path, settings: dic
         "",
         f"Settings: {json.dumps({k: v for k, v in settings.items() if k != 'tokenizer'})}",
         f"Runs finished: {len(runs)}." + (f" Policies not finished yet: {', '.join(pending)}." if pending else ""),
+        *([timing_sessions(read_timing(output))] if timing_sessions(read_timing(output)) else []),
         "",
         markdown(table, settings),
         "",
         *(f"- {line}" for line in answer(table, runs)),
+        "",
+        "## Beyond on/off, seed by seed",
+        "",
+        beyond_pairs(runs),
         "",
         f"![accuracy against cost]({chart.name})" if chart else "",
     ])

@@ -346,7 +346,7 @@ _BLOCK = re.compile(r"<!-- benchmark (\w+):(\w+)(?: (\w+))? -->\n.*?<!-- /benchm
 def render_block(source: str, kind: str, argument: Optional[str], root: str = RESULTS) -> str:
     if source == "quality":  # the quality study keeps its runs, not a results.json
         from quality import read_runs
-        from quality_report import docs_summary, dropout_pairs, headline, read_timing
+        from quality_report import beyond_pairs, docs_summary, dropout_pairs, headline, read_timing
 
         folder = Path(root, DOCS_SOURCES[source])
         runs, settings = read_runs(folder / "runs.jsonl"), json.loads((folder / "settings.json").read_text())
@@ -356,7 +356,9 @@ def render_block(source: str, kind: str, argument: Optional[str], root: str = RE
             return docs_summary(runs, settings, read_timing(folder))
         if kind == "headline":
             return headline(runs, settings, read_timing(folder))
-        raise KeyError(f"unknown quality block kind {kind!r}; valid: table, headline, dropout")
+        if kind == "beyond":
+            return beyond_pairs(runs)
+        raise KeyError(f"unknown quality block kind {kind!r}; valid: table, headline, dropout, beyond")
     if source == "cuda":  # the GPU benchmark (`gpu_shapes.py`) keeps its own file
         from gpu_shapes_report import docs_findings, docs_table
 
