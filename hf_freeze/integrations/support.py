@@ -168,6 +168,12 @@ _FIXED_AT_WRAP = {
 
 # Add-ons not supported under sharding backends yet: the options that turn them on, and why.
 _NOT_UNDER_SHARDING = {
+    "frozen_dtype": (
+        ("freeze_frozen_dtype",),
+        "it converts frozen weights in place, and FSDP and DeepSpeed own the parameters' storage after the wrap "
+        "(FSDP2's sharded parameters and all-gather buffers, ZeRO's partitions): tested on one process and under DDP "
+        "only.",
+    ),
     "lora": (
         ("freeze_lora",),
         "the adapters are injected before the wrap and saved from the whole model, which is tested on one process and "
@@ -212,7 +218,8 @@ def check_backend(args: Any, freezer: Any, decision: Any) -> DistributedSetup:
     # A probe acts around the optimizer step when it withholds it, or reads gradients; ZeRO-3 weights are partitions.
     probes = probe is not None and (probe_mode(freezer.arguments) == "measure" or reads_gradients(probe.score)
                                     or (setup.backend == DEEPSPEED and setup.zero_stage == 3))
-    facts = PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units, tuple(freezer.add_ons),
+    add_ons = tuple(freezer.add_ons) + (("frozen_dtype",) if getattr(freezer.arguments, "freeze_frozen_dtype", None) else ())
+    facts = PolicyFacts(strategy, dynamic, len(names) - len(frozen), len(frozen), units, add_ons,
                         probes=probes, scales_updates=factor not in (None, 1.0))
     error = check_support(setup, facts)
     if error:

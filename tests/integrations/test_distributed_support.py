@@ -189,3 +189,14 @@ def test_callback_refuses_trainable_rows_on_sharded_parameters(tmp_path, monkeyp
         trainer_for(model, TrainingArguments(**training_kwargs(tmp_path)),
                     callbacks=[FreezeCallback(freeze_trainable_tokens=[5])])
     assert not hasattr(model, "hf_freeze_rows")  # refused before anything was attached
+
+
+@pytest.mark.parametrize("setup", [FSDP2, ZERO3], ids=["fsdp2", "zero3"])
+def test_frozen_weights_in_half_precision_are_refused_under_sharding(tmp_path, monkeypatch, setup):
+    monkeypatch.setattr(distributed, "detect_setup", lambda args, model: setup)
+    model = build("bert")
+    with pytest.raises(FreezeConfigError, match="`freeze_frozen_dtype` cannot run under") as error:
+        trainer_for(model, TrainingArguments(**training_kwargs(tmp_path)),
+                    callbacks=[FreezeCallback(freeze_strategy="bottom", freeze_layers=2, freeze_frozen_dtype="bfloat16")])
+    assert error.value.fields == ("freeze_frozen_dtype",)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # refused before anything was converted
