@@ -27,8 +27,8 @@ drift apart silently is refused with a clear message instead. What the wrappers 
 - Learning rates per part or layer (`freeze_learning_rates`, `freeze_layer_lr_decay`) need the optimizer built from
   hf_freeze's param groups: the Trainer builds it from them on every engine (FSDP2 after the wrap, over the sharded
   parameters; DeepSpeed takes it as its client optimizer, one flat partition per group), tested on each.
-  `freeze_lora` (adapters injected before the wrap and saved from the whole model) is tested on one process and
-  under DDP only, and refused under sharding.
+  `freeze_lora` (adapters injected before the wrap, saved by the main process from whole parameters) runs on one
+  process, DDP and ZeRO-1/2, and is refused under FSDP and ZeRO-3, which shard the parameters.
 """
 
 from __future__ import annotations
@@ -176,16 +176,17 @@ _NOT_UNDER_SHARDING = {
     ),
     "lora": (
         ("freeze_lora",),
-        "the adapters are injected before the wrap and saved from the whole model, which is tested on one process and "
-        "under DDP; sharded parameters (FSDP, DeepSpeed ZeRO-3) are not there whole to save, and neither backend has "
-        "been tested with them.",
+        "the adapter is saved by the main process from whole parameters, which FSDP and DeepSpeed ZeRO-3 shard "
+        "across the processes (tested on one process, under DDP and under ZeRO-1/2, which keep them whole).",
     ),
 }
 
 
 def _refused_add_on(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
     sharded = setup.backend in (FSDP, DEEPSPEED)
-    return next((name for name in policy.add_ons if sharded and name in _NOT_UNDER_SHARDING), None)
+    whole = setup.backend == DEEPSPEED and setup.zero_stage in (0, 1, 2)  # ZeRO-1/2 keep every parameter whole
+    return next((name for name in policy.add_ons if sharded and name in _NOT_UNDER_SHARDING
+                 and not (name == "lora" and whole)), None)
 
 
 def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:

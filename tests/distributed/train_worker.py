@@ -219,6 +219,22 @@ def new_model(run: dict):
     return model
 
 
+def _adapter_reloads(run: dict, model, output_dir: Path):
+    """`freeze_lora`: whether the adapter the main process saved reloads with plain peft onto a new base model to the
+    trained model's logits (``None`` without an adapter, or on another process)."""
+    folder = output_dir / "lora_adapter"
+    if not run["policy"].get("freeze_lora") or int(os.environ.get("RANK", "0")) != 0 or not folder.is_dir():
+        return None
+    from peft import PeftModel
+
+    inputs = torch.arange(1, 17).reshape(2, 8)
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=inputs).logits
+        reloaded = PeftModel.from_pretrained(new_model(run), str(folder)).eval()(input_ids=inputs).logits
+    return bool(torch.allclose(trained, reloaded, rtol=1e-5, atol=1e-6))
+
+
 def run_one(run: dict, output_dir: Path) -> dict:
     model = new_model(run)
     before = engines.whole_parameters(model)
@@ -266,6 +282,7 @@ def run_one(run: dict, output_dir: Path) -> dict:
         # For comparisons across engines, whose reductions differ in order: float sums, compared with a tolerance.
         "fingerprints": {name: engines.fingerprint(p) for name, p in after.items()},
         "engine": engines.describe(trainer),
+        "adapter_reloads": _adapter_reloads(run, model, output_dir),
         "optimizer_state_bytes": engines.optimizer_state_bytes(trainer.optimizer),
         "gradient_bytes_per_step": meter.gradients.per_step,
         "grad_norms": [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry],

@@ -43,15 +43,18 @@ POLICIES = {
     # A probe that trains and scores the weights: nothing acts between backward and the step (DeepSpeed ZeRO-2 too).
     "adaptive_probe_trains": {"freeze_strategy": "adaptive", "freeze_layers": 2, "freeze_probe_steps": 1,
                               "freeze_probe_mode": "train", "freeze_score": "weight_change"},
+    # LoRA on the frozen half (issue 30): the adapter the main process saves reloads with plain peft.
+    "bottom_lora": {"freeze_strategy": "bottom", "freeze_layers": 0.5, "freeze_lora": {"r": 4, "alpha": 8, "on": "frozen"}},
     # Learning rates per layer (issue 30) over a schedule: the groups reach every engine's optimizer.
     "lisa_layer_lr_decay": {"freeze_strategy": "lisa", "freeze_active_layers": 1, "freeze_schedule_every": 1,
                             "freeze_layer_lr_decay": 0.5},
 }
-DYNAMIC = [name for name in POLICIES if name not in ("none", "bottom")]
+DYNAMIC = [name for name in POLICIES if name not in ("none", "bottom", "bottom_lora")]
 # What DeepSpeed runs inside `backward` (the optimizer step) leaves no room for what acts around the step: refused.
 REFUSED = {(engine, policy): fragment for engine in ("zero2", "zero3")
            for policy, fragment in [("adaptive", "probe"), ("gradual_unfreezing_lr_factor", "freeze_unfreeze_lr_factor")]}
 REFUSED[("zero3", "adaptive_probe_trains")] = "ZeRO-3 partitions"
+REFUSED.update({(engine, "bottom_lora"): "`freeze_lora` cannot run under" for engine in ("fsdp2", "zero3")})
 RESUMED = ["none", "bottom", "gradual_unfreezing", "lisa", "adaptive"]  # interrupted after step 2, resumed on a new model
 STEPS = 4
 
@@ -113,6 +116,8 @@ def test_every_policy_trains_on_every_engine_without_moving_what_is_frozen(engin
     if policy in DYNAMIC:
         assert len({tuple(step["frozen"]) for step in first["steps"]}) > 1, "the frozen set never changed"
     assert not first["health_warnings"]
+    if "freeze_lora" in POLICIES[policy]:
+        assert first["adapter_reloads"] is True
 
 
 @pytest.mark.parametrize("engine, policy", _cells([engine for engine in ENGINES if engine != "ddp"]))
@@ -163,7 +168,8 @@ def test_the_health_check_sees_a_frozen_parameter_changed_on_every_engine(engine
 def test_what_an_engine_cannot_run_is_refused_before_training_with_the_fix(engine, policy):
     for result in [rank[policy] for rank in _results(engine)]:
         assert result["status"] == "error" and result["error_type"] == "FreezeConfigError", result
-        assert REFUSED[(engine, policy)] in result["error"] and "FSDP2" in result["error"]
+        assert REFUSED[(engine, policy)] in result["error"]
+        assert ("FSDP2" if policy != "bottom_lora" else "ZeRO-1/2") in result["error"]
         assert "on_init_end" in result["traceback"]  # in Trainer.__init__, before any step
 
 
@@ -205,6 +211,7 @@ COLUMNS = {  # column -> the policies of the matrix it stands for
     "adaptive (`freeze_probe_mode: train`, weight scores)": ["adaptive_probe_trains"],
     "`freeze_unfreeze_lr_factor`": ["gradual_unfreezing_lr_factor"],
     "rates per layer (`freeze_layer_lr_decay`)": ["lisa_layer_lr_decay"],
+    "LoRA on the frozen layers (`freeze_lora`)": ["bottom_lora"],
 }
 
 
@@ -219,13 +226,14 @@ def support_table() -> str:
         cells = []
         for policies in COLUMNS.values():
             refused = [policy for policy in policies if (engine, policy) in REFUSED]
-            cells.append("refused (the step runs inside `backward`)" if refused else "yes")
+            why = "parameters sharded at saving" if "bottom_lora" in refused else "the step runs inside `backward`"
+            cells.append(f"refused ({why})" if refused else "yes")
         lines.append(f"| {ENGINE_NAMES[engine]} | " + " | ".join(cells) + " |")
     fsdp1 = DistributedSetup("fsdp", world_size=2, fsdp_version=1, fsdp_use_orig_params=True)
     changing = check_support(fsdp1, PolicyFacts("lisa", dynamic=True, trainable=2, frozen=1))
     assert changing and check_support(fsdp1, PolicyFacts("bottom", dynamic=False, trainable=2, frozen=1)) is None
     lines.append("| FSDP1 (not run here: it needs an accelerator on torch 2.13) | yes (see below) | refused | refused | "
-                 "refused | refused | refused | not tested |")
+                 "refused | refused | refused | not tested | refused |")
     return "\n".join(lines)
 
 
