@@ -79,8 +79,11 @@ def install_parameter_groups(callback: Any, args: Any, model: Any) -> None:
         return
     given = [name for name in _FIELDS if getattr(current.arguments, name) is not None] or ["freeze_strategy"]
 
+    what = ("cannot set learning rates here" if current.sets_learning_rates else f"{current.strategy.name!r} cannot change "
+            "the frozen set under DeepSpeed here (it needs the optimizer built over one param group per block)")
+
     def refuse(why: str) -> FreezeConfigError:
-        return FreezeConfigError(f"{' and '.join(f'`{name}`' for name in given)} cannot set learning rates here: {why}", fields=given)
+        return FreezeConfigError(f"{' and '.join(f'`{name}`' for name in given)} {what}: {why}", fields=given)
 
     trainer = calling_trainer()
     if trainer is None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate.utils.constants import FSDP_AUTO_WRAP_POLICY
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import hf_freeze.integrations.support as distributed
 from hf_freeze import FreezeCallback, FreezeConfigError, LayerFreezer
@@ -200,3 +200,14 @@ def test_frozen_weights_in_half_precision_are_refused_under_sharding(tmp_path, m
                     callbacks=[FreezeCallback(freeze_strategy="bottom", freeze_layers=2, freeze_frozen_dtype="bfloat16")])
     assert error.value.fields == ("freeze_frozen_dtype",)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # refused before anything was converted
+
+
+def test_a_changing_policy_under_deepspeed_refuses_an_optimizer_it_cannot_group(tmp_path, monkeypatch):
+    """Under ZeRO a schedule needs the optimizer built over one param group per block (`apply.frozen_groups`): an
+    optimizer passed to the Trainer cannot be, and is refused in `Trainer.__init__`."""
+    monkeypatch.setattr(distributed, "detect_setup", lambda args, model: ZERO3)
+    model = build("bert")
+    given = torch.optim.AdamW(model.parameters())
+    with pytest.raises(FreezeConfigError, match=r"`freeze_strategy` 'lisa' cannot change the frozen set under DeepSpeed"):
+        Trainer(model=model, args=TrainingArguments(**training_kwargs(tmp_path)), optimizers=(given, None),
+                callbacks=[FreezeCallback(freeze_strategy="lisa", freeze_active_layers=1)])
