@@ -6,12 +6,12 @@ After the first optimizer step and after every change of the frozen set, `Health
   broken graph under checkpointing, or missed by a stale compiled graph);
 * every frozen parameter is bit-identical to its value when it froze (checked on a fixed sample of entries, so the
   check costs a few small copies, not a copy of the model);
+* with `freeze_frozen_modules_eval`, the buffers of frozen modules (BatchNorm running statistics) did not change.
 
 It reads the parameters as the engine holds them (`hf_freeze.model.sharded`): FSDP2's DTensor shards, ZeRO-3's
 partitions. A gradient counts when autograd accumulated one into the parameter in the step (a hook, so that ZeRO,
 which moves gradients into its own buffers and leaves ``.grad`` empty, is seen) or when ``.grad`` holds one before the
 optimizer step (FSDP2 sets the reduced shard there; its autograd leaf is an unsharded copy).
-* with `freeze_frozen_modules_eval`, the buffers of frozen modules (BatchNorm running statistics) did not change.
 
 Frozen modules in eval mode (`freeze_frozen_modules_eval`) are `hf_freeze.apply.eval_mode`'s.
 """
@@ -124,7 +124,6 @@ class HealthCheck:
             if self.mode == "raise":
                 raise FreezeHealthError(f"Training health check: {problem} (`freeze_health_check: warn` only warns.)")
             self.report(f"Training health check: {problem}")
-
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
