@@ -215,6 +215,13 @@ COLUMNS = {  # column -> the policies of the matrix it stands for
 }
 
 
+_WHY = {  # a refusal's fragment (what the test finds in the message) -> the table's short reason
+    "probe": "the step runs inside `backward`", "freeze_unfreeze_lr_factor": "the step runs inside `backward`",
+    "ZeRO-3 partitions": "the probe reads whole weights, ZeRO-3 partitions them",
+    "`freeze_lora` cannot run under": "parameters sharded at saving",
+}
+
+
 def support_table() -> str:
     """The table of docs/multi-gpu.md: a cell reads "yes" when every policy it stands for is trained by the tests above
     on that engine (ranks agree, nothing frozen moves, DDP's result, resume), else the refusal the tests check."""
@@ -226,8 +233,7 @@ def support_table() -> str:
         cells = []
         for policies in COLUMNS.values():
             refused = [policy for policy in policies if (engine, policy) in REFUSED]
-            why = "parameters sharded at saving" if "bottom_lora" in refused else "the step runs inside `backward`"
-            cells.append(f"refused ({why})" if refused else "yes")
+            cells.append(f"refused ({_WHY[REFUSED[(engine, refused[0])]]})" if refused else "yes")
         lines.append(f"| {ENGINE_NAMES[engine]} | " + " | ".join(cells) + " |")
     fsdp1 = DistributedSetup("fsdp", world_size=2, fsdp_version=1, fsdp_use_orig_params=True)
     changing = check_support(fsdp1, PolicyFacts("lisa", dynamic=True, trainable=2, frozen=1))
