@@ -53,12 +53,13 @@ class TrainableGradientReduce:
         group = process_group if process_group is not None else dist.group.WORLD
         world = dist.get_world_size(group)
         buffer = bucket.buffer()
-        trainable = [grad for parameter, grad in zip(bucket.parameters(), bucket.gradients()) if parameter.requires_grad]
+        gradients = bucket.gradients()
+        trainable = [grad for parameter, grad in zip(bucket.parameters(), gradients) if parameter.requires_grad]
         if not trainable:
             future: torch.futures.Future = torch.futures.Future()
             future.set_result(buffer)  # frozen parameters' gradients stay as DDP left them (unused: zeros)
             return future
-        if len(trainable) == len(bucket.gradients()):
+        if len(trainable) == len(gradients):
             packed = buffer.div_(world)
         else:
             packed = torch.cat([grad.reshape(-1) for grad in trainable]).div_(world)

@@ -55,6 +55,7 @@ def skipping_frozen_groups(optimizer_class: type) -> type:
 
     class SkippingFrozenGroups(optimizer_class):  # type: ignore[misc, valid-type]
         skips_frozen_groups = True
+
         def __init__(self, params: Any, *args: Any, **kwargs: Any):
             super().__init__(params, *args, **kwargs)
             # The model parameters of each group, before ZeRO swaps in its flat fp32 partitions.
@@ -66,8 +67,7 @@ def skipping_frozen_groups(optimizer_class: type) -> type:
         def step(self, closure: Any = None) -> Any:
             withheld: List[Tuple[torch.Tensor, Any]] = []
             for group in self.param_groups:
-                members = self._hf_freeze_members[group.get("hf_freeze_index", 0)] if self._hf_freeze_members else []
-                trainable = [member.requires_grad for member in members]
+                trainable = [member.requires_grad for member in self._hf_freeze_members[group.get("hf_freeze_index", 0)]]
                 if not group["params"] or all(trainable):
                     continue
                 if any(trainable):

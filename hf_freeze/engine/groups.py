@@ -74,12 +74,11 @@ class OptimizerGroups:
         if not by_block:
             return parameter_groups(named, learning_rate, weight_decay, decay, rate_of)
         block_of = {name: block.name for block in self.layout.blocks for name in block.parameters}
-        groups: List[Dict[str, Any]] = []
-        for block in dict.fromkeys(block_of.get(full_name[name], full_name[name]) for name, _ in named):
-            members = [(name, p) for name, p in named if block_of.get(full_name[name], full_name[name]) == block]
-            for group in parameter_groups(members, learning_rate, weight_decay, decay, rate_of):
-                groups.append({**group, BLOCK_KEY: block})
-        return [group for group in groups if group["params"]]
+        members: Dict[str, List[Any]] = {}  # block -> its trainable (name, parameter), blocks in first-seen order
+        for name, parameter in named:
+            members.setdefault(block_of.get(full_name[name], full_name[name]), []).append((name, parameter))
+        return [{**group, BLOCK_KEY: block} for block, named_in_block in members.items()
+                for group in parameter_groups(named_in_block, learning_rate, weight_decay, decay, rate_of) if group["params"]]
 
     def group_layout(self) -> Optional[Dict[str, Dict[str, Any]]]:
         """Every learning-rate group of the parameters the optimizer is built over, with its rate (``rate``: an

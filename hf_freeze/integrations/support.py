@@ -100,7 +100,7 @@ def check_support(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]
     name = f"`freeze_strategy` {policy.strategy!r}"
     refused = _refused_add_on(setup, policy)
     if refused is not None:
-        fields, why = _NOT_UNDER_SHARDING[refused]
+        fields, why, _ = _NOT_UNDER_SHARDING[refused]
         return (
             f"{' and '.join(f'`{field}`' for field in fields)} cannot run under {setup.describe()} yet: {why} Train on "
             "one device or with DDP (`accelerate launch` without an FSDP/DeepSpeed config), or remove them."
@@ -166,27 +166,35 @@ _FIXED_AT_WRAP = {
 }
 
 
-# Add-ons not supported under sharding backends yet: the options that turn them on, and why.
+def _keeps_parameters_whole(setup: DistributedSetup) -> bool:
+    """DeepSpeed ZeRO-1/2 partition gradients and optimizer states, not the parameters."""
+    return setup.backend == DEEPSPEED and setup.zero_stage in (0, 1, 2)
+
+
+# What is not supported under the sharding backends (FSDP, DeepSpeed): the options that turn it on, why, and the
+# sharding setups it runs under nevertheless.
 _NOT_UNDER_SHARDING = {
     "frozen_dtype": (
         ("freeze_frozen_dtype",),
         "it converts frozen weights in place, and FSDP and DeepSpeed own the parameters' storage after the wrap "
         "(FSDP2's sharded parameters and all-gather buffers, ZeRO's partitions): tested on one process and under DDP "
         "only.",
+        lambda setup: False,
     ),
     "lora": (
         ("freeze_lora",),
         "the adapter is saved by the main process from whole parameters, which FSDP and DeepSpeed ZeRO-3 shard "
         "across the processes (tested on one process, under DDP and under ZeRO-1/2, which keep them whole).",
+        _keeps_parameters_whole,
     ),
 }
 
 
 def _refused_add_on(setup: DistributedSetup, policy: PolicyFacts) -> Optional[str]:
-    sharded = setup.backend in (FSDP, DEEPSPEED)
-    whole = setup.backend == DEEPSPEED and setup.zero_stage in (0, 1, 2)  # ZeRO-1/2 keep every parameter whole
-    return next((name for name in policy.add_ons if sharded and name in _NOT_UNDER_SHARDING
-                 and not (name == "lora" and whole)), None)
+    if setup.backend not in (FSDP, DEEPSPEED):
+        return None
+    return next((name for name in policy.add_ons if name in _NOT_UNDER_SHARDING and not _NOT_UNDER_SHARDING[name][2](setup)),
+                None)
 
 
 def applies_before_wrap(setup: DistributedSetup, policy: PolicyFacts) -> bool:

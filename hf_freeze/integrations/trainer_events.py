@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -18,6 +19,7 @@ from ..errors import FreezeConfigError
 from ..logs import get_logger
 from ..policies import TrainingProgress
 from ..processes import is_main_process
+from .backends import FSDP
 
 logger = get_logger(__name__)
 
@@ -119,22 +121,16 @@ def check_checkpoint(freezer: Any, name: str, checkpoint: str, setup: Any = None
     saved = saved_callback_state(trainer_state, name, freezer.arguments.freeze_options())
     if saved is not None:
         freezer.check_resumable(saved, source=os.path.join(checkpoint, TRAINER_STATE_NAME))
-        if freezer.dynamic and getattr(setup, "backend", None) == "fsdp":
+        if freezer.dynamic and getattr(setup, "backend", None) == FSDP:
             # The frozen set of the checkpoint's last step (the optimizer state holds what trained in it); epochs
             # advance by the same amount every step.
             step, epoch = int(trainer_state.get("global_step") or 0), float(trainer_state.get("epoch") or 0.0)
-            last = _State(global_step=max(step - 1, 0), epoch=epoch * max(step - 1, 0) / step if step else 0.0,
-                          max_steps=trainer_state.get("max_steps"), num_train_epochs=trainer_state.get("num_train_epochs"))
+            last = SimpleNamespace(global_step=max(step - 1, 0), epoch=epoch * max(step - 1, 0) / step if step else 0.0,
+                                   max_steps=trainer_state.get("max_steps"),
+                                   num_train_epochs=trainer_state.get("num_train_epochs"))
             freezer.take_over_frozen_set(saved, progress_of(args, last))
     elif is_main_process():
         logger.info(f"{checkpoint} holds no freezing state (made without {name}): it starts fresh.")
-
-
-class _State:
-    """The fields of a `TrainerState` that `progress_of` reads, from a checkpoint's `trainer_state.json`."""
-
-    def __init__(self, **fields: Any):
-        self.__dict__.update(fields)
 
 
 def guard_resume(check: Callable[[str, Any], None]) -> bool:
